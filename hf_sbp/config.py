@@ -1,0 +1,197 @@
+"""``SelectiveBackpropConfig``: ``TrainingArguments`` plus the selective backprop knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+STRATEGIES = ("gradmatch", "loss", "random", "none")
+WEIGHT_NORMALIZATIONS = ("subset_size", "none")
+LOSS_VARIANTS = ("composer", "jiang")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SelectiveBackpropConfig(TrainingArguments):
+    """Training arguments for :class:`~hf_sbp.SelectiveBackpropTrainer`.
+
+    Every ``transformers.TrainingArguments`` field keeps its meaning; the ``sbp_*`` fields choose how each
+    training batch is reduced to the subset that is backpropagated. The defaults select with gradient
+    matching on every step, from the first step on, keeping half of each batch.
+    """
+
+    sbp_strategy: str = field(
+        default="gradmatch",
+        metadata={
+            "help": "How to choose the examples to backpropagate in each batch: 'gradmatch' (OMP matching the "
+            "batch's mean last-layer gradient), 'loss' (loss-based selective backprop), 'random' (a uniform "
+            "subset of the same size: the baseline) or 'none' (plain Trainer).",
+            "choices": list(STRATEGIES),
+        },
+    )
+    sbp_keep: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of each batch to backpropagate, in (0, 1]: k = round(keep * batch size), at least 1. "
+            "For --sbp_loss_variant jiang it is the expected fraction (beta = 1/keep - 1)."
+        },
+    )
+    sbp_start: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training (global_step / max_steps) at which selection starts, in [0, 1]."},
+    )
+    sbp_end: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of training at which selection stops, in [0, 1] and > sbp_start; steps outside "
+            "[start, end) train on the full batch."
+        },
+    )
+    sbp_interrupt: int = field(
+        default=0,
+        metadata={
+            "help": "If > 0, every sbp_interrupt-th step trains on the full batch (Composer's 'interrupt'); "
+            "0 never interrupts."
+        },
+    )
+    sbp_weight_normalization: str = field(
+        default="subset_size",
+        metadata={
+            "help": "Scaling of gradmatch's OMP weights: 'subset_size' (the paper's: they sum to the subset size, so "
+            "the loss is a weighted mean) or 'none' (OMP's raw estimate of the mean gradient, magnitude included).",
+            "choices": list(WEIGHT_NORMALIZATIONS),
+        },
+    )
+    sbp_omp_ridge: float = field(
+        default=0.0,
+        metadata={
+            "help": "Ridge added to the diagonal of K_SS in OMP's refits, relative to the mean squared norm of the "
+            "batch's last-layer gradients (mean of diag K), so it does not depend on the loss's scale; >= 0."
+        },
+    )
+    sbp_omp_nonnegative: bool = field(
+        default=True,
+        metadata={"help": "Keep OMP's weights non-negative (a negative weight would ascend that example's loss)."},
+    )
+    sbp_omp_tol: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Stop OMP early once the subset's relative gradient-match error is below this (the residual is "
+            "negligible); 0 never stops early."
+        },
+    )
+    sbp_loss_variant: str = field(
+        default="composer",
+        metadata={
+            "help": "Loss-based rule: 'composer' (exactly k rows drawn with probability proportional to "
+            "rank_percentile^(1/keep - 1)) or 'jiang' (keep each row with probability max(p_min, CDF(loss)^beta) "
+            "over a history of recent losses; the subset size varies).",
+            "choices": list(LOSS_VARIANTS),
+        },
+    )
+    sbp_loss_beta: float | None = field(
+        default=None,
+        metadata={"help": "Jiang's beta (> 0); defaults to 1/keep - 1, whose expected keep fraction is sbp_keep."},
+    )
+    sbp_loss_history_size: int = field(
+        default=1024,
+        metadata={"help": "Number of recent losses in Jiang's CDF history (>= 1)."},
+    )
+    sbp_loss_min_prob: float = field(
+        default=0.0,
+        metadata={"help": "Jiang's floor p_min on each example's keep probability, in [0, 1]."},
+    )
+    sbp_head_module: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the classification head's final nn.Linear (as in model.named_modules()). By default "
+            "it is the last executed nn.Linear whose out_features equals the number of labels."
+        },
+    )
+    sbp_diagnostic_scoring: bool = field(
+        default=False,
+        metadata={
+            "help": "With --sbp_strategy random, also run the scoring forward to log the random subset's "
+            "gradient-match error. It costs the very forward pass that 'random' saves, so it is off by default."
+        },
+    )
+    sbp_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the selection's random draws (offset by the process index); defaults to --seed."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_sbp()
+
+    def validate_sbp(self) -> None:
+        """Raise ``ValueError`` naming the first bad ``sbp_*`` value and what would be valid."""
+        if self.sbp_strategy not in STRATEGIES:
+            raise ValueError(f"sbp_strategy={self.sbp_strategy!r} is not a strategy; choose one of {list(STRATEGIES)}.")
+        if not _is_number(self.sbp_keep) or not (0.0 < self.sbp_keep <= 1.0):
+            raise ValueError(f"sbp_keep={self.sbp_keep!r} is invalid; it must be a number in (0, 1].")
+        for name in ("sbp_start", "sbp_end"):
+            value = getattr(self, name)
+            if not _is_number(value) or not (0.0 <= value <= 1.0):
+                raise ValueError(f"{name}={value!r} is invalid; it must be a number in [0, 1].")
+        if not self.sbp_start < self.sbp_end:
+            raise ValueError(
+                f"sbp_start={self.sbp_start!r} must be smaller than sbp_end={self.sbp_end!r}; selection is active for "
+                "training fractions in [sbp_start, sbp_end)."
+            )
+        if isinstance(self.sbp_interrupt, bool) or not isinstance(self.sbp_interrupt, int) or self.sbp_interrupt < 0:
+            raise ValueError(f"sbp_interrupt={self.sbp_interrupt!r} is invalid; it must be an integer >= 0.")
+        if self.sbp_weight_normalization not in WEIGHT_NORMALIZATIONS:
+            raise ValueError(
+                f"sbp_weight_normalization={self.sbp_weight_normalization!r} is invalid; choose one of "
+                f"{list(WEIGHT_NORMALIZATIONS)}."
+            )
+        if not _is_number(self.sbp_omp_ridge) or not (self.sbp_omp_ridge >= 0 and math.isfinite(self.sbp_omp_ridge)):
+            raise ValueError(f"sbp_omp_ridge={self.sbp_omp_ridge!r} is invalid; it must be a finite number >= 0.")
+        if not _is_number(self.sbp_omp_tol) or not (0.0 <= self.sbp_omp_tol < 1.0):
+            raise ValueError(f"sbp_omp_tol={self.sbp_omp_tol!r} is invalid; it must be a number in [0, 1).")
+        if self.sbp_loss_variant not in LOSS_VARIANTS:
+            raise ValueError(
+                f"sbp_loss_variant={self.sbp_loss_variant!r} is invalid; choose one of {list(LOSS_VARIANTS)}."
+            )
+        if self.sbp_loss_beta is not None and (
+            not _is_number(self.sbp_loss_beta) or not (self.sbp_loss_beta > 0 and math.isfinite(self.sbp_loss_beta))
+        ):
+            raise ValueError(f"sbp_loss_beta={self.sbp_loss_beta!r} is invalid; it must be a finite number > 0 or None.")
+        if (
+            isinstance(self.sbp_loss_history_size, bool)
+            or not isinstance(self.sbp_loss_history_size, int)
+            or self.sbp_loss_history_size < 1
+        ):
+            raise ValueError(
+                f"sbp_loss_history_size={self.sbp_loss_history_size!r} is invalid; it must be an integer >= 1."
+            )
+        if not _is_number(self.sbp_loss_min_prob) or not (0.0 <= self.sbp_loss_min_prob <= 1.0):
+            raise ValueError(f"sbp_loss_min_prob={self.sbp_loss_min_prob!r} is invalid; it must be a number in [0, 1].")
+        if self.sbp_strategy in ("gradmatch", "loss", "random"):
+            batch = self.per_device_train_batch_size
+            if math.floor(self.sbp_keep * batch + 0.5) < 1:
+                raise ValueError(
+                    f"sbp_keep={self.sbp_keep!r} keeps no example of a batch of per_device_train_batch_size={batch} "
+                    f"(k = round(keep * batch) = 0); use sbp_keep >= {0.5 / batch:.4g} or a larger batch."
+                )
+
+    @property
+    def sbp_effective_loss_beta(self) -> float:
+        """Jiang's beta: ``sbp_loss_beta`` or ``1/keep - 1``."""
+        return self.sbp_loss_beta if self.sbp_loss_beta is not None else 1.0 / self.sbp_keep - 1.0
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments) -> SelectiveBackpropConfig:
+        """The same arguments with the ``sbp_*`` defaults (what passing a plain ``TrainingArguments`` means)."""
+        if isinstance(args, cls):
+            return args
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        return cls(**values)

@@ -1,0 +1,136 @@
+"""Finding a model's classification head and capturing its input during the scoring pass.
+
+The head is found generically, with no per-architecture table: it is the last ``nn.Linear`` executed
+in the forward pass whose ``out_features`` equals the number of labels, and it must reproduce the
+model's logits. That holds for BERT-style encoders (``classifier``, ``classifier.out_proj``) and for
+decoders with a ``score`` head, whose per-token outputs are pooled at the last non-pad token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+HEAD_OVERRIDE_OPTION = "sbp_head_module"
+
+
+class HeadNotFoundError(ValueError):
+    """The classification head could not be identified unambiguously."""
+
+
+def head_candidates(model: nn.Module, num_labels: int) -> list[tuple[str, nn.Linear]]:
+    """All ``nn.Linear`` modules of ``model`` with ``out_features == num_labels``, by name."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.out_features == num_labels
+    ]
+
+
+def named_head(model: nn.Module, name: str) -> nn.Linear:
+    """The module called ``name`` in ``model``, which must be an ``nn.Linear``."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        raise HeadNotFoundError(
+            f"{HEAD_OVERRIDE_OPTION}={name!r} is not a module of {type(model).__name__}; its nn.Linear modules "
+            f"are {linear}."
+        )
+    if not isinstance(modules[name], nn.Linear):
+        raise HeadNotFoundError(
+            f"{HEAD_OVERRIDE_OPTION}={name!r} is a {type(modules[name]).__name__}, not an nn.Linear."
+        )
+    return modules[name]
+
+
+def last_token_positions(input_ids: torch.Tensor | None, pad_token_id: int | None, seq_len: int) -> torch.Tensor:
+    """Position of the last non-pad token of each row, as decoder sequence classifiers pool.
+
+    Mirrors ``transformers``: without a pad token (or without ``input_ids``) the last position is used.
+    """
+    if input_ids is None or pad_token_id is None:
+        n = 1 if input_ids is None else input_ids.shape[0]
+        return torch.full((n,), seq_len - 1, dtype=torch.long)
+    non_pad = (input_ids != pad_token_id).to(torch.int64)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int64)
+    return (positions * non_pad).argmax(-1)
+
+
+class HeadCapture:
+    """Records the inputs and outputs of candidate head modules during one forward pass."""
+
+    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
+        self.modules = modules
+        self.calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            self.calls.append((name, args[0].detach(), output.detach()))
+
+        return hook
+
+    @contextmanager
+    def capturing(self):
+        handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules]
+        self.calls = []
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def pool_head_call(
+    features: torch.Tensor,
+    head_output: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    pad_token_id: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce a head call to one ``(n, d)`` feature row and ``(n, C)`` output row per example.
+
+    Encoder heads see ``(n, d)`` already. Decoder ``score`` heads see ``(n, T, d)``: keep the last
+    non-pad token, the position whose logits the model returns.
+    """
+    if features.dim() == 2:
+        return features, head_output
+    if features.dim() != 3:
+        raise HeadNotFoundError(f"the head's input has shape {tuple(features.shape)}; expected (n, d) or (n, T, d).")
+    positions = last_token_positions(input_ids, pad_token_id, features.shape[1]).to(features.device)
+    if positions.numel() == 1 and features.shape[0] != 1:
+        positions = positions.expand(features.shape[0])
+    rows = torch.arange(features.shape[0], device=features.device)
+    return features[rows, positions], head_output[rows, positions]
+
+
+def resolve_head_call(
+    capture: HeadCapture,
+    logits: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    pad_token_id: int | None,
+) -> tuple[str, torch.Tensor]:
+    """Pick the head among the captured calls and return its name and its ``(n, d)`` features.
+
+    The head is the last executed candidate; its pooled output must equal ``logits``. When it does
+    not, or when no candidate ran, raise :class:`HeadNotFoundError` naming the override option.
+    """
+    names = [name for name, _ in capture.modules]
+    if not capture.calls:
+        raise HeadNotFoundError(
+            f"no nn.Linear with out_features equal to the number of labels ({logits.shape[-1]}) ran in the forward "
+            f"pass (candidates: {names or 'none'}). Set {HEAD_OVERRIDE_OPTION} to the name of the classification "
+            "head's final nn.Linear."
+        )
+    name, features, output = capture.calls[-1]
+    features, output = pool_head_call(features, output, input_ids, pad_token_id)
+    if output.shape != logits.shape or not torch.allclose(output.float(), logits.float(), rtol=1e-4, atol=1e-5):
+        ran = sorted({call[0] for call in capture.calls})
+        raise HeadNotFoundError(
+            f"the last nn.Linear with {logits.shape[-1]} outputs to run, {name!r}, does not produce the model's "
+            f"logits, so the head is ambiguous (candidates that ran: {ran}). Set {HEAD_OVERRIDE_OPTION} to the name "
+            "of the module whose output is the logits."
+        )
+    return name, features

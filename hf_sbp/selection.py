@@ -1,0 +1,475 @@
+"""The numerical core of selective backprop: pure functions on tensors.
+
+Nothing here knows about ``transformers``: every function takes tensors and returns tensors, so the
+math can be tested against independent references (autograd, brute force, scikit-learn) and reused
+outside the Trainer. ``METHOD.md`` (see the project README) is the contract for the formulas.
+
+Notation: a batch of ``n`` examples; the model ends in a linear head ``z_i = W h_i + b`` with
+``h_i`` in R^d and ``C`` outputs; ``r_i = dl_i/dz_i`` is the head residual of example ``i`` and
+``g_i = [r_i h_i^T, r_i]`` its last-layer gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+
+
+def _check_problem_type(problem_type: str) -> None:
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type={problem_type!r} is not supported; expected one of {PROBLEM_TYPES}.")
+
+
+def infer_problem_type(num_labels: int, labels: torch.Tensor, problem_type: str | None = None) -> str:
+    """Return the loss family a sequence-classification model uses, with the rule of ``transformers``.
+
+    Args:
+        num_labels: the number of outputs of the head.
+        labels: the batch's labels.
+        problem_type: ``config.problem_type`` when the model sets it; returned as is (after validation).
+    """
+    if problem_type is not None:
+        _check_problem_type(problem_type)
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def per_example_loss(
+    logits: torch.Tensor, labels: torch.Tensor, problem_type: str, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-example losses ``l_i`` with the same reduction over outputs as ``transformers`` models.
+
+    Their batch mean equals the loss that ``*ForSequenceClassification`` models (or ``Trainer``'s
+    label smoother) return: cross-entropy with optional label smoothing, BCE-with-logits averaged
+    over the ``C`` outputs, and squared error averaged over the ``C`` outputs.
+
+    Args:
+        logits: ``(n, C)`` head outputs.
+        labels: ``(n,)`` class ids, ``(n, C)`` multi-hot floats, or ``(n,)``/``(n, C)`` regression targets.
+        problem_type: one of :data:`PROBLEM_TYPES`.
+        label_smoothing: ``eps`` for single-label cross-entropy.
+
+    Returns:
+        A float32 tensor of shape ``(n,)``.
+    """
+    _check_problem_type(problem_type)
+    logits = logits.float()
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits, labels.view(-1), reduction="none", label_smoothing=label_smoothing)
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(-1)
+    return (logits - labels.to(logits.dtype).view(logits.shape)).pow(2).mean(-1)
+
+
+def head_residuals(
+    logits: torch.Tensor, labels: torch.Tensor, problem_type: str, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Per-example residuals ``r_i = dl_i/dz_i`` of the head's outputs, in float32.
+
+    ======================================  ===================================================
+    loss                                    ``r_i``
+    ======================================  ===================================================
+    softmax cross-entropy, smoothing eps    ``softmax(z_i) - ((1 - eps) onehot(y_i) + eps / C)``
+    sigmoid BCE (multi-label)               ``sigmoid(z_i) - y_i``
+    squared error (regression)              ``2 (z_i - y_i)``
+    ======================================  ===================================================
+
+    These are the gradients of the loss summed over the ``C`` outputs. For multi-label and
+    multi-output regression, ``transformers`` averages over outputs instead, which scales every
+    residual by the same ``1/C``: the selection and the normalised weights do not change.
+
+    Args:
+        logits: ``(n, C)`` head outputs.
+        labels: labels as in :func:`per_example_loss`.
+        problem_type: one of :data:`PROBLEM_TYPES`.
+        label_smoothing: ``eps`` for single-label cross-entropy.
+
+    Returns:
+        A float32 tensor of shape ``(n, C)``.
+    """
+    _check_problem_type(problem_type)
+    logits = logits.float()
+    if problem_type == "single_label_classification":
+        num_classes = logits.shape[-1]
+        target = F.one_hot(labels.view(-1).long(), num_classes).float()
+        target = (1.0 - label_smoothing) * target + label_smoothing / num_classes
+        return torch.softmax(logits, dim=-1) - target
+    if problem_type == "multi_label_classification":
+        return torch.sigmoid(logits) - labels.float()
+    return 2.0 * (logits - labels.float().view(logits.shape))
+
+
+def last_layer_gram(residuals: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of the per-example last-layer gradients, weight and bias, without forming them.
+
+    ``K_ij = <g_i, g_j> = (r_i . r_j) (h_i . h_j + 1)`` for ``g_i = [r_i h_i^T, r_i]``;
+    cost ``O(n^2 (C + d))`` instead of ``O(n^2 C d)``.
+
+    Args:
+        residuals: ``(n, C)`` head residuals (see :func:`head_residuals`).
+        features: ``(n, d)`` inputs of the head.
+
+    Returns:
+        A float32 ``(n, n)`` symmetric positive semi-definite matrix.
+    """
+    if residuals.dim() != 2 or features.dim() != 2 or residuals.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"residuals and features must be (n, C) and (n, d) with the same n; got {tuple(residuals.shape)} "
+            f"and {tuple(features.shape)}."
+        )
+    r = residuals.float()
+    h = features.float()
+    return (r @ r.T) * (h @ h.T + 1.0)
+
+
+def mean_gradient_target(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target of gradient matching, the batch-mean gradient ``gbar``, seen through ``K``.
+
+    Returns:
+        ``(c, s)`` with ``c_i = <g_i, gbar> = mean_j K_ij`` and ``s = ||gbar||^2 = mean(K)``.
+    """
+    corr = gram.mean(dim=1)
+    return corr, corr.mean()
+
+
+def gradient_match_error(gram: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Relative error of a weighted subset's gradient against the batch-mean gradient.
+
+    ``|| sum_S w_i g_i / sum_S w_i - gbar || / || gbar ||``, computed from the Gram matrix alone.
+    The weights are normalised by their sum, so only their proportions matter.
+
+    Returns:
+        A float64 scalar; ``nan`` when ``gbar`` is zero or the weights sum to zero (undefined).
+    """
+    K = gram.double()
+    corr, target_sq = mean_gradient_target(K)
+    idx = indices.to(K.device).long()
+    w = weights.to(K.device).double()
+    total = w.sum()
+    if idx.numel() == 0 or not bool(total > 0) or not bool(target_sq > 0):
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    a = w / total
+    err_sq = a @ K[idx][:, idx] @ a - 2.0 * (a @ corr[idx]) + target_sq
+    return torch.sqrt(torch.clamp(err_sq, min=0.0) / target_sq)
+
+
+class OMPResult(NamedTuple):
+    """The result of :func:`omp_gram`.
+
+    Attributes:
+        indices: LongTensor of the chosen atoms, distinct, in the order they were (last) added.
+        weights: float64 weights of those atoms, estimating the target: ``sum_S w_i g_i ~ target``.
+        residuals: ``sqrt`` of the objective ``||sum_S w_i g_i - target||^2 + ridge ||w||^2`` after
+            each accepted step, starting with the empty subset (``||target||``). Never increases.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    residuals: list[float]
+
+
+def _cholesky_of(K_SS: torch.Tensor, ridge: float) -> torch.Tensor:
+    eye = torch.eye(K_SS.shape[0], dtype=K_SS.dtype, device=K_SS.device)
+    return torch.linalg.cholesky(K_SS + ridge * eye)
+
+
+def _cho_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+
+
+def omp_gram(
+    gram: torch.Tensor,
+    n_nonzero: int,
+    *,
+    target_corr: torch.Tensor | None = None,
+    target_sq_norm: torch.Tensor | float | None = None,
+    ridge: float = 0.0,
+    nonnegative: bool = True,
+    tol: float | None = 1e-4,
+) -> OMPResult:
+    """Orthogonal Matching Pursuit on a Gram matrix, with ridge and optional non-negative weights.
+
+    Greedily builds a subset ``S`` of at most ``n_nonzero`` atoms whose weighted sum matches a target
+    vector, seeing the atoms only through ``K = G G^T`` and the target through ``c = G t``:
+
+    1. add the atom (not in ``S``) with the largest residual correlation ``c - K[:, S] w_S``
+       (largest absolute value when ``nonnegative`` is False, as in classic OMP);
+    2. refit ``w_S = (K_SS + ridge I)^-1 c_S`` with a Cholesky factor of ``K_SS + ridge I`` that is
+       extended by one row per step rather than refactorised.
+
+    With ``nonnegative`` (the default), only atoms with a positive residual correlation can enter, and
+    a refit that makes weights negative is resolved as in Lawson-Hanson NNLS: move from the previous
+    (feasible) weights towards the new solution until the first weight hits zero, drop that atom, and
+    refit. Every step therefore lowers the objective, and a weight is never negative. With
+    ``n_nonzero >= n`` and ``ridge = 0`` this is Lawson-Hanson NNLS over all atoms.
+
+    It stops when ``n_nonzero`` atoms are chosen, when no atom can lower the objective, or when the
+    objective falls to ``tol^2 * ||target||^2`` (the residual is negligible).
+
+    Args:
+        gram: ``(n, n)`` symmetric positive semi-definite Gram matrix of the atoms.
+        n_nonzero: the most atoms to choose (``k``), at least 1.
+        target_corr: ``(n,)`` correlations ``<g_i, target>``; defaults to the batch mean gradient,
+            ``c_i = mean_j K_ij``.
+        target_sq_norm: ``||target||^2``, used for ``tol`` and the reported residuals; defaults to
+            ``mean(K)`` for the mean target. Required with a custom ``target_corr`` if ``tol`` is set.
+        ridge: ``lam >= 0`` added to the diagonal of ``K_SS`` in every refit (absolute units of ``K``).
+        nonnegative: keep every weight ``>= 0``.
+        tol: relative residual at which to stop early; ``None`` never stops early.
+
+    Returns:
+        An :class:`OMPResult`. Computation is in float64 on ``gram``'s device.
+    """
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square (n, n) matrix; got shape {tuple(gram.shape)}.")
+    n = gram.shape[0]
+    if isinstance(n_nonzero, bool) or not isinstance(n_nonzero, int) or n_nonzero < 1:
+        raise ValueError(f"n_nonzero must be an integer >= 1; got {n_nonzero!r}.")
+    if not (ridge >= 0.0 and math.isfinite(ridge)):
+        raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
+    if tol is not None and not (tol >= 0.0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be None or a finite number >= 0; got {tol!r}.")
+    K = gram.detach().double()
+    if not bool(torch.isfinite(K).all()):
+        raise ValueError("gram contains NaN or infinite entries.")
+    if target_corr is None:
+        corr, default_sq = mean_gradient_target(K)
+        target_sq = float(default_sq) if target_sq_norm is None else float(target_sq_norm)
+    else:
+        if target_corr.shape != (n,):
+            raise ValueError(f"target_corr must have shape ({n},); got {tuple(target_corr.shape)}.")
+        corr = target_corr.detach().to(K.device).double()
+        if target_sq_norm is None and tol is not None:
+            raise ValueError("target_sq_norm is required with a custom target_corr when tol is set.")
+        target_sq = float("nan") if target_sq_norm is None else float(target_sq_norm)
+
+    k = min(n_nonzero, n)
+    diag = torch.diagonal(K)
+    # Thresholds relative to the problem's own scale, so that rank-deficient, duplicated, tiny or
+    # huge Gram matrices behave alike: an atom needs a correlation that is not round-off, and a
+    # Cholesky pivot that is not numerically zero (a duplicate or a combination of chosen atoms).
+    scale = float(diag.max()) if n else 0.0
+    corr_floor = 1e-12 * math.sqrt(max(scale, 0.0) * max(abs(target_sq), 0.0)) if math.isfinite(target_sq) else 0.0
+    corr_floor = max(corr_floor, 1e-300)
+    pivot_floor = 1e-10
+
+    support: list[int] = []
+    weights = K.new_zeros(0)
+    L = K.new_zeros(0, 0)
+    usable = torch.ones(n, dtype=torch.bool, device=K.device)
+    residual_corr = corr.clone()
+    objective = target_sq
+    residuals = [math.sqrt(max(objective, 0.0))] if math.isfinite(objective) else []
+    stop_at = None if (tol is None or not math.isfinite(target_sq)) else tol * tol * target_sq
+
+    # Each outer step adds an atom; Lawson-Hanson drops can remove some, so bound the loop.
+    for _ in range(2 * n + k):
+        if len(support) >= k or (stop_at is not None and objective <= stop_at):
+            break
+        score = residual_corr.clone() if nonnegative else residual_corr.abs()
+        score[~usable] = -math.inf
+        if support:
+            score[support] = -math.inf
+        j = int(torch.argmax(score))
+        if not float(score[j]) > corr_floor:
+            break  # no atom can lower the objective (NNLS optimality when nonnegative)
+
+        if support:
+            v = torch.linalg.solve_triangular(L, K[support, j].unsqueeze(-1), upper=False).squeeze(-1)
+            pivot_sq = float(diag[j] + ridge - v @ v)
+        else:
+            v = K.new_zeros(0)
+            pivot_sq = float(diag[j] + ridge)
+        if not pivot_sq > pivot_floor * float(diag[j] + ridge):
+            usable[j] = False  # linearly dependent on the chosen atoms: it cannot lower the objective
+            continue
+        s = len(support)
+        L_new = K.new_zeros(s + 1, s + 1)
+        L_new[:s, :s] = L
+        L_new[s, :s] = v
+        L_new[s, s] = math.sqrt(pivot_sq)
+        L = L_new
+        support.append(j)
+        previous = torch.cat([weights, weights.new_zeros(1)])
+        new = _cho_solve(L, corr[support])
+
+        if nonnegative:
+            while bool((new <= 0).any()):
+                # Lawson-Hanson: the segment from the feasible `previous` to `new` lowers the convex
+                # objective; stop where the first weight reaches zero, drop it, and refit.
+                neg = torch.nonzero(new <= 0).squeeze(-1)
+                denom = previous[neg] - new[neg]
+                step = torch.where(denom > 0, previous[neg] / denom.clamp(min=1e-300), torch.zeros_like(denom))
+                alpha = torch.clamp(step.min(), 0.0, 1.0)
+                previous = previous + alpha * (new - previous)
+                previous[neg[step <= alpha]] = 0.0
+                keep_mask = previous > 0
+                support = [a for a, keep in zip(support, keep_mask.tolist()) if keep]
+                previous = previous[keep_mask]
+                if not support:
+                    L = K.new_zeros(0, 0)
+                    new = K.new_zeros(0)
+                    break
+                L = _cholesky_of(K[support][:, support], ridge)
+                new = _cho_solve(L, corr[support])
+        weights = new
+
+        if support:
+            K_S = K[:, support]
+            residual_corr = corr - K_S @ weights
+            # Objective of the exact (ridge) least-squares solution on S: ||t||^2 - w . c_S.
+            objective = target_sq - float(weights @ corr[support])
+        else:
+            residual_corr = corr.clone()
+            objective = target_sq
+        if math.isfinite(objective):
+            residuals.append(math.sqrt(max(objective, 0.0)))
+
+    index_tensor = torch.tensor(support, dtype=torch.long, device=K.device)
+    return OMPResult(index_tensor, weights.clamp(min=0.0) if nonnegative else weights, residuals)
+
+
+def normalize_weights(weights: torch.Tensor, mode: str = "subset_size") -> torch.Tensor:
+    """Scale OMP's weights into per-example loss weights for the subset loss ``(1/m) sum_S w_i l_i``.
+
+    Args:
+        weights: OMP's raw weights (they estimate the mean gradient: ``sum_S w_i g_i ~ gbar``).
+        mode: ``"subset_size"`` (the paper's): rescale so the weights sum to ``m = |S|``, so a weight
+            of 1 counts like one example and the loss is a weighted mean. ``"none"``: keep OMP's
+            estimate of the mean gradient, magnitude included, i.e. return ``m * w``.
+
+    Returns:
+        A tensor of the same shape; all ones if the weights sum to zero.
+    """
+    m = weights.numel()
+    if mode == "subset_size":
+        total = weights.sum()
+        if not bool(total > 0):
+            return torch.ones_like(weights)
+        return weights * (m / total)
+    if mode == "none":
+        return weights * m
+    raise ValueError(f"weight normalization mode={mode!r} is not supported; expected 'subset_size' or 'none'.")
+
+
+def subset_size(n: int, keep: float) -> int:
+    """``k = round(keep * n)``, rounding halves up, and at least 1."""
+    return max(1, int(math.floor(keep * n + 0.5)))
+
+
+def random_subset(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``k`` distinct rows out of ``n``, uniformly at random (the baseline: a smaller batch)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}]; got {k}.")
+    return torch.randperm(n, generator=generator)[:k]
+
+
+def loss_rank_sample(losses: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Composer's loss-based selection: exactly ``k`` rows, higher losses more likely.
+
+    Examples are ranked by loss; the one at ascending rank ``r`` (0-based) has percentile
+    ``p = (r + 0.5) / n`` and is drawn, without replacement, with probability proportional to
+    ``p ** (n / k - 1)`` (``1/keep - 1`` in Composer's terms).
+
+    Returns:
+        A LongTensor of ``k`` distinct row indices.
+    """
+    n = losses.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}]; got {k}.")
+    order = torch.argsort(losses.detach().float().cpu(), stable=True)
+    percentiles = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    probs = percentiles.pow(n / k - 1.0)
+    ranks = torch.multinomial(probs, k, replacement=False, generator=generator)
+    return order[ranks]
+
+
+class LossHistory:
+    """The sliding window of recently observed losses behind Jiang et al.'s CDF (default 1024)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an integer >= 1; got {size!r}.")
+        self.size = size
+        self._values = torch.empty(0, dtype=torch.float32)
+
+    def push(self, losses: torch.Tensor) -> None:
+        """Append losses, keeping only the newest ``size``."""
+        new = losses.detach().float().cpu().reshape(-1)
+        self._values = torch.cat([self._values, new])[-self.size :]
+
+    def values(self) -> torch.Tensor:
+        return self._values.clone()
+
+    def __len__(self) -> int:
+        return self._values.numel()
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "values": self._values.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size = int(state["size"])
+        self._values = torch.tensor(state["values"], dtype=torch.float32)[-self.size :]
+
+
+def loss_cdf_probabilities(
+    losses: torch.Tensor, history: torch.Tensor, beta: float, min_prob: float = 0.0
+) -> torch.Tensor:
+    """Jiang et al.'s keep probabilities ``p_i = max(p_min, CDF(l_i) ** beta)``.
+
+    ``CDF(l)`` is the fraction of the history strictly below ``l``; the caller pushes the current
+    batch into the history first.
+    """
+    if history.numel() == 0:
+        raise ValueError("history is empty; push the current batch's losses first.")
+    current = losses.detach().float().cpu().reshape(-1, 1)
+    cdf = (history.reshape(1, -1) < current).double().mean(dim=1)
+    return torch.clamp(cdf.pow(beta), min=min_prob)
+
+
+def loss_cdf_sample(
+    losses: torch.Tensor,
+    history: torch.Tensor,
+    beta: float,
+    min_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Jiang et al.'s loss-based selection: an independent coin flip per example.
+
+    Keeps example ``i`` with probability :func:`loss_cdf_probabilities`, so the subset size varies
+    (expected fraction ``1 / (beta + 1)`` when ``p_min = 0``). If every coin says drop, the example
+    with the highest probability is kept, so a step never backpropagates nothing.
+
+    Returns:
+        A LongTensor of distinct row indices in increasing order.
+    """
+    probs = loss_cdf_probabilities(losses, history, beta, min_prob)
+    coins = torch.rand(probs.shape, generator=generator, dtype=torch.float64)
+    chosen = torch.nonzero(coins < probs).squeeze(-1)
+    if chosen.numel() == 0:
+        chosen = torch.argmax(probs).reshape(1)
+    return chosen
+
+
+def index_rows(batch: dict, indices: torch.Tensor, n: int) -> dict:
+    """Select rows ``indices`` of every tensor in ``batch`` whose first dimension is ``n``.
+
+    Other entries (scalars, non-tensors, tensors of another leading size) are passed through.
+    """
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value.index_select(0, indices.to(value.device))
+        else:
+            out[key] = value
+    return out
+

@@ -1,0 +1,441 @@
+"""``SelectiveBackpropTrainer``: a drop-in ``transformers.Trainer`` that backpropagates a subset per batch."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .config import SelectiveBackpropConfig
+from .head import HEAD_OVERRIDE_OPTION, HeadCapture, HeadNotFoundError, head_candidates, named_head, resolve_head_call
+from .selection import (
+    LossHistory,
+    gradient_match_error,
+    head_residuals,
+    index_rows,
+    infer_problem_type,
+    last_layer_gram,
+    loss_cdf_sample,
+    loss_rank_sample,
+    normalize_weights,
+    omp_gram,
+    per_example_loss,
+    random_subset,
+    subset_size,
+)
+
+logger = logging.getLogger(__name__)
+
+SBP_STATE_NAME = "sbp_state_rank{}.pt"
+MODEL_TAGS = ["hf_sbp", "selective-backprop"]
+# The metrics averaged over the steps of each logging interval, in a fixed order so that every
+# process contributes the same tensor to the cross-process reduction.
+METRIC_KEYS = (
+    "sbp/backprop_fraction",
+    "sbp/scoring_time_share",
+    "sbp/selection_time_share",
+    "sbp/grad_match_error",
+    "sbp/selective_steps",
+    "sbp/fallback_steps",
+)
+
+
+@dataclass
+class SelectionRecord:
+    """What :meth:`SelectiveBackpropTrainer.select_batch` did for the last batch."""
+
+    batch_size: int
+    subset_size: int
+    scored: bool
+    selective: bool = True
+    scoring_s: float = 0.0
+    selection_s: float = 0.0
+    grad_match_error: float = math.nan
+    fallback: bool = False
+
+
+class SelectiveBackpropTrainer(Trainer):
+    """A ``transformers.Trainer`` that runs forward + backward on a selected subset of each batch.
+
+    Per training batch, for ``sbp_strategy`` ``"gradmatch"`` or ``"loss"``: one forward pass without
+    autograd over the whole batch (the scoring pass, in eval mode so dropout does not perturb the
+    scores) captures the classification head's input with a hook; the examples are scored from the
+    head's last-layer gradients; :meth:`select_batch` picks ``k = round(sbp_keep * n)`` rows with
+    weights; and the ordinary forward and backward run on those rows only. ``"random"`` skips the
+    scoring pass and takes ``k`` uniform rows: exactly the cost of a smaller batch. ``"none"`` is the
+    plain ``Trainer``.
+
+    Loss normalisation: with ``m`` selected rows and weights ``w`` the subset loss is the weighted mean
+    ``(1/m) sum_S w_i l_i`` of the per-example losses. Across gradient accumulation, each micro-batch's
+    loss is scaled by its share of the accumulated examples (``num_items_in_batch``, counted on the
+    full batches) or, when the Trainer does not pass that count, divided by the number of
+    accumulation steps; so the accumulated gradient is the average of the micro-batches' estimates of
+    their own mean gradients, as with full batches. This does not depend on whether the model itself
+    honours ``num_items_in_batch`` (BERT's ``forward`` does not), because the loss is computed here.
+
+    Args:
+        Those of ``transformers.Trainer``. ``args`` may be a plain ``TrainingArguments``: it then
+        means the :class:`~hf_sbp.SelectiveBackpropConfig` defaults (gradient matching at keep 0.5).
+    """
+
+    _tag_names = MODEL_TAGS
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
+        if args is None:
+            args = SelectiveBackpropConfig()
+        elif not isinstance(args, SelectiveBackpropConfig):
+            args = SelectiveBackpropConfig.from_training_arguments(args)
+        super().__init__(model, args, *pargs, **kwargs)
+        self.args: SelectiveBackpropConfig
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+        seed = self.args.sbp_seed if self.args.sbp_seed is not None else self.args.seed
+        self._sbp_generator = torch.Generator().manual_seed(seed + self.args.process_index)
+        self._sbp_loss_history = LossHistory(self.args.sbp_loss_history_size)
+        self._sbp_head_name: str | None = self.args.sbp_head_module
+        self._sbp_last: SelectionRecord | None = None
+        self._sbp_metric_sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        self._sbp_metric_counts = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        self._sbp_step_flops_factor: float | None = None
+        self._sbp_warned_nonfinite = False
+        self._validate_sbp_setup()
+
+    # ---- set-up checks -----------------------------------------------------------------------
+
+    @property
+    def _sbp_scores(self) -> bool:
+        strategy = self.args.sbp_strategy
+        return strategy in ("gradmatch", "loss") or (strategy == "random" and self.args.sbp_diagnostic_scoring)
+
+    def _sbp_config(self):
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        if config is None or getattr(config, "num_labels", None) is None:
+            raise ValueError(
+                f"sbp_strategy={self.args.sbp_strategy!r} needs a model with a `config.num_labels` (a "
+                "transformers *ForSequenceClassification model); use sbp_strategy='none' for other models."
+            )
+        return config
+
+    def _validate_sbp_setup(self) -> None:
+        """Raise before training for set-ups that selection cannot serve."""
+        if self.args.sbp_strategy == "none":
+            return
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                f"compute_loss_func cannot be combined with sbp_strategy={self.args.sbp_strategy!r}: selective "
+                "backprop weights per-example losses it computes itself. Use sbp_strategy='none'."
+            )
+        config = self._sbp_config()
+        if self.args.label_smoothing_factor and config.problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                f"label_smoothing_factor={self.args.label_smoothing_factor} applies to single-label classification "
+                f"only, but the model's problem_type is {config.problem_type!r}."
+            )
+        if not self._sbp_scores:
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self._sbp_head_name is not None:
+            named_head(unwrapped, self._sbp_head_name)
+        elif not head_candidates(unwrapped, config.num_labels):
+            raise HeadNotFoundError(
+                f"{type(unwrapped).__name__} has no nn.Linear with out_features equal to num_labels="
+                f"{config.num_labels}, so its classification head cannot be found. Set {HEAD_OVERRIDE_OPTION} to the "
+                "name of the head's final nn.Linear."
+            )
+
+    # ---- selection ---------------------------------------------------------------------------
+
+    def _sync(self, device: torch.device) -> None:
+        # Timings of asynchronous devices need a barrier to mean anything.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _batch_labels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if "labels" not in inputs or inputs["labels"] is None:
+            raise ValueError(
+                f"the batch has no 'labels' (its keys are {sorted(inputs)}); selective backprop scores examples by "
+                "their loss, so the collator must return labels."
+            )
+        labels = inputs["labels"]
+        if labels.dim() == 0 or labels.shape[0] == 0:
+            raise ValueError(f"the batch's labels have shape {tuple(labels.shape)}; expected one row per example.")
+        return labels
+
+    def _problem_type(self, labels: torch.Tensor) -> str:
+        config = self._sbp_config()
+        problem_type = infer_problem_type(config.num_labels, labels, config.problem_type)
+        if problem_type == "single_label_classification" and bool((labels == -100).any()):
+            raise ValueError(
+                "the batch's labels contain the ignore index -100; every example needs a label for selective "
+                "backprop (filter unlabelled rows out of the training set)."
+            )
+        if self.args.label_smoothing_factor and problem_type != "single_label_classification":
+            raise ValueError(
+                f"label_smoothing_factor={self.args.label_smoothing_factor} applies to single-label classification "
+                f"only; these labels make the problem {problem_type!r}."
+            )
+        return problem_type
+
+    def _scoring_pass(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The no-grad forward over the full batch; returns the logits and the head's ``(n, d)`` input."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        config = self._sbp_config()
+        if self._sbp_head_name is not None:
+            modules = [(self._sbp_head_name, named_head(unwrapped, self._sbp_head_name))]
+        else:
+            modules = head_candidates(unwrapped, config.num_labels)
+        capture = HeadCapture(modules)
+        forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager(), capture.capturing():
+                outputs = model(**forward_inputs)
+        finally:
+            model.train(was_training)
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        name, features = resolve_head_call(
+            capture, logits, inputs.get("input_ids"), getattr(config, "pad_token_id", None)
+        )
+        self._sbp_head_name = name
+        return logits.detach(), features
+
+    def select_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the rows of one collated batch to backpropagate, and their loss weights.
+
+        Args:
+            model: the (possibly wrapped) model being trained.
+            inputs: a dict of tensors with ``labels``, already on the model's device.
+
+        Returns:
+            ``(indices, weights)``: a LongTensor of distinct row indices and a float32 tensor of
+            non-negative weights of the same length, on the CPU. The subset loss is
+            ``(1/m) sum_S w_i l_i``; loss-based and random subsets have weight 1.
+        """
+        labels = self._batch_labels(inputs)
+        n = labels.shape[0]
+        k = subset_size(n, self.args.sbp_keep)
+        strategy = self.args.sbp_strategy
+        if strategy == "none":
+            self._sbp_last = SelectionRecord(n, n, scored=False)
+            return torch.arange(n), torch.ones(n)
+        problem_type = self._problem_type(labels)
+        if strategy == "random" and not self.args.sbp_diagnostic_scoring:
+            start = time.perf_counter()
+            indices = random_subset(n, k, self._sbp_generator)
+            self._sbp_last = SelectionRecord(n, k, scored=False, selection_s=time.perf_counter() - start)
+            return indices, torch.ones(k)
+
+        device = labels.device
+        self._sync(device)
+        start = time.perf_counter()
+        logits, features = self._scoring_pass(model, inputs)
+        self._sync(device)
+        scored_at = time.perf_counter()
+
+        record = SelectionRecord(n, k, scored=True)
+        if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(features).all())):
+            if not self._sbp_warned_nonfinite:
+                logger.warning(
+                    "The scoring pass produced non-finite logits or head features; this step trains on the full "
+                    "batch. Such steps are counted in the logs as sbp/fallback_steps."
+                )
+                self._sbp_warned_nonfinite = True
+            indices, weights = torch.arange(n), torch.ones(n)
+            record.subset_size, record.fallback = n, True
+        else:
+            eps = self.args.label_smoothing_factor
+            residuals = head_residuals(logits, labels, problem_type, eps)
+            gram = last_layer_gram(residuals, features)
+            if strategy == "gradmatch":
+                indices, weights = self._gradmatch(gram, k)
+            elif strategy == "loss":
+                losses = per_example_loss(logits, labels, problem_type, eps)
+                indices = self._loss_based(losses, k)
+                weights = torch.ones(indices.numel())
+            else:
+                indices = random_subset(n, k, self._sbp_generator)
+                weights = torch.ones(k)
+            record.subset_size = indices.numel()
+            record.grad_match_error = float(gradient_match_error(gram, indices, weights))
+            indices, weights = indices.cpu(), weights.float().cpu()
+        self._sync(device)
+        record.scoring_s = scored_at - start
+        record.selection_s = time.perf_counter() - scored_at
+        self._sbp_last = record
+        return indices, weights
+
+    def _gradmatch(self, gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ridge = self.args.sbp_omp_ridge * float(torch.diagonal(gram).double().mean())
+        result = omp_gram(
+            gram,
+            k,
+            ridge=ridge,
+            nonnegative=self.args.sbp_omp_nonnegative,
+            tol=self.args.sbp_omp_tol or None,
+        )
+        if result.indices.numel() == 0:
+            # The batch's mean gradient is zero (or every gradient is): any subset matches it
+            # equally well, so fall back to a uniform one.
+            n = gram.shape[0]
+            return random_subset(n, k, self._sbp_generator), torch.ones(k)
+        return result.indices, normalize_weights(result.weights, self.args.sbp_weight_normalization)
+
+    def _loss_based(self, losses: torch.Tensor, k: int) -> torch.Tensor:
+        if self.args.sbp_loss_variant == "composer":
+            return loss_rank_sample(losses, k, self._sbp_generator)
+        self._sbp_loss_history.push(losses)
+        return loss_cdf_sample(
+            losses,
+            self._sbp_loss_history.values(),
+            self.args.sbp_effective_loss_beta,
+            self.args.sbp_loss_min_prob,
+            self._sbp_generator,
+        )
+
+    def _selection_active(self) -> bool:
+        """Whether this step selects. It depends only on the step number, never on the data, so every
+        process makes the same decision and none skips a collective."""
+        max_steps = self.state.max_steps or 0
+        fraction = self.state.global_step / max_steps if max_steps > 0 else 0.0
+        in_window = self.args.sbp_start <= fraction < self.args.sbp_end
+        interrupt = self.args.sbp_interrupt
+        interrupted = interrupt > 0 and (self.state.global_step + 1) % interrupt == 0
+        return in_window and not interrupted
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Select a subset of ``inputs`` with :meth:`select_batch`, then forward and backward on it."""
+        if self.args.sbp_strategy == "none":
+            return super().training_step(model, inputs, num_items_in_batch)
+        step_start = time.perf_counter()
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        labels = self._batch_labels(inputs)
+        n = labels.shape[0]
+        if self._selection_active():
+            indices, weights = self.select_batch(model, inputs)
+            record = self._sbp_last
+        else:
+            self._problem_type(labels)
+            indices, weights = torch.arange(n), torch.ones(n)
+            record = SelectionRecord(n, n, scored=False, selective=False)
+        index_start = time.perf_counter()
+        subset = index_rows(inputs, indices, n) if indices.numel() < n else dict(inputs)
+        record.selection_s += time.perf_counter() - index_start
+
+        sub_labels = subset.pop("labels")
+        with self.compute_loss_context_manager():
+            outputs = model(**subset)
+            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+            problem_type = self._problem_type(sub_labels)
+            losses = per_example_loss(logits, sub_labels, problem_type, self.args.label_smoothing_factor)
+            loss = (weights.to(losses.device, losses.dtype) * losses).sum() / losses.numel()
+        del outputs, logits, subset
+
+        if num_items_in_batch is not None:
+            # This micro-batch's share of the accumulated examples, counted as the Trainer counts them.
+            loss = loss * (labels.ne(-100).sum() / num_items_in_batch)
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss / self.current_gradient_accumulation_steps
+        self.accelerator.backward(loss)
+
+        self._sync(labels.device)
+        step_s = time.perf_counter() - step_start
+        self._record_step(record, step_s)
+        return loss.detach()
+
+    def _record_step(self, record: SelectionRecord, step_s: float) -> None:
+        values = {
+            "sbp/backprop_fraction": record.subset_size / record.batch_size,
+            "sbp/scoring_time_share": record.scoring_s / step_s if step_s > 0 else math.nan,
+            "sbp/selection_time_share": record.selection_s / step_s if step_s > 0 else math.nan,
+            "sbp/grad_match_error": record.grad_match_error,
+            "sbp/selective_steps": float(record.selective),
+            "sbp/fallback_steps": float(record.fallback),
+        }
+        for position, key in enumerate(METRIC_KEYS):
+            value = values[key]
+            if not math.isnan(value):
+                self._sbp_metric_sums[position] += value
+                self._sbp_metric_counts[position] += 1
+        self._sbp_step_flops_factor = (1.0 / 3.0 if record.scored else 0.0) + record.subset_size / record.batch_size
+
+    def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
+        """Forward + backward FLOPs of the step: the scoring forward over the batch (a third of a
+        training step's 6·N·P) plus forward and backward over the subset."""
+        full = super().floating_point_ops(inputs)
+        factor, self._sbp_step_flops_factor = self._sbp_step_flops_factor, None
+        return full if factor is None else int(full * factor)
+
+    # ---- logging and checkpoints -------------------------------------------------------------
+
+    def _reduced_sbp_metrics(self) -> dict[str, float]:
+        sums, counts = self._sbp_metric_sums.clone(), self._sbp_metric_counts.clone()
+        if self.args.world_size > 1:
+            stacked = torch.stack([sums, counts]).to(self.args.device)
+            stacked = self.accelerator.reduce(stacked, reduction="sum").cpu()
+            sums, counts = stacked[0], stacked[1]
+        self._sbp_metric_sums.zero_()
+        self._sbp_metric_counts.zero_()
+        metrics = {}
+        for position, key in enumerate(METRIC_KEYS):
+            if counts[position] == 0:
+                continue
+            if key in ("sbp/selective_steps", "sbp/fallback_steps"):
+                metrics[key] = float(sums[position])
+            else:
+                metrics[key] = float(sums[position] / counts[position])
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Merge the selection metrics, averaged since the last log (and across processes), into
+        training logs."""
+        if self.args.sbp_strategy != "none" and "loss" in logs and "eval_loss" not in logs:
+            logs = {**logs, **self._reduced_sbp_metrics()}
+        super().log(logs, start_time)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        state = {
+            "generator": self._sbp_generator.get_state(),
+            "loss_history": self._sbp_loss_history.state_dict(),
+            "head_name": self._sbp_head_name,
+        }
+        torch.save(state, os.path.join(output_dir, SBP_STATE_NAME.format(self.args.process_index)))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, SBP_STATE_NAME.format(self.args.process_index))
+        if not os.path.isfile(path):
+            if self.args.sbp_strategy != "none":
+                logger.warning(
+                    f"{path} is missing: the selection's random state and loss history start afresh, so the resumed "
+                    "run will not reproduce an uninterrupted one exactly."
+                )
+            return
+        state = torch.load(path, weights_only=True)
+        self._sbp_generator.set_state(state["generator"])
+        self._sbp_loss_history.load_state_dict(state["loss_history"])
+        if self._sbp_head_name is None:
+            self._sbp_head_name = state["head_name"]
