@@ -106,6 +106,8 @@ class SelectiveBackpropTrainer(Trainer):
         self._sbp_metric_counts = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
         self._sbp_step_flops_factor: float | None = None
         self._sbp_warned_nonfinite = False
+        self.sbp_backprop_examples = 0
+        """Examples this process has run forward + backward on so far (full batches for ``none``)."""
         self._validate_sbp_setup()
 
     # ---- set-up checks -----------------------------------------------------------------------
@@ -321,6 +323,8 @@ class SelectiveBackpropTrainer(Trainer):
     ) -> torch.Tensor:
         """Select a subset of ``inputs`` with :meth:`select_batch`, then forward and backward on it."""
         if self.args.sbp_strategy == "none":
+            labels = inputs.get("labels")
+            self.sbp_backprop_examples += int(labels.shape[0]) if isinstance(labels, torch.Tensor) else 0
             return super().training_step(model, inputs, num_items_in_batch)
         step_start = time.perf_counter()
         model.train()
@@ -364,6 +368,7 @@ class SelectiveBackpropTrainer(Trainer):
         return loss.detach()
 
     def _record_step(self, record: SelectionRecord, step_s: float) -> None:
+        self.sbp_backprop_examples += record.subset_size
         values = {
             "sbp/backprop_fraction": record.subset_size / record.batch_size,
             "sbp/scoring_time_share": record.scoring_s / step_s if step_s > 0 else math.nan,
@@ -419,6 +424,7 @@ class SelectiveBackpropTrainer(Trainer):
             "generator": self._sbp_generator.get_state(),
             "loss_history": self._sbp_loss_history.state_dict(),
             "head_name": self._sbp_head_name,
+            "backprop_examples": self.sbp_backprop_examples,
         }
         torch.save(state, os.path.join(output_dir, SBP_STATE_NAME.format(self.args.process_index)))
 
@@ -437,5 +443,6 @@ class SelectiveBackpropTrainer(Trainer):
         state = torch.load(path, weights_only=True)
         self._sbp_generator.set_state(state["generator"])
         self._sbp_loss_history.load_state_dict(state["loss_history"])
+        self.sbp_backprop_examples = int(state["backprop_examples"])
         if self._sbp_head_name is None:
             self._sbp_head_name = state["head_name"]
