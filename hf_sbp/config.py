@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-
 STRATEGIES = ("gradmatch", "loss", "random", "none")
 WEIGHT_NORMALIZATIONS = ("subset_size", "none")
 LOSS_VARIANTS = ("composer", "jiang")
@@ -164,7 +163,9 @@ class SelectiveBackpropConfig(TrainingArguments):
         if self.sbp_loss_beta is not None and (
             not _is_number(self.sbp_loss_beta) or not (self.sbp_loss_beta > 0 and math.isfinite(self.sbp_loss_beta))
         ):
-            raise ValueError(f"sbp_loss_beta={self.sbp_loss_beta!r} is invalid; it must be a finite number > 0 or None.")
+            raise ValueError(
+                f"sbp_loss_beta={self.sbp_loss_beta!r} is invalid; it must be a finite number > 0 or None."
+            )
         if (
             isinstance(self.sbp_loss_history_size, bool)
             or not isinstance(self.sbp_loss_history_size, int)

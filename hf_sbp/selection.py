@@ -313,7 +313,7 @@ def omp_gram(
                 previous = previous + alpha * (new - previous)
                 previous[neg[step <= alpha]] = 0.0
                 keep_mask = previous > 0
-                support = [a for a, keep in zip(support, keep_mask.tolist()) if keep]
+                support = [a for a, keep in zip(support, keep_mask.tolist(), strict=True) if keep]
                 previous = previous[keep_mask]
                 if not support:
                     L = K.new_zeros(0, 0)
@@ -472,4 +472,3 @@ def index_rows(batch: dict, indices: torch.Tensor, n: int) -> dict:
         else:
             out[key] = value
     return out
-

@@ -58,7 +58,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data = load_bundled_dataset(demo.dataset)
     label_names = data["train"].features["label"].names
-    train = data["train"].shuffle(seed=demo.seed).select(range(min(len(data["train"]), demo.max_steps * demo.batch_size)))
+    train = (
+        data["train"].shuffle(seed=demo.seed).select(range(min(len(data["train"]), demo.max_steps * demo.batch_size)))
+    )
     test = data["test"].select(range(min(len(data["test"]), demo.test_samples)))
 
     def tokenize(batch):
