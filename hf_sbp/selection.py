@@ -108,15 +108,17 @@ def head_residuals(
     return 2.0 * (logits - labels.float().view(logits.shape))
 
 
-def last_layer_gram(residuals: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+def last_layer_gram(residuals: torch.Tensor, features: torch.Tensor, bias: bool = True) -> torch.Tensor:
     """Gram matrix of the per-example last-layer gradients, weight and bias, without forming them.
 
     ``K_ij = <g_i, g_j> = (r_i . r_j) (h_i . h_j + 1)`` for ``g_i = [r_i h_i^T, r_i]``;
-    cost ``O(n^2 (C + d))`` instead of ``O(n^2 C d)``.
+    cost ``O(n^2 (C + d))`` instead of ``O(n^2 C d)``. For a head without bias (decoders' ``score``),
+    ``g_i = r_i h_i^T`` and the ``+ 1`` goes.
 
     Args:
         residuals: ``(n, C)`` head residuals (see :func:`head_residuals`).
         features: ``(n, d)`` inputs of the head.
+        bias: whether the head has a bias, whose gradient ``r_i`` is part of ``g_i``.
 
     Returns:
         A float32 ``(n, n)`` symmetric positive semi-definite matrix.
@@ -128,7 +130,7 @@ def last_layer_gram(residuals: torch.Tensor, features: torch.Tensor) -> torch.Te
         )
     r = residuals.float()
     h = features.float()
-    return (r @ r.T) * (h @ h.T + 1.0)
+    return (r @ r.T) * (h @ h.T + 1.0) if bias else (r @ r.T) * (h @ h.T)
 
 
 def mean_gradient_target(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
@@ -128,6 +130,19 @@ class SelectiveBackpropTrainer(Trainer):
 
     def _validate_sbp_setup(self) -> None:
         """Raise before training for set-ups that selection cannot serve."""
+        # The arguments may have been edited after they were built; check them again.
+        self.args.validate_sbp()
+        dataset = self.train_dataset
+        if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
+            try:
+                size = len(dataset)
+            except TypeError:
+                size = None
+            if size == 0:
+                raise ValueError(
+                    "train_dataset is empty (0 examples); training needs at least one example per batch. Check the "
+                    "dataset's split and filters."
+                )
         if self.args.sbp_strategy == "none":
             return
         if self.compute_loss_func is not None:
@@ -152,6 +167,51 @@ class SelectiveBackpropTrainer(Trainer):
                 f"{config.num_labels}, so its classification head cannot be found. Set {HEAD_OVERRIDE_OPTION} to the "
                 "name of the head's final nn.Linear."
             )
+        self._probe_first_batch()
+
+    def _probe_batch(self) -> dict[str, Any] | None:
+        """The first (at most) two training examples, collated as training will collate them; ``None`` if the
+        dataset cannot be sampled up front (iterable, unsized) or the collator fails on them."""
+        dataset = self.train_dataset
+        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+            return None
+        try:
+            count = min(2, len(dataset))
+            collator = self.data_collator
+            try:
+                import datasets
+            except ImportError:  # pragma: no cover - datasets is a dependency
+                datasets = None
+            if datasets is not None and isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset.select(range(count)), description="training")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="training")
+            return self._prepare_inputs(collator([dataset[i] for i in range(count)]))
+        except Exception as error:  # training will report a collation problem in its own words
+            logger.info(f"Skipping the construction-time check of the first batch: {error!r}")
+            return None
+
+    def _probe_first_batch(self) -> None:
+        """Run the checks of the first training step on the first examples, at construction: missing labels,
+        the ignore index, and a head that cannot be found or does not reproduce the logits raise now rather
+        than at the first step. Random states are left untouched, so training is unaffected."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return  # parameters may be sharded or not yet materialised before `train`
+        if any(p.device.type == "meta" for p in self.model.parameters()):
+            return
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        devices = [self.args.device] if self.args.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                batch = self._probe_batch()
+                if batch is None:
+                    return
+                self._problem_type(self._batch_labels(batch))
+                if self._sbp_scores:
+                    self._scoring_pass(self.model, batch)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
     # ---- selection ---------------------------------------------------------------------------
 
@@ -186,8 +246,10 @@ class SelectiveBackpropTrainer(Trainer):
             )
         return problem_type
 
-    def _scoring_pass(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The no-grad forward over the full batch; returns the logits and the head's ``(n, d)`` input."""
+    def _scoring_pass(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The no-grad forward over the full batch.
+
+        Returns the logits, the head's ``(n, d)`` input, and whether the head has a bias."""
         unwrapped = self.accelerator.unwrap_model(model)
         config = self._sbp_config()
         if self._sbp_head_name is not None:
@@ -208,7 +270,7 @@ class SelectiveBackpropTrainer(Trainer):
             capture, logits, inputs.get("input_ids"), getattr(config, "pad_token_id", None)
         )
         self._sbp_head_name = name
-        return logits.detach(), features
+        return logits.detach(), features, dict(modules)[name].bias is not None
 
     def select_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose the rows of one collated batch to backpropagate, and their loss weights.
@@ -239,7 +301,7 @@ class SelectiveBackpropTrainer(Trainer):
         device = labels.device
         self._sync(device)
         start = time.perf_counter()
-        logits, features = self._scoring_pass(model, inputs)
+        logits, features, head_bias = self._scoring_pass(model, inputs)
         self._sync(device)
         scored_at = time.perf_counter()
 
@@ -256,7 +318,7 @@ class SelectiveBackpropTrainer(Trainer):
         else:
             eps = self.args.label_smoothing_factor
             residuals = head_residuals(logits, labels, problem_type, eps)
-            gram = last_layer_gram(residuals, features)
+            gram = last_layer_gram(residuals, features, bias=head_bias)
             if strategy == "gradmatch":
                 indices, weights = self._gradmatch(gram, k)
             elif strategy == "loss":
@@ -405,7 +467,12 @@ class SelectiveBackpropTrainer(Trainer):
         for position, key in enumerate(METRIC_KEYS):
             if counts[position] == 0:
                 continue
-            if key in ("sbp/selective_steps", "sbp/fallback_steps"):
+            if key == "sbp/selective_steps":
+                # Every process selects on the same steps (see _selection_active): their mean is the
+                # interval's step count, not the count times the number of processes.
+                metrics[key] = float(sums[position]) / max(self.args.world_size, 1)
+            elif key == "sbp/fallback_steps":
+                # A fallback is one process's event: count it on whichever process it happened.
                 metrics[key] = float(sums[position])
             else:
                 metrics[key] = float(sums[position] / counts[position])

@@ -1,0 +1,228 @@
+"""SelectiveBackpropTrainer against the plain Trainer, autograd, and the cost model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import collated, tiny_bert, tiny_dataset
+from transformers import Trainer, TrainingArguments
+
+from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
+
+
+def make_args(tmp_path, **overrides) -> SelectiveBackpropConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    values.update(overrides)
+    return SelectiveBackpropConfig(**values)
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def record_encoder_calls(module: torch.nn.Module) -> list[tuple[int, bool]]:
+    """Records (batch rows, grad enabled) of every forward call of `module`."""
+    calls = []
+
+    def hook(mod, args, kwargs, output):
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        calls.append((input_ids.shape[0], torch.is_grad_enabled()))
+
+    module.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def recorded_calls(tmp_path, **overrides) -> list[tuple[int, bool]]:
+    model = tiny_bert()
+    calls = record_encoder_calls(model.bert)
+    trainer = SelectiveBackpropTrainer(model=model, args=make_args(tmp_path, **overrides), train_dataset=tiny_dataset())
+    trainer.train()
+    return calls
+
+
+def test_plain_training_arguments_mean_the_selective_backprop_defaults(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, report_to="none", use_cpu=True)
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+    assert isinstance(trainer.args, SelectiveBackpropConfig)
+    assert trainer.args.sbp_strategy == "gradmatch" and trainer.args.sbp_keep == 0.5
+    assert trainer.args.learning_rate == 3e-4
+    assert {"hf_sbp", "selective-backprop"} <= set(trainer.model.model_tags)
+
+
+@pytest.mark.parametrize(
+    "strategy, extra, expected",
+    [
+        ("gradmatch", {}, [(8, False), (4, True)]),
+        ("loss", {}, [(8, False), (4, True)]),
+        ("loss", {"sbp_loss_variant": "jiang"}, None),
+        ("random", {}, [(4, True)]),
+        ("random", {"sbp_diagnostic_scoring": True}, [(8, False), (4, True)]),
+        ("none", {}, [(8, True)]),
+    ],
+)
+def test_forward_passes_per_step(tmp_path, strategy, extra, expected):
+    calls = recorded_calls(tmp_path, sbp_strategy=strategy, max_steps=3, **extra)
+    if expected is not None:
+        assert calls == expected * 3
+        return
+    # Jiang's coin flips: a no-grad pass over the batch, then a gradient pass over 1..n rows.
+    assert [c[1] for c in calls] == [False, True] * 3
+    assert all(c == (8, False) for c in calls[::2])
+    assert all(1 <= rows <= 8 for rows, _ in calls[1::2])
+
+
+def test_schedule_window_and_interrupt(tmp_path):
+    # Selection active for training fractions in [0.5, 1): the first 2 of 4 steps use the full batch.
+    calls = recorded_calls(tmp_path, sbp_strategy="loss", max_steps=4, sbp_start=0.5)
+    assert calls == [(8, True), (8, True), (8, False), (4, True), (8, False), (4, True)]
+    # Every 2nd step (global steps 1 and 3, 0-based) is interrupted.
+    calls = recorded_calls(tmp_path, sbp_strategy="loss", max_steps=4, sbp_interrupt=2)
+    assert calls == [(8, False), (4, True), (8, True), (8, False), (4, True), (8, True)]
+
+
+def test_none_is_bit_for_bit_the_plain_trainer(tmp_path):
+    data = tiny_dataset()
+    common = dict(per_device_train_batch_size=8, max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-3,
+                  save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)  # fmt: skip
+    plain = tiny_bert()
+    Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "a"), **common), train_dataset=data).train()
+    ours = tiny_bert()
+    args = SelectiveBackpropConfig(output_dir=str(tmp_path / "b"), sbp_strategy="none", **common)
+    SelectiveBackpropTrainer(model=ours, args=args, train_dataset=data).train()
+    expected, got = params(plain), params(ours)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "loss", "random"])
+def test_training_step_backpropagates_the_weighted_subset_loss(tmp_path, strategy):
+    data = tiny_dataset(n=8)
+    batch = collated(data, range(8))
+    model = tiny_bert()
+    trainer = SelectiveBackpropTrainer(model=model, args=make_args(tmp_path, sbp_strategy=strategy),
+                                       train_dataset=data)  # fmt: skip
+    trainer.current_gradient_accumulation_steps = 1
+    state = trainer._sbp_generator.get_state()
+    indices, weights = trainer.select_batch(model, batch)
+    assert indices.dtype == torch.long and indices.unique().numel() == indices.numel() <= 4
+    assert weights.shape == indices.shape and (weights >= 0).all()
+    if strategy == "gradmatch":
+        assert weights.sum().item() == pytest.approx(indices.numel())
+    else:
+        assert torch.equal(weights, torch.ones(4))
+    # Reference: autograd of (1/m) sum_S w_i CE_i on the chosen rows, written out by hand.
+    model.train()
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"][indices], attention_mask=batch["attention_mask"][indices]).logits
+    loss = (weights * F.cross_entropy(logits, batch["labels"][indices], reduction="none")).sum() / indices.numel()
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    trainer._sbp_generator.set_state(state)  # the same random draws as the select_batch call above
+    trainer.training_step(model, batch, num_items_in_batch=None)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def _train_sgd(tmp_path, name, data, batch_size, accumulation, trainer_cls=SelectiveBackpropTrainer, model=None,
+               **overrides):  # fmt: skip
+    model = model or tiny_bert()
+    args = make_args(tmp_path / name, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                     max_steps=1, optim="sgd", learning_rate=0.5, **overrides)  # fmt: skip
+    if trainer_cls is Trainer:
+        args = TrainingArguments(**{k: v for k, v in args.to_dict().items() if not k.startswith("sbp_")})
+    trainer_cls(model=model, args=args, train_dataset=data).train()
+    return params(model)
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, accepts_loss_kwargs):
+    # keep = 1 with random keeps every row with weight 1, so accumulated micro-batches must give the
+    # big batch's mean gradient. With num_items_in_batch (BERT accepts **kwargs) even uneven
+    # micro-batches (4 + 4 + 2) are exact; without it, the Trainer's convention needs equal ones.
+    data = tiny_dataset(n=10)
+    micro, steps = (4, 3) if accepts_loss_kwargs else (5, 2)
+    model = tiny_bert()
+    if not accepts_loss_kwargs:
+        model.accepts_loss_kwargs = False
+    big = _train_sgd(tmp_path, "big", data, 10, 1, sbp_strategy="random", sbp_keep=1.0)
+    accumulated = _train_sgd(tmp_path, "acc", data, micro, steps, model=model, sbp_strategy="random", sbp_keep=1.0)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6)
+
+
+def test_label_smoothing_matches_the_plain_trainer(tmp_path):
+    data = tiny_dataset(n=8)
+    plain = _train_sgd(tmp_path, "plain", data, 8, 1, trainer_cls=Trainer, label_smoothing_factor=0.1)
+    ours = _train_sgd(tmp_path, "ours", data, 8, 1, sbp_strategy="random", sbp_keep=1.0, label_smoothing_factor=0.1)
+    unsmoothed = _train_sgd(tmp_path, "raw", data, 8, 1, sbp_strategy="random", sbp_keep=1.0)
+    for name in plain:
+        torch.testing.assert_close(ours[name], plain[name], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(unsmoothed["classifier.weight"], plain["classifier.weight"])
+
+
+def _train(tmp_path, **overrides) -> SelectiveBackpropTrainer:
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=make_args(tmp_path, **overrides),
+                                       train_dataset=tiny_dataset())  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "strategy, extra, has_match_error",
+    [("gradmatch", {}, True), ("loss", {}, True), ("random", {}, False),
+     ("random", {"sbp_diagnostic_scoring": True}, True)],
+)  # fmt: skip
+def test_selection_metrics_are_logged(tmp_path, strategy, extra, has_match_error):
+    trainer = _train(tmp_path, sbp_strategy=strategy, max_steps=4, logging_steps=2, **extra)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        if strategy == "gradmatch":  # OMP may stop early once the match is exact
+            assert 0 < entry["sbp/backprop_fraction"] <= 0.5
+        else:
+            assert entry["sbp/backprop_fraction"] == 0.5
+        assert 0 <= entry["sbp/selection_time_share"] < 1
+        assert entry["sbp/selective_steps"] == 2
+        assert entry["sbp/fallback_steps"] == 0
+        if strategy == "random" and not extra:
+            assert entry["sbp/scoring_time_share"] == 0
+        else:
+            assert 0 < entry["sbp/scoring_time_share"] < 1
+        assert ("sbp/grad_match_error" in entry) == has_match_error
+        if has_match_error:
+            assert 0 <= entry["sbp/grad_match_error"] < 2
+    if strategy == "gradmatch":
+        assert 4 <= trainer.sbp_backprop_examples <= 16
+    else:
+        assert trainer.sbp_backprop_examples == 4 * 4
+
+
+def test_gradmatch_matches_the_mean_gradient_better_than_random_subsets(tmp_path):
+    gm = _train(tmp_path / "gm", sbp_strategy="gradmatch", max_steps=6, logging_steps=6)
+    rnd = _train(tmp_path / "rnd", sbp_strategy="random", sbp_diagnostic_scoring=True, max_steps=6, logging_steps=6)
+    gm_error = gm.state.log_history[0]["sbp/grad_match_error"]
+    rnd_error = rnd.state.log_history[0]["sbp/grad_match_error"]
+    assert gm_error < rnd_error
+
+
+def test_floating_point_ops_count_the_scoring_pass_and_the_subset(tmp_path):
+    full = _train(tmp_path / "none", sbp_strategy="none").state.total_flos
+    assert full > 0
+    assert _train(tmp_path / "loss", sbp_strategy="loss").state.total_flos == pytest.approx(full * (1 / 3 + 0.5))
+    assert _train(tmp_path / "random", sbp_strategy="random").state.total_flos == pytest.approx(full * 0.5)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    trainer = _train(tmp_path, sbp_strategy="gradmatch", bf16=True, max_steps=3, logging_steps=3)
+    entry = trainer.state.log_history[0]
+    assert math.isfinite(entry["loss"]) and math.isfinite(entry["sbp/grad_match_error"])
+    assert entry["sbp/fallback_steps"] == 0
+
+
+def test_jiang_variant_keeps_a_loss_history(tmp_path):
+    trainer = _train(tmp_path, sbp_strategy="loss", sbp_loss_variant="jiang", sbp_loss_history_size=20, max_steps=3)
+    assert len(trainer._sbp_loss_history) == 20  # 3 batches of 8 losses, capped at 20
