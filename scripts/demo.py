@@ -50,6 +50,11 @@ class DemoArguments:
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where results.json is written."})
 
 
+def mean_logged(entries: list[dict], key: str) -> float | None:
+    values = [entry[key] for entry in entries if key in entry]
+    return float(np.mean(values)) if values else None
+
+
 def main() -> None:
     (demo,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses()
     hf_logging.set_verbosity_error()
@@ -121,18 +126,33 @@ def main() -> None:
                 "train_time_s": train_s,
                 "backprop_examples": trainer.sbp_backprop_examples,
                 "grad_match_error": float(np.mean(match)) if match else None,
+                "scoring_time_share": mean_logged(logged, "sbp/scoring_time_share"),
+                "selection_time_share": mean_logged(logged, "sbp/selection_time_share"),
             }
         )
         print(f"  {strategy:>9}: accuracy {metrics['eval_accuracy']:.4f} in {train_s:.1f} s", flush=True)
 
-    header = f"{'strategy':>10} {'keep':>5} {'test acc':>9} {'train s':>8} {'backprop ex':>12} {'match err':>10}"
+    header = (
+        f"{'strategy':>10} {'keep':>5} {'test acc':>9} {'train s':>8} {'backprop ex':>12} {'match err':>10} "
+        f"{'scoring %':>10} {'select %':>9}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
     for row in rows:
-        err = f"{row['grad_match_error']:.3f}" if row["grad_match_error"] is not None else "-"
         print(
             f"{row['strategy']:>10} {row['keep']:>5.2f} {row['test_accuracy']:>9.4f} {row['train_time_s']:>8.1f} "
-            f"{row['backprop_examples']:>12d} {err:>10}"
+            f"{row['backprop_examples']:>12d} {fmt(row['grad_match_error'], '.3f'):>10} "
+            f"{fmt(row['scoring_time_share'] and 100 * row['scoring_time_share'], '.1f'):>10} "
+            f"{fmt(row['selection_time_share'] and 100 * row['selection_time_share'], '.2f'):>9}"
         )
+    print(
+        "\nmatch err: relative error of the subset's last-layer gradient against the batch mean. scoring % and "
+        "select %: shares of the training step spent in the no-grad scoring forward and in everything else "
+        "selection adds (Gram matrix, OMP or sampling, indexing). Equal budget: the same batches, the same steps."
+    )
     os.makedirs(demo.output_dir, exist_ok=True)
     with open(os.path.join(demo.output_dir, "results.json"), "w") as handle:
         json.dump({"arguments": asdict(demo), "rows": rows}, handle, indent=2)
