@@ -38,8 +38,8 @@ def record_encoder_calls(module: torch.nn.Module) -> list[tuple[int, bool]]:
 
 def recorded_calls(tmp_path, **overrides) -> list[tuple[int, bool]]:
     model = tiny_bert()
-    calls = record_encoder_calls(model.bert)
     trainer = SelectiveBackpropTrainer(model=model, args=make_args(tmp_path, **overrides), train_dataset=tiny_dataset())
+    calls = record_encoder_calls(model.bert)  # after construction, which checks the first examples
     trainer.train()
     return calls
 
