@@ -126,7 +126,9 @@ def resolve_head_call(
         )
     name, features, output = capture.calls[-1]
     features, output = pool_head_call(features, output, input_ids, pad_token_id)
-    if output.shape != logits.shape or not torch.allclose(output.float(), logits.float(), rtol=1e-4, atol=1e-5):
+    if output.shape != logits.shape or not torch.allclose(
+        output.float(), logits.float(), rtol=1e-4, atol=1e-5, equal_nan=True
+    ):
         ran = sorted({call[0] for call in capture.calls})
         raise HeadNotFoundError(
             f"the last nn.Linear with {logits.shape[-1]} outputs to run, {name!r}, does not produce the model's "

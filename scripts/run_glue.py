@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""Fine-tune a sequence classifier on GLUE or your own data with selective backprop.
+
+transformers' ``examples/pytorch/text-classification/run_glue.py`` with ``SelectiveBackpropTrainer``: the same flags
+with the same meanings, plus every ``SelectiveBackpropConfig`` field (``--sbp_strategy``, ``--sbp_keep``, ...),
+``--label_noise RHO`` (symmetric noise on the training labels) and ``--baseline_results PATH`` (a random-strategy
+run to compare with in the model card). Offline, it takes local folders and CSV/JSON files, the bundled datasets
+``--dataset_name tweets`` / ``bbc-news`` and the bundled model ``--model_name_or_path all-MiniLM-L6-v2``::
+
+    python scripts/run_glue.py --model_name_or_path all-MiniLM-L6-v2 --dataset_name tweets \\
+        --do_train --do_eval --max_steps 60 --sbp_strategy gradmatch --sbp_keep 0.5 --label_noise 0.2 \\
+        --output_dir outputs/tweets-gradmatch
+    python scripts/run_glue.py config.yaml    # or config.json: the same arguments as a file
+
+It saves ``train_results.json``, ``eval_results.json``, ``all_results.json``, ``predict_results_<task>.txt`` and
+the model card ``README.md`` in ``--output_dir``; ``--push_to_hub`` uploads the model, tokenizer and card.
+The reusable logic lives in :mod:`hf_sbp.glue`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import datasets
+import numpy as np
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    PretrainedConfig,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
+from hf_sbp.data import BUNDLED_DATASETS
+from hf_sbp.glue import (
+    GLUE_DATASET,
+    LABEL_COLUMN,
+    DataTrainingArguments,
+    ModelArguments,
+    apply_label_noise,
+    encode_labels,
+    label_info,
+    load_metric,
+    load_raw_datasets,
+    make_compute_metrics,
+    text_columns,
+    validate_label_noise,
+)
+from hf_sbp.model_card import set_model_card_info
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, SelectiveBackpropConfig]:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, SelectiveBackpropConfig))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
+
+    set_seed(training_args.seed)
+
+    # ---- data and labels (every bad value raises here, before a model is built or a file is written) ----
+    raw_datasets = load_raw_datasets(
+        data_args, cache_dir=model_args.cache_dir, token=model_args.token, do_predict=training_args.do_predict
+    )
+    if "train" not in raw_datasets:
+        raise ValueError(f"the data has no 'train' split (splits: {list(raw_datasets)}); it gives the labels.")
+    labels = label_info(raw_datasets["train"], data_args.task_name)
+    validate_label_noise(data_args.label_noise, labels.is_regression)
+    eval_split = "validation_matched" if data_args.task_name == "mnli" else "validation"
+    test_split = "test_matched" if data_args.task_name == "mnli" else "test"
+    if training_args.do_eval and eval_split not in raw_datasets:
+        raise ValueError(f"--do_eval requires a {eval_split!r} split; the data has {list(raw_datasets)}.")
+    if training_args.do_predict and test_split not in raw_datasets:
+        raise ValueError(f"--do_predict requires a {test_split!r} split; the data has {list(raw_datasets)}.")
+    sentence1_key, sentence2_key = text_columns(raw_datasets["train"].column_names, data_args.task_name)
+    for key in (sentence1_key, sentence2_key):
+        if key is not None and key not in raw_datasets["train"].column_names:
+            raise ValueError(
+                f"the data has no text column {key!r}: its columns are {raw_datasets['train'].column_names}."
+            )
+
+    # ---- model and tokenizer ----
+    model_path = model_args.resolved(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(
+        model_args.resolved(model_args.config_name) or model_path,
+        num_labels=labels.num_labels,
+        finetuning_task=data_args.task_name,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.resolved(model_args.tokenizer_name) or model_path,
+        cache_dir=model_args.cache_dir,
+        use_fast=model_args.use_fast_tokenizer,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path,
+        config=config,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+    )
+
+    # Some models have set the order of the labels to use, so make sure we use it (as transformers' run_glue.py).
+    label_to_id = labels.label_to_id  # raw label value -> class id, when the raw values are not class ids
+    if not labels.is_regression:
+        label2id = {name: i for i, name in enumerate(labels.label_names)}
+        if label_to_id is not None:
+            label2id = {str(label): i for label, i in label_to_id.items()}
+        elif (
+            data_args.task_name is not None
+            and model.config.label2id != PretrainedConfig(num_labels=labels.num_labels).label2id
+        ):
+            label_name_to_id = {k.lower(): v for k, v in model.config.label2id.items()}
+            if sorted(label_name_to_id) == sorted(labels.label_names):
+                label_to_id = {i: int(label_name_to_id[name]) for i, name in enumerate(labels.label_names)}
+                label2id = {name: label_to_id[i] for i, name in enumerate(labels.label_names)}
+            else:
+                logger.warning(
+                    "The model's labels do not match the dataset's: model labels "
+                    f"{sorted(label_name_to_id)}, dataset labels {sorted(labels.label_names)}; ignoring the model's."
+                )
+        model.config.label2id = label2id
+        model.config.id2label = {i: name for name, i in label2id.items()}
+
+    if data_args.max_seq_length > tokenizer.model_max_length:
+        logger.warning(
+            f"max_seq_length={data_args.max_seq_length} is larger than the model's maximum length "
+            f"({tokenizer.model_max_length}); using max_seq_length={tokenizer.model_max_length}."
+        )
+    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+    padding = "max_length" if data_args.pad_to_max_length else False
+
+    def preprocess_function(examples):
+        texts = (
+            (examples[sentence1_key],) if sentence2_key is None else (examples[sentence1_key], examples[sentence2_key])
+        )
+        result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
+        return result
+
+    with training_args.main_process_first(desc="dataset map pre-processing"):
+        raw_datasets = encode_labels(raw_datasets, label_to_id)
+        raw_datasets = raw_datasets.map(
+            preprocess_function,
+            batched=True,
+            load_from_cache_file=not data_args.overwrite_cache,
+            desc="Running tokenizer on dataset",
+        )
+
+    train_dataset = eval_dataset = predict_dataset = None
+    label_noise_flipped = None
+    if training_args.do_train:
+        train_dataset = raw_datasets["train"]
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+        if data_args.label_noise > 0:
+            train_dataset, label_noise_flipped = apply_label_noise(
+                train_dataset, data_args.label_noise, labels.num_labels, training_args.seed
+            )
+            logger.info(
+                f"Label noise {data_args.label_noise}: flipped {label_noise_flipped} of {len(train_dataset)} training "
+                f"labels (seed {training_args.seed})."
+            )
+    if training_args.do_eval:
+        eval_dataset = raw_datasets[eval_split]
+        if data_args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+    if training_args.do_predict:
+        predict_dataset = raw_datasets[test_split]
+        if data_args.max_predict_samples is not None:
+            predict_dataset = predict_dataset.select(range(min(len(predict_dataset), data_args.max_predict_samples)))
+
+    metric = load_metric(data_args.task_name, labels.is_regression, labels.num_labels, cache_dir=model_args.cache_dir)
+    if data_args.pad_to_max_length:
+        data_collator = default_data_collator
+    elif training_args.fp16:
+        data_collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    else:
+        data_collator = None
+
+    trainer = SelectiveBackpropTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        compute_metrics=make_compute_metrics(metric, labels.is_regression),
+        processing_class=tokenizer,
+        data_collator=data_collator,
+    )
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
+    if data_args.task_name is not None:
+        card.update(
+            language="en",
+            dataset_tags=GLUE_DATASET,
+            dataset_args=data_args.task_name,
+            dataset=f"GLUE {data_args.task_name.upper()}",
+        )
+    elif data_args.dataset_name is not None:
+        card["dataset"] = data_args.dataset_name
+        if data_args.dataset_name not in BUNDLED_DATASETS and not os.path.isdir(data_args.dataset_name):
+            card["dataset_tags"] = data_args.dataset_name
+            if data_args.dataset_config_name is not None:
+                card["dataset_args"] = data_args.dataset_config_name
+    else:
+        card["dataset"] = (
+            "local files ("
+            + ", ".join(os.path.basename(path) for path in (data_args.train_file, data_args.validation_file) if path)
+            + ")"
+        )
+    if data_args.label_noise > 0 and training_args.do_train:
+        card.update(label_noise=data_args.label_noise, label_noise_flipped=label_noise_flipped)
+    if data_args.baseline_results is not None:
+        card["baseline_results"] = data_args.baseline_results
+    set_model_card_info(trainer, **card)
+
+    all_metrics: dict[str, float] = {}
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        metrics["sbp_backprop_examples"] = trainer.sbp_backprop_examples
+        if data_args.label_noise > 0:
+            metrics["label_noise"] = data_args.label_noise
+            metrics["label_noise_flipped"] = label_noise_flipped
+        trainer.save_model()  # saves the tokenizer too
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        all_metrics.update(metrics)
+
+    if training_args.do_eval:
+        logger.info("*** Evaluate ***")
+        tasks = [data_args.task_name]
+        eval_datasets = [eval_dataset]
+        if data_args.task_name == "mnli":
+            tasks.append("mnli-mm")
+            validation_mismatched = raw_datasets["validation_mismatched"]
+            if data_args.max_eval_samples is not None:
+                validation_mismatched = validation_mismatched.select(
+                    range(min(len(validation_mismatched), data_args.max_eval_samples))
+                )
+            eval_datasets.append(validation_mismatched)
+        combined: dict[str, float] = {}
+        for dataset, task in zip(eval_datasets, tasks, strict=True):
+            metrics = trainer.evaluate(eval_dataset=dataset)
+            metrics["eval_samples"] = len(dataset)
+            if task == "mnli-mm":
+                metrics = {k + "_mm": v for k, v in metrics.items()}
+            combined.update(metrics)
+            trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", combined)
+        all_metrics.update(combined)
+
+    if training_args.do_predict:
+        logger.info("*** Predict ***")
+        tasks = [data_args.task_name]
+        predict_datasets = [predict_dataset]
+        if data_args.task_name == "mnli":
+            tasks.append("mnli-mm")
+            predict_datasets.append(raw_datasets["test_mismatched"])
+        for dataset, task in zip(predict_datasets, tasks, strict=True):
+            # GLUE's test labels are -1 (hidden): drop them, as transformers' run_glue.py does. Local test files
+            # with real labels also get their metrics, saved as predict_results.json.
+            labelled = LABEL_COLUMN in dataset.column_names and -1 not in set(dataset.unique(LABEL_COLUMN))
+            if not labelled and LABEL_COLUMN in dataset.column_names:
+                dataset = dataset.remove_columns(LABEL_COLUMN)
+            output = trainer.predict(dataset, metric_key_prefix="predict")
+            predictions = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+            predictions = np.squeeze(predictions, axis=-1) if labels.is_regression else np.argmax(predictions, axis=-1)
+            if labelled and data_args.task_name is None:
+                metrics = dict(output.metrics)
+                metrics["predict_samples"] = len(dataset)
+                trainer.log_metrics("predict", metrics)
+                trainer.save_metrics("predict", metrics)
+                all_metrics.update(metrics)
+            output_predict_file = os.path.join(training_args.output_dir, f"predict_results_{task}.txt")
+            if trainer.is_world_process_zero():
+                with open(output_predict_file, "w", encoding="utf-8") as writer:
+                    logger.info(f"***** Predict results {task} *****")
+                    writer.write("index\tprediction\n")
+                    for index, item in enumerate(predictions):
+                        if labels.is_regression:
+                            writer.write(f"{index}\t{item:3.3f}\n")
+                        else:
+                            writer.write(f"{index}\t{model.config.id2label[int(item)]}\n")
+
+    set_model_card_info(trainer, results=all_metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    else:
+        trainer.create_model_card()
+    return all_metrics
+
+
+if __name__ == "__main__":
+    main()
