@@ -2,8 +2,8 @@
 
 ``SelectiveBackpropTrainer.create_model_card()`` (and so ``push_to_hub()``) writes ``README.md`` into ``output_dir``,
 rendered from the template ``model_cards/selective_backprop.md``, which installs as package data of
-``hf_sbp.model_cards`` (declared in ``pyproject.toml``), so an installed ``hf_sbp`` finds it; it is a ``string.Template`` whose
-``${...}`` fields are filled here, and ``template=`` takes the path of your own.
+``hf_sbp.model_cards`` (declared in ``pyproject.toml``), so an installed ``hf_sbp`` finds it. It is a
+``string.Template`` whose ``${...}`` fields are filled here; ``template=`` takes the path of your own.
 
 The card holds: YAML metadata (``library_name``, ``base_model``, the tags ``hf_sbp`` and ``selective-backprop``,
 datasets, metrics and a ``model-index``, built like ``transformers``' own cards), the base model, dataset and task, a
@@ -151,6 +151,18 @@ def selection_statistics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, 
     stats: dict[str, Any] = {"logged_intervals": intervals, "logged_steps": steps}
     for key, name in means.items():
         stats[name] = sums[key] / weights[key] if weights[key] > 0 else None
+    # The end-of-training summary holds the same metrics over every step of the run, the last partial
+    # logging interval included: prefer them.
+    summary = next((entry for entry in reversed(log_history) if "train_sbp/selective_steps" in entry), None)
+    stats["whole_run"] = summary is not None
+    if summary is not None:
+        stats["logged_steps"] = int(summary.get("step", steps))
+        for key, name in means.items():
+            value = summary.get(f"train_{key}")
+            stats[name] = value if _is_number(value) and math.isfinite(value) else stats[name]
+        for key in totals:
+            if _is_number(summary.get(f"train_{key}")):
+                totals[key] = summary[f"train_{key}"]
     scoring, selection = stats["mean_scoring_time_share"], stats["mean_selection_time_share"]
     stats["mean_selecting_time_share"] = (
         None if scoring is None and selection is None else (scoring or 0) + (selection or 0)
@@ -282,9 +294,15 @@ def _statistics_section(args, log_history, backprop_examples: Any) -> str:
         ("steps that fell back to the full batch (non-finite scores)", stats["fallback_steps"]),
     ]
     table = _table(["statistic", "value"], rows)
+    if stats.get("whole_run"):
+        scope = f"Over all {stats['logged_steps']} training steps of the run:"
+    else:
+        scope = (
+            f"Over the {stats['logged_steps']} logged training steps ({stats['logged_intervals']} logging intervals, "
+            "each weighted by its number of steps):"
+        )
     return (
-        f"Over the {stats['logged_steps']} logged training steps ({stats['logged_intervals']} logging intervals, "
-        "each weighted by its number of steps):\n\n" + table + "\n\nThe gradient-match error is the relative error "
+        scope + "\n\n" + table + "\n\nThe gradient-match error is the relative error "
         "of the subset's weighted last-layer gradient against the batch's mean gradient "
         "(`||sum_S w_i g_i / sum_S w_i - mean g|| / ||mean g||`)."
     )

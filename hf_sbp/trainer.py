@@ -105,8 +105,11 @@ class SelectiveBackpropTrainer(Trainer):
         self._sbp_loss_history = LossHistory(self.args.sbp_loss_history_size)
         self._sbp_head_name: str | None = self.args.sbp_head_module
         self._sbp_last: SelectionRecord | None = None
+        # Per logging interval, and over the whole run (for the end-of-training summary).
         self._sbp_metric_sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
         self._sbp_metric_counts = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        self._sbp_run_sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        self._sbp_run_counts = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
         self._sbp_step_flops_factor: float | None = None
         self._sbp_warned_nonfinite = False
         self.sbp_backprop_examples = 0
@@ -493,6 +496,8 @@ class SelectiveBackpropTrainer(Trainer):
             if not math.isnan(value):
                 self._sbp_metric_sums[position] += value
                 self._sbp_metric_counts[position] += 1
+                self._sbp_run_sums[position] += value
+                self._sbp_run_counts[position] += 1
         self._sbp_step_flops_factor = (1.0 / 3.0 if record.scored else 0.0) + record.subset_size / record.batch_size
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
@@ -504,14 +509,19 @@ class SelectiveBackpropTrainer(Trainer):
 
     # ---- logging and checkpoints -------------------------------------------------------------
 
-    def _reduced_sbp_metrics(self) -> dict[str, float]:
-        sums, counts = self._sbp_metric_sums.clone(), self._sbp_metric_counts.clone()
+    def _reduced_sbp_metrics(self, whole_run: bool = False) -> dict[str, float]:
+        """The selection metrics since the last log (which it resets), or over the whole run, reduced
+        across processes. Every process must call it, as every process calls ``log``."""
+        if whole_run:
+            sums, counts = self._sbp_run_sums.clone(), self._sbp_run_counts.clone()
+        else:
+            sums, counts = self._sbp_metric_sums.clone(), self._sbp_metric_counts.clone()
+            self._sbp_metric_sums.zero_()
+            self._sbp_metric_counts.zero_()
         if self.args.world_size > 1:
             stacked = torch.stack([sums, counts]).to(self.args.device)
             stacked = self.accelerator.reduce(stacked, reduction="sum").cpu()
             sums, counts = stacked[0], stacked[1]
-        self._sbp_metric_sums.zero_()
-        self._sbp_metric_counts.zero_()
         metrics = {}
         for position, key in enumerate(METRIC_KEYS):
             if counts[position] == 0:
@@ -529,9 +539,14 @@ class SelectiveBackpropTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Merge the selection metrics, averaged since the last log (and across processes), into
-        training logs."""
-        if self.args.sbp_strategy != "none" and "loss" in logs and "eval_loss" not in logs:
-            logs = {**logs, **self._reduced_sbp_metrics()}
+        training logs, and their averages over the whole run (``train_sbp/...``, steps of the last
+        partial logging interval included) into the end-of-training summary."""
+        if self.args.sbp_strategy != "none":
+            if "loss" in logs and "eval_loss" not in logs:
+                logs = {**logs, **self._reduced_sbp_metrics()}
+            elif "train_runtime" in logs:
+                run = self._reduced_sbp_metrics(whole_run=True)
+                logs = {**logs, **{f"train_{key}": value for key, value in run.items()}}
         super().log(logs, start_time)
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -541,6 +556,8 @@ class SelectiveBackpropTrainer(Trainer):
             "loss_history": self._sbp_loss_history.state_dict(),
             "head_name": self._sbp_head_name,
             "backprop_examples": self.sbp_backprop_examples,
+            "run_metric_sums": self._sbp_run_sums.clone(),
+            "run_metric_counts": self._sbp_run_counts.clone(),
         }
         torch.save(state, os.path.join(output_dir, SBP_STATE_NAME.format(self.args.process_index)))
 
@@ -560,6 +577,8 @@ class SelectiveBackpropTrainer(Trainer):
         self._sbp_generator.set_state(state["generator"])
         self._sbp_loss_history.load_state_dict(state["loss_history"])
         self.sbp_backprop_examples = int(state["backprop_examples"])
+        self._sbp_run_sums = state["run_metric_sums"].clone()
+        self._sbp_run_counts = state["run_metric_counts"].clone()
         if self._sbp_head_name is None:
             self._sbp_head_name = state["head_name"]
 

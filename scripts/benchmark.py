@@ -69,14 +69,16 @@ class BenchmarkArguments:
     batch_size: int = field(default=32, metadata={"help": "Training batch size (throughput, grad-match, training)."})
     repeats: int = field(default=0, metadata={"help": "Timing repeats (0: 5 quick, 15 full)."})
     keeps: str = field(
-        default="", metadata={"help": "Comma-separated keep values (default: 0.5 quick; 0.5,0.25 full)."}
+        default="",
+        metadata={"help": "Keep values for overhead, throughput and grad-match (default: 0.5 quick; 0.5,0.25)."},
     )
+    training_keeps: str = field(default="0.5", metadata={"help": "Comma-separated keep values of the training runs."})
     noises: str = field(default="0.0,0.2", metadata={"help": "Comma-separated label-noise rates for training."})
     seeds: str = field(default="", metadata={"help": "Comma-separated seeds (default: 0 quick; 0,1,2 full)."})
-    train_steps: int = field(default=0, metadata={"help": "Steps per training run (0: 30 quick, 120 full)."})
+    train_steps: int = field(default=0, metadata={"help": "Steps per training run (0: 30 quick, 60 full)."})
     eval_every: int = field(default=0, metadata={"help": "Evaluate every this many steps (0: train_steps / 6)."})
-    eval_samples: int = field(default=0, metadata={"help": "Validation examples per evaluation (0: 300 / 1000)."})
-    test_samples: int = field(default=0, metadata={"help": "Test examples for the final accuracy (0: 500 / 2000)."})
+    eval_samples: int = field(default=0, metadata={"help": "Validation examples per evaluation (0: 300 / 400)."})
+    test_samples: int = field(default=0, metadata={"help": "Test examples for the final accuracy (0: 500 / 1000)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the training runs."})
     memory_strategy: str = field(
         default="gradmatch", metadata={"help": "Internal: the strategy _peak_memory measures."}
@@ -87,14 +89,15 @@ class BenchmarkArguments:
             raise ValueError(f"command={self.command!r} is invalid; choose one of {list(PARTS) + ['all', 'report']}.")
         quick = self.quick
         self.repeats = self.repeats or (5 if quick else 15)
-        self.train_steps = self.train_steps or (30 if quick else 120)
-        self.eval_every = self.eval_every or max(1, self.train_steps // 6)
-        self.eval_samples = self.eval_samples or (300 if quick else 1000)
-        self.test_samples = self.test_samples or (500 if quick else 2000)
+        self.train_steps = self.train_steps or (30 if quick else 60)
+        self.eval_every = self.eval_every or max(1, self.train_steps // 5)
+        self.eval_samples = self.eval_samples or (300 if quick else 400)
+        self.test_samples = self.test_samples or (500 if quick else 1000)
         self.keep_values = [float(k) for k in (self.keeps or ("0.5" if quick else "0.5,0.25")).split(",")]
+        self.training_keep_values = [float(k) for k in self.training_keeps.split(",")]
         self.noise_values = [float(v) for v in self.noises.split(",")]
         self.seed_values = [int(s) for s in (self.seeds or ("0" if quick else "0,1,2")).split(",")]
-        for keep in self.keep_values:
+        for keep in self.keep_values + self.training_keep_values:
             if not 0 < keep <= 1:
                 raise ValueError(f"keep={keep} in --keeps is invalid; each must be in (0, 1].")
         for noise in self.noise_values:
@@ -537,13 +540,12 @@ def run_training(bench: BenchmarkArguments, tokenizer, model_path: str, started:
         for name, spec in bench.dataset_specs()
         for noise in bench.noise_values
         for seed in bench.seed_values
-        for strategy, keep in _strategy_grid(bench.keep_values)
+        for strategy, keep in _strategy_grid(bench.training_keep_values)
     ]
     data_cache: dict[str, Data] = {}
     for number, (name, spec, strategy, keep, noise, seed) in enumerate(runs, 1):
         if name not in data_cache:
-            max_length = 128 if name == "bbc-news" else bench.seq_len
-            data_cache[name] = Data(spec, tokenizer, max_length)
+            data_cache[name] = Data(spec, tokenizer, bench.seq_len)
         data = data_cache[name]
         train = (
             data.splits["train"]

@@ -15,9 +15,13 @@ from hf_sbp.selection import head_residuals, last_layer_gram
 
 COMMON = dict(vocab_size=100, num_labels=3, pad_token_id=0)
 ENCODER = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)  # fmt: skip
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=37,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 
 ARCHITECTURES = {
     "bert": (tf.BertForSequenceClassification, tf.BertConfig(**COMMON, **ENCODER), "classifier"),
@@ -28,8 +32,16 @@ ARCHITECTURES = {
     ),
     "distilbert": (
         tf.DistilBertForSequenceClassification,
-        tf.DistilBertConfig(**COMMON, dim=32, n_layers=2, n_heads=2, hidden_dim=37, dropout=0.0,
-                            attention_dropout=0.0, seq_classif_dropout=0.0),  # fmt: skip
+        tf.DistilBertConfig(
+            **COMMON,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=37,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+        ),
         "classifier",
     ),
     "deberta-v2": (
@@ -44,9 +56,17 @@ ARCHITECTURES = {
     ),
     "modernbert": (
         tf.ModernBertForSequenceClassification,
-        tf.ModernBertConfig(**COMMON, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, embedding_dropout=0.0, mlp_dropout=0.0,
-                            attention_dropout=0.0, classifier_dropout=0.0),  # fmt: skip
+        tf.ModernBertConfig(
+            **COMMON,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            embedding_dropout=0.0,
+            mlp_dropout=0.0,
+            attention_dropout=0.0,
+            classifier_dropout=0.0,
+        ),
         "classifier",
     ),
     "gpt2": (
@@ -56,8 +76,14 @@ ARCHITECTURES = {
     ),
     "llama": (
         tf.LlamaForSequenceClassification,
-        tf.LlamaConfig(**COMMON, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=2),  # fmt: skip
+        tf.LlamaConfig(
+            **COMMON,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
         "score",
     ),
 }
@@ -79,7 +105,8 @@ def reference_gram(model, head: torch.nn.Linear, batch: dict) -> torch.Tensor:
     for i in range(batch["labels"].shape[0]):
         length = int(batch["attention_mask"][i].sum())
         model.zero_grad()
-        out = model(input_ids=batch["input_ids"][i : i + 1, :length], attention_mask=batch["attention_mask"][i : i + 1, :length])
+        row = slice(i, i + 1)
+        out = model(input_ids=batch["input_ids"][row, :length], attention_mask=batch["attention_mask"][row, :length])
         F.cross_entropy(out.logits, batch["labels"][i : i + 1], reduction="sum").backward()
         rows.append(torch.cat([p.grad.reshape(-1) for p in head.parameters()]))
     per_example = torch.stack(rows).double()
@@ -92,13 +119,25 @@ def test_head_features_give_the_autograd_gram_and_training_runs(tmp_path, name):
     torch.manual_seed(0)
     model = model_cls(config)
     args = SelectiveBackpropConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     data = tiny_dataset(n=16, seq_len=9)
     if config.pad_token_id != 0:  # rows are padded with 0 in tiny_dataset; use the model's pad id
-        data = data.map(lambda row: {"input_ids": [t if m else config.pad_token_id for t, m in
-                                                   zip(row["input_ids"], row["attention_mask"], strict=True)]})  # fmt: skip
+        pad = config.pad_token_id
+
+        def repad(row):
+            return {
+                "input_ids": [t if m else pad for t, m in zip(row["input_ids"], row["attention_mask"], strict=True)]
+            }
+
+        data = data.map(repad)
     trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=data)
 
     batch = batch_for(config.pad_token_id)

@@ -226,3 +226,14 @@ def test_bf16_autocast_on_cpu(tmp_path):
 def test_jiang_variant_keeps_a_loss_history(tmp_path):
     trainer = _train(tmp_path, sbp_strategy="loss", sbp_loss_variant="jiang", sbp_loss_history_size=20, max_steps=3)
     assert len(trainer._sbp_loss_history) == 20  # 3 batches of 8 losses, capped at 20
+
+
+def test_the_summary_log_has_run_averages_including_the_last_partial_interval(tmp_path):
+    # 5 steps logged every 2: steps 1-4 reach the interval logs, step 5 only the run summary.
+    trainer = _train(tmp_path, sbp_strategy="random", max_steps=5, logging_steps=2)
+    intervals = [entry for entry in trainer.state.log_history if "sbp/selective_steps" in entry]
+    assert sum(entry["sbp/selective_steps"] for entry in intervals) == 4
+    summary = trainer.state.log_history[-1]
+    assert "train_runtime" in summary
+    assert summary["train_sbp/selective_steps"] == 5
+    assert summary["train_sbp/backprop_fraction"] == 0.5

@@ -1,0 +1,167 @@
+"""One process of the distributed test: run under ``torchrun --nproc_per_node 2`` by ``test_distributed.py``.
+
+For each strategy named on the command line it trains a tiny random BERT with
+``SelectiveBackpropTrainer`` under DDP (gloo, CPU) and writes ``<out>/<strategy>_rank<r>.json`` with
+what it observed independently of the trainer's own bookkeeping: a forward pre-hook on the
+unwrapped encoder records, for every forward pass, the rows it saw and whether autograd was on (the
+scoring pass runs without autograd over the local batch, the gradient pass with autograd over the
+subset), plus a digest of the final parameters and the trainer's log history.
+
+Rank 1 also gets NaN logits in the scoring pass of step ``NAN_STEP`` (gradmatch only), so that one
+process falls back to its full batch while the other selects: the collectives must still line up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+
+from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
+
+PER_DEVICE_BATCH = 8
+STEPS = 4
+KEEP = 0.5
+NAN_STEP = 1
+NAN_RANK = 1
+
+
+def tiny_model(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_dataset(n: int, seq_len: int = 8, seed: int = 1) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    # Column 0 holds the example's id (+1, to stay clear of the pad id), so the test can tell which
+    # rows a forward pass saw.
+    ids = torch.randint(1, 100, (n, seq_len), generator=generator)
+    ids[:, 0] = torch.arange(n) % 99 + 1
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": [[1] * seq_len] * n,
+            "labels": torch.randint(0, 3, (n,), generator=generator).tolist(),
+        }
+    )
+
+
+class StepMarker(TrainerCallback):
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+        self.step = -1
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+        self.calls.append({"step_begin": state.global_step})
+
+
+def digest(model: torch.nn.Module) -> str:
+    sha = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def run(strategy: str, out: str, world_size: int, rank: int) -> None:
+    model = tiny_model()
+    calls: list[dict] = []
+
+    def record(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append({"rows": input_ids[:, 0].tolist(), "grad": torch.is_grad_enabled(), "training": module.training})
+
+    handle = model.bert.register_forward_pre_hook(record, with_kwargs=True)
+    marker = StepMarker(calls)
+    if strategy == "gradmatch" and rank == NAN_RANK:
+
+        def nan_logits(module, args, output):
+            if not module.training and marker.step == NAN_STEP:
+                return torch.full_like(output, float("nan"))
+            return None
+
+        model.classifier.register_forward_hook(nan_logits)
+    # loss: Composer's rule, with a full-batch step every third step (the same step on every rank).
+    extra = {"sbp_loss_variant": "composer", "sbp_interrupt": 3} if strategy == "loss" else {}
+    initial = digest(model)
+    args = SelectiveBackpropConfig(
+        output_dir=os.path.join(out, f"run_{strategy}"),
+        sbp_strategy=strategy,
+        sbp_keep=KEEP,
+        per_device_train_batch_size=PER_DEVICE_BATCH,
+        max_steps=STEPS,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=7,
+        **extra,
+    )
+    trainer = SelectiveBackpropTrainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_dataset(PER_DEVICE_BATCH * world_size * STEPS),
+        callbacks=[marker],
+    )
+    wrapped_type = None
+
+    original = trainer.training_step
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        nonlocal wrapped_type
+        wrapped_type = type(model).__name__
+        return original(model, inputs, num_items_in_batch)
+
+    trainer.training_step = training_step
+    trainer.train()
+    handle.remove()
+    result = {
+        "rank": rank,
+        "world_size": world_size,
+        "wrapped_model_type": wrapped_type,
+        "calls": calls,
+        "param_digest": digest(trainer.model),
+        "initial_param_digest": initial,
+        "log_history": trainer.state.log_history,
+        "backprop_examples": trainer.sbp_backprop_examples,
+        "global_step": trainer.state.global_step,
+    }
+    with open(os.path.join(out, f"{strategy}_rank{rank}.json"), "w") as handle_out:
+        json.dump(result, handle_out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--strategies", default="gradmatch,loss")
+    options = parser.parse_args()
+    world_size = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    for strategy in options.strategies.split(","):
+        run(strategy, options.out, world_size, rank)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""DDP with two CPU processes (gloo): each rank selects on its own local batch, and the ranks stay in step.
+
+One ``torchrun --nproc_per_node 2`` launch runs ``distributed_worker.py`` for gradmatch and loss; each
+rank writes what forward hooks saw (rows and autograd state of every forward pass), a digest of its
+final parameters and its log history. The assertions are against those independent observations: the
+scoring pass sees the local batch (``n`` = per-device batch, not the global one), the gradient pass a
+subset of those rows (``k`` of them), the parameters are identical on both ranks after training (DDP
+averaged every step's gradients, so no rank skipped or mismatched a collective, even when one rank fell
+back to its full batch), and the logged selection metrics are the cross-rank reduction of what each
+rank did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+WORLD = 2
+BATCH = 8  # per device; distributed_worker.PER_DEVICE_BATCH
+K = 4  # round(0.5 * 8)
+STEPS = 4
+NAN_STEP, NAN_RANK = 1, 1  # distributed_worker: rank 1's scoring logits are NaN at step 1 (gradmatch)
+LOSS_FULL_STEPS = {2}  # loss runs with sbp_interrupt=3: (step + 1) % 3 == 0 trains on the full batch
+
+
+def launch(launcher: list[str], out: Path, strategies: list[str]) -> dict[tuple[str, int], dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), "CUDA_VISIBLE_DEVICES": ""}
+    command = [*launcher, str(HERE / "distributed_worker.py"), "--out", str(out), "--strategies", ",".join(strategies)]
+    done = subprocess.run(command, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{launcher[:3]} failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    loaded = {}
+    for strategy in strategies:
+        for rank in range(WORLD):
+            with open(out / f"{strategy}_rank{rank}.json") as handle:
+                loaded[strategy, rank] = json.load(handle)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One torchrun launch, both strategies."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
+    return launch(torchrun, tmp_path_factory.mktemp("torchrun"), ["gradmatch", "loss"])
+
+
+def passes_by_step(calls: list[dict]) -> dict[int, list[dict]]:
+    """The forward passes of each training step (those before the first step, the trainer's
+    construction-time check of the first examples, are left out)."""
+    steps: dict[int, list[dict]] = {}
+    current = None
+    for call in calls:
+        if "step_begin" in call:
+            current = call["step_begin"]
+            steps[current] = []
+        elif current is not None:
+            steps[current].append(call)
+    return steps
+
+
+def split_passes(passes: list[dict]) -> tuple[list[int] | None, list[int]]:
+    """(rows of the no-grad scoring pass or None, rows of the gradient pass) of one step."""
+    scoring = [p for p in passes if not p["grad"]]
+    gradient = [p for p in passes if p["grad"]]
+    assert len(gradient) == 1 and gradient[0]["training"]
+    assert len(scoring) <= 1
+    if scoring:
+        assert not scoring[0]["training"], "the scoring pass must run in eval mode"
+        assert passes.index(scoring[0]) < passes.index(gradient[0])
+    return (scoring[0]["rows"] if scoring else None), gradient[0]["rows"]
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "loss"])
+def test_each_rank_selects_on_its_local_batch(results, strategy):
+    seen_by_rank = []
+    for rank in range(WORLD):
+        result = results[strategy, rank]
+        assert result["world_size"] == WORLD and result["global_step"] == STEPS
+        assert result["wrapped_model_type"] == "DistributedDataParallel"
+        steps = passes_by_step(result["calls"])
+        assert sorted(steps) == list(range(STEPS))
+        seen = []
+        backpropagated = 0
+        for step, passes in steps.items():
+            scoring, gradient = split_passes(passes)
+            backpropagated += len(gradient)
+            if strategy == "loss" and step in LOSS_FULL_STEPS:
+                assert scoring is None, "an interrupted step must not score"
+                assert len(gradient) == BATCH
+                seen += gradient
+                continue
+            assert scoring is not None and len(scoring) == BATCH  # the local batch, not the global 16
+            assert set(gradient) <= set(scoring) and len(set(gradient)) == len(gradient)
+            if strategy == "gradmatch" and (step, rank) == (NAN_STEP, NAN_RANK):
+                assert sorted(gradient) == sorted(scoring)  # the fallback trains on the full local batch
+            elif strategy == "gradmatch":
+                assert 1 <= len(gradient) <= K
+            else:
+                assert len(gradient) == K  # Composer's rule keeps exactly k
+            seen += scoring
+        assert result["backprop_examples"] == backpropagated
+        seen_by_rank.append(seen)
+    # The ranks got disjoint shards that together cover the data set once.
+    assert not set(seen_by_rank[0]) & set(seen_by_rank[1])
+    assert sorted(seen_by_rank[0] + seen_by_rank[1]) == list(range(1, WORLD * BATCH * STEPS + 1))
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "loss"])
+def test_ranks_end_with_identical_trained_parameters(results, strategy):
+    digests = {results[strategy, rank]["param_digest"] for rank in range(WORLD)}
+    assert len(digests) == 1
+    assert digests != {results[strategy, 0]["initial_param_digest"]}
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "loss"])
+def test_logged_selection_metrics_are_reduced_across_ranks(results, strategy):
+    histories = [
+        [log for log in results[strategy, rank]["log_history"] if "sbp/backprop_fraction" in log]
+        for rank in range(WORLD)
+    ]
+    # Trainer.log runs on every rank, and each rank logged the same reduced values.
+    assert len(histories[0]) == STEPS
+    for log0, log1 in zip(*histories, strict=True):
+        sbp0 = {key: value for key, value in log0.items() if key.startswith("sbp/")}
+        assert sbp0 == {key: value for key, value in log1.items() if key.startswith("sbp/")}
+    # Independent reference: the fraction each rank backpropagated, from its forward hooks.
+    per_rank = [passes_by_step(results[strategy, rank]["calls"]) for rank in range(WORLD)]
+    for step, log in enumerate(histories[0]):
+        assert log["step"] == step + 1
+        fractions = [len(split_passes(per_rank[rank][step])[1]) / BATCH for rank in range(WORLD)]
+        assert log["sbp/backprop_fraction"] == pytest.approx(sum(fractions) / WORLD)
+        full = strategy == "loss" and step in LOSS_FULL_STEPS
+        assert log["sbp/selective_steps"] == (0.0 if full else 1.0)  # steps, not steps x processes
+        fallback = strategy == "gradmatch" and step == NAN_STEP
+        assert log["sbp/fallback_steps"] == (1.0 if fallback else 0.0)
+
+
+def test_accelerate_launch(tmp_path):
+    """The same worker, unchanged, under `accelerate launch` (two CPU processes; `--multi_gpu` is the
+    flag that makes accelerate start several processes, and with no GPU they use gloo on the CPU)."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD}"]
+    accelerate += ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+    launched = launch(accelerate, tmp_path, ["loss"])
+    test_each_rank_selects_on_its_local_batch(launched, "loss")
+    test_ranks_end_with_identical_trained_parameters(launched, "loss")
+    test_logged_selection_metrics_are_reduced_across_ranks(launched, "loss")
