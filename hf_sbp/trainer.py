@@ -451,7 +451,10 @@ class SelectiveBackpropTrainer(Trainer):
             indices, weights = torch.arange(n), torch.ones(n)
             record = SelectionRecord(n, n, scored=False, selective=False)
         index_start = time.perf_counter()
-        subset = index_rows(inputs, indices, n) if indices.numel() < n else dict(inputs)
+        # The weights follow the order of `indices` (OMP's is the order of selection), so the rows are
+        # gathered unless they are exactly the batch in its order.
+        unchanged = indices.numel() == n and torch.equal(indices, torch.arange(n))
+        subset = dict(inputs) if unchanged else index_rows(inputs, indices, n)
         record.selection_s += time.perf_counter() - index_start
 
         sub_labels = subset.pop("labels")

@@ -859,6 +859,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["--command", argv[0], *argv[1:]]
     (bench,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     if bench.command == "_peak_memory":
         measure_peak_memory(bench)
         return

@@ -58,6 +58,7 @@ def mean_logged(entries: list[dict], key: str) -> float | None:
 def main() -> None:
     (demo,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     strategies = [s.strip() for s in demo.strategies.split(",") if s.strip()]
     model_path = bundled_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)

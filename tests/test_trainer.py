@@ -97,22 +97,36 @@ def test_none_is_bit_for_bit_the_plain_trainer(tmp_path):
     assert all(torch.equal(expected[name], got[name]) for name in expected)
 
 
-@pytest.mark.parametrize("strategy", ["gradmatch", "loss", "random"])
-def test_training_step_backpropagates_the_weighted_subset_loss(tmp_path, strategy):
+@pytest.mark.parametrize(
+    "strategy, keep, extra",
+    [
+        ("gradmatch", 0.5, {}),
+        # Every row kept, in OMP's order of selection, with unequal (ridge) weights: the weights must
+        # stay with their rows.
+        ("gradmatch", 1.0, {"sbp_omp_ridge": 0.1, "sbp_omp_tol": 0.0}),
+        ("loss", 0.5, {}),
+        ("random", 0.5, {}),
+    ],
+)
+def test_training_step_backpropagates_the_weighted_subset_loss(tmp_path, strategy, keep, extra):
     data = tiny_dataset(n=8)
     batch = collated(data, range(8))
     model = tiny_bert()
-    trainer = SelectiveBackpropTrainer(model=model, args=make_args(tmp_path, sbp_strategy=strategy),
-                                       train_dataset=data)  # fmt: skip
+    args = make_args(tmp_path, sbp_strategy=strategy, sbp_keep=keep, **extra)
+    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=data)
     trainer.current_gradient_accumulation_steps = 1
     state = trainer._sbp_generator.get_state()
     indices, weights = trainer.select_batch(model, batch)
-    assert indices.dtype == torch.long and indices.unique().numel() == indices.numel() <= 4
+    k = round(8 * keep)
+    assert indices.dtype == torch.long and indices.unique().numel() == indices.numel() <= k
     assert weights.shape == indices.shape and (weights >= 0).all()
     if strategy == "gradmatch":
         assert weights.sum().item() == pytest.approx(indices.numel())
+        if keep == 1.0:
+            assert indices.numel() == 8 and not torch.equal(indices, torch.arange(8))
+            assert weights.std() > 1e-3
     else:
-        assert torch.equal(weights, torch.ones(4))
+        assert torch.equal(weights, torch.ones(k))
     # Reference: autograd of (1/m) sum_S w_i CE_i on the chosen rows, written out by hand.
     model.train()
     model.zero_grad()
