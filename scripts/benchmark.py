@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -165,8 +164,10 @@ def sync(device: str) -> None:
 class Data:
     """A dataset tokenised for a model, with its splits and label count."""
 
-    def __init__(self, spec: DataTrainingArguments, tokenizer, max_length: int) -> None:
+    def __init__(self, spec: DataTrainingArguments, tokenizer, max_length: int, limit: int | None = None) -> None:
         raw = load_raw_datasets(spec, do_predict=spec.test_file is not None)
+        if limit is not None:
+            raw = {split: part.select(range(min(limit, len(part)))) for split, part in raw.items()}
         info = label_info(raw["train"])
         if info.is_regression:
             raise ValueError("the benchmark measures accuracy; its datasets must be classification, not regression.")
@@ -316,8 +317,39 @@ def peak_memory_mb(bench: BenchmarkArguments, strategy: str, keep: float) -> flo
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Samples this process's resident memory every millisecond in a thread; `peak` is the highest seen."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = resident_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, resident_bytes())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes())
+
+
 def measure_peak_memory(bench: BenchmarkArguments) -> None:
-    """Child process: the baseline after loading, then a few steps; print the peak increase in MB."""
+    """Child process: one warm-up step (which creates the optimizer's state), then the peak memory of
+    three more steps above the memory held before them, in MB: the activations and gradients that a
+    step of this strategy needs."""
     strategy, keep = bench.memory_strategy, bench.keep_values[0]
     spec = (
         DataTrainingArguments(train_file=bench.train_file, validation_file=bench.validation_file)
@@ -326,24 +358,32 @@ def measure_peak_memory(bench: BenchmarkArguments) -> None:
     )
     model_path = resolve_model_name(bench.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = Data(spec, tokenizer, bench.seq_len)
+    data = Data(spec, tokenizer, bench.seq_len, limit=4 * bench.batch_size)
     batches = fixed_batches(data.splits["train"], tokenizer, bench.batch_size, bench.seq_len, 2, bench.device)
     model = load_model(model_path, data.num_labels, 0, bench.device)
     trainer = make_trainer(model, strategy, keep, bench.batch_size, bench.device, "/tmp/hf_sbp_bench")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    if bench.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for step in range(3):
-        trainer.training_step(model, batches[step % 2])
+
+    def step(batch) -> None:
+        trainer.training_step(model, batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    step(batches[0])
     if bench.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for i in range(3):
+            step(batches[i % 2])
+        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = resident_bytes()
+        with RssSampler() as sampler:
+            for i in range(3):
+                step(batches[i % 2])
+        peak = sampler.peak
     print((peak - base) / 2**20)
 
 
@@ -766,8 +806,9 @@ def write_report(output_dir: str) -> str:
         sections.append(
             "## Step time and memory (`throughput.json`)\n\nMedian step times, all strategies interleaved in "
             "one process; `floor` = scoring forward + random-subset step at the same keep (the best this design "
-            "can do); peak memory is the increase over the loaded model, measured in a fresh process per "
-            "strategy (RSS on CPU).\n\n"
+            "can do); peak memory is the highest memory during three training steps above what the process held "
+            "before them (model, optimizer state, data), in a fresh process per strategy (sampled RSS on CPU, "
+            "allocator peak on GPU).\n\n"
             + markdown_table(
                 ["strategy", "keep", "device", "step s", "vs full", "ideal vs full", "vs floor", "peak MB"], table
             )
