@@ -1,7 +1,7 @@
 """Benchmarks of selective backprop: overhead, throughput, gradient match and the paper's training experiment.
 
-    python scripts/benchmark.py all --quick          # everything, about 15 minutes on 2 CPU cores
-    python scripts/benchmark.py all                  # the full run (see docs/benchmarks/README.md for its time)
+    python scripts/benchmark.py all --quick          # everything, about 8 minutes on 2 CPU cores
+    python scripts/benchmark.py all                  # the full run, about 70 minutes on 2 CPU cores
     python scripts/benchmark.py overhead|throughput|grad-match|training [--quick]
     python scripts/benchmark.py report               # tables and plots from the JSON already written
 

@@ -22,7 +22,8 @@ import sys
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+from tiny_models import tiny_bert
+from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
 
@@ -34,18 +35,7 @@ NAN_RANK = 1
 
 
 def tiny_model(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config)
+    return tiny_bert(seed=seed)
 
 
 def tiny_dataset(n: int, seq_len: int = 8, seed: int = 1) -> Dataset:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import tiny_bert, tiny_bert_config
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, BertModel, TrainerCallback
+from transformers import BertModel, TrainerCallback
 
 import hf_sbp.trainer as trainer_module
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
@@ -23,26 +24,6 @@ from hf_sbp.data import add_symmetric_label_noise
 from hf_sbp.head import HeadNotFoundError
 
 BATCH = 8
-
-
-def bert_config(**overrides) -> BertConfig:
-    values = dict(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    values.update(overrides)
-    return BertConfig(**values)
-
-
-def tiny_model() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    return BertForSequenceClassification(bert_config())
 
 
 def tiny_dataset(n: int = 32, seq_len: int = 8, labels: list[int] | None = None, seed: int = 1) -> Dataset:
@@ -90,7 +71,7 @@ def test_keep_edited_after_construction_is_caught_by_the_trainer(tmp_path):
     args = config(tmp_path)
     args.sbp_keep = 1.5
     with pytest.raises(ValueError, match=r"sbp_keep=1\.5.*\(0, 1\]"):
-        SelectiveBackpropTrainer(model=tiny_model(), args=args, train_dataset=tiny_dataset())
+        SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
 
 
 def test_unknown_strategy_lists_the_valid_ones(tmp_path):
@@ -118,7 +99,7 @@ def test_empty_train_dataset_raises_at_construction(tmp_path):
     for strategy in ("gradmatch", "none"):
         with pytest.raises(ValueError, match="train_dataset is empty"):
             SelectiveBackpropTrainer(
-                model=tiny_model(), args=config(tmp_path, sbp_strategy=strategy), train_dataset=empty
+                model=tiny_bert(), args=config(tmp_path, sbp_strategy=strategy), train_dataset=empty
             )
 
 
@@ -131,7 +112,7 @@ class NoHeadModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.config = bert_config()
+        self.config = tiny_bert_config()
         self.bert = BertModel(self.config, add_pooling_layer=False)
         self.proj = nn.Linear(32, 6)
 
@@ -148,7 +129,7 @@ class TwoHeadModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.config = bert_config()
+        self.config = tiny_bert_config()
         self.bert = BertModel(self.config, add_pooling_layer=False)
         self.head_a = nn.Linear(32, 3)
         self.head_b = nn.Linear(32, 3)
@@ -188,7 +169,7 @@ def test_override_naming_a_head_that_is_not_the_logits_still_raises(tmp_path):
 def test_override_naming_a_missing_module_lists_the_linear_modules(tmp_path):
     with pytest.raises(HeadNotFoundError) as error:
         SelectiveBackpropTrainer(
-            model=tiny_model(), args=config(tmp_path, sbp_head_module="score"), train_dataset=tiny_dataset()
+            model=tiny_bert(), args=config(tmp_path, sbp_head_module="score"), train_dataset=tiny_dataset()
         )
     message = str(error.value)
     assert "sbp_head_module='score'" in message and "'classifier'" in message
@@ -209,11 +190,11 @@ def test_random_strategy_needs_no_head(tmp_path):
 def test_dataset_without_labels_raises_at_construction(tmp_path):
     unlabelled = tiny_dataset().remove_columns("labels")
     with pytest.raises(ValueError, match="no 'labels'.*input_ids"):
-        SelectiveBackpropTrainer(model=tiny_model(), args=config(tmp_path), train_dataset=unlabelled)
+        SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path), train_dataset=unlabelled)
 
 
 def test_batch_without_labels_raises_in_select_batch(tmp_path):
-    trainer = SelectiveBackpropTrainer(model=tiny_model(), args=config(tmp_path), train_dataset=tiny_dataset())
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path), train_dataset=tiny_dataset())
     inputs = batch_of(tiny_dataset(BATCH))
     del inputs["labels"]
     with pytest.raises(ValueError, match="no 'labels'"):
@@ -226,13 +207,13 @@ def test_ignore_index_labels_raise_at_construction(tmp_path, row):
     labels[row] = -100
     labels[-1] = -100
     with pytest.raises(ValueError) as error:
-        SelectiveBackpropTrainer(model=tiny_model(), args=config(tmp_path), train_dataset=tiny_dataset(labels=labels))
+        SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path), train_dataset=tiny_dataset(labels=labels))
     message = str(error.value)
     assert "-100" in message and "2 of the 32" in message and f"row {row}" in message
 
 
 def test_ignore_index_in_a_batch_raises_in_select_batch(tmp_path):
-    trainer = SelectiveBackpropTrainer(model=tiny_model(), args=config(tmp_path), train_dataset=tiny_dataset())
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path), train_dataset=tiny_dataset())
     inputs = batch_of(tiny_dataset(BATCH))
     inputs["labels"][3] = -100
     with pytest.raises(ValueError, match="ignore index -100"):
@@ -256,7 +237,7 @@ def run_with_broken_scoring(tmp_path, strategy, corrupt, bad_steps=(1, 2), steps
     Returns the trainer, the rows each gradient pass saw (from a hook on the encoder) and the weights
     ``select_batch`` returned.
     """
-    model = tiny_model()
+    model = tiny_bert()
     clock = StepClock()
     rows: dict[int, int] = {}
 
@@ -312,7 +293,7 @@ def test_non_finite_scoring_falls_back_to_the_full_batch(tmp_path, caplog, strat
 def test_identical_examples_singular_gram(tmp_path):
     # Every example the same: the Gram matrix has rank 1. One example already matches the mean exactly.
     same = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 16, "attention_mask": [[1] * 4] * 16, "labels": [1] * 16})
-    trainer = SelectiveBackpropTrainer(model=tiny_model(), args=config(tmp_path, max_steps=2), train_dataset=same)
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path, max_steps=2), train_dataset=same)
     indices, weights = trainer.select_batch(trainer.model, batch_of(same.select(range(BATCH))))
     assert 1 <= indices.numel() <= BATCH // 2
     assert indices.unique().numel() == indices.numel()
@@ -325,7 +306,7 @@ def test_identical_examples_singular_gram(tmp_path):
 def test_duplicated_rows_are_not_chosen_twice(tmp_path):
     base = tiny_dataset(4, seed=5)
     doubled = Dataset.from_dict({key: list(base[key]) * 2 for key in base.column_names})  # rows i and i + 4 equal
-    trainer = SelectiveBackpropTrainer(model=tiny_model(), args=config(tmp_path, sbp_keep=0.75), train_dataset=doubled)
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path, sbp_keep=0.75), train_dataset=doubled)
     indices, weights = trainer.select_batch(trainer.model, batch_of(doubled))
     assert indices.unique().numel() == indices.numel()
     assert len({int(i) % 4 for i in indices}) == indices.numel()  # a duplicate adds nothing once its twin is in
@@ -334,7 +315,7 @@ def test_duplicated_rows_are_not_chosen_twice(tmp_path):
 
 def test_zero_gram_falls_back_to_a_uniform_subset(tmp_path):
     # Every example is predicted with certainty, so every residual (and the Gram matrix) is exactly zero.
-    model = tiny_model()
+    model = tiny_bert()
     with torch.no_grad():
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(torch.tensor([0.0, 1000.0, 0.0]))
@@ -352,7 +333,7 @@ def test_zero_gram_falls_back_to_a_uniform_subset(tmp_path):
 
 def test_bf16_autocast_keeps_selection_in_float32_and_float64(tmp_path, monkeypatch):
     seen = {"logits": [], "gram": [], "omp": [], "weights": []}
-    model = tiny_model()
+    model = tiny_bert()
     model.classifier.register_forward_hook(
         lambda m, a, out: seen["logits"].append(out.dtype) if not torch.is_grad_enabled() else None
     )
@@ -417,7 +398,7 @@ def test_label_noise_extremes_against_definition():
 def test_non_finite_selection_weights_never_reach_the_loss(tmp_path, monkeypatch, caplog):
     # A guard behind the others: should the selection ever produce a non-finite weight, the step falls back.
     monkeypatch.setattr(trainer_module, "normalize_weights", lambda weights, mode: torch.full_like(weights, math.nan))
-    trainer = SelectiveBackpropTrainer(model=tiny_model(), args=config(tmp_path), train_dataset=tiny_dataset())
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path), train_dataset=tiny_dataset())
     with caplog.at_level(logging.WARNING, logger="hf_sbp.trainer"):
         indices, weights = trainer.select_batch(trainer.model, batch_of(tiny_dataset(BATCH)))
     assert torch.equal(indices, torch.arange(BATCH)) and torch.equal(weights, torch.ones(BATCH))
@@ -431,4 +412,4 @@ def test_single_process_multi_gpu_is_refused_at_construction(tmp_path):
     args = config(tmp_path)
     args._n_gpu = 2
     with pytest.raises(ValueError, match="n_gpu=2.*torchrun"):
-        SelectiveBackpropTrainer(model=tiny_model(), args=args, train_dataset=tiny_dataset())
+        SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())

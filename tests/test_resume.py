@@ -15,7 +15,8 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+from tiny_models import tiny_bert
+from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
 from hf_sbp.trainer import SBP_STATE_NAME
@@ -25,18 +26,7 @@ EXAMPLES = 48  # 6 batches per epoch
 
 
 def tiny_model(dropout: float = 0.1) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        num_labels=3,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    return BertForSequenceClassification(config)
+    return tiny_bert(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
 
 
 def tiny_dataset(n: int = EXAMPLES, seq_len: int = 8) -> Dataset:
