@@ -63,6 +63,7 @@ class SelectionRecord:
     selection_s: float = 0.0
     grad_match_error: float = math.nan
     fallback: bool = False
+    problem_type: str | None = None
 
 
 class SelectiveBackpropTrainer(Trainer):
@@ -337,7 +338,9 @@ class SelectiveBackpropTrainer(Trainer):
         if strategy == "random" and not self.args.sbp_diagnostic_scoring:
             start = time.perf_counter()
             indices = random_subset(n, k, self._sbp_generator)
-            self._sbp_last = SelectionRecord(n, k, scored=False, selection_s=time.perf_counter() - start)
+            self._sbp_last = SelectionRecord(
+                n, k, scored=False, selection_s=time.perf_counter() - start, problem_type=problem_type
+            )
             return indices, torch.ones(k)
 
         device = labels.device
@@ -347,7 +350,7 @@ class SelectiveBackpropTrainer(Trainer):
         self._sync(device)
         scored_at = time.perf_counter()
 
-        record = SelectionRecord(n, k, scored=True)
+        record = SelectionRecord(n, k, scored=True, problem_type=problem_type)
         indices = weights = None
         if bool(torch.isfinite(logits).all()) and bool(torch.isfinite(features).all()):
             eps = self.args.label_smoothing_factor
@@ -447,9 +450,8 @@ class SelectiveBackpropTrainer(Trainer):
             indices, weights = self.select_batch(model, inputs)
             record = self._sbp_last
         else:
-            self._problem_type(labels)
             indices, weights = torch.arange(n), torch.ones(n)
-            record = SelectionRecord(n, n, scored=False, selective=False)
+            record = SelectionRecord(n, n, scored=False, selective=False, problem_type=self._problem_type(labels))
         index_start = time.perf_counter()
         # The weights follow the order of `indices` (OMP's is the order of selection), so the rows are
         # gathered unless they are exactly the batch in its order.
@@ -461,7 +463,8 @@ class SelectiveBackpropTrainer(Trainer):
         with self.compute_loss_context_manager():
             outputs = model(**subset)
             logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-            problem_type = self._problem_type(sub_labels)
+            # The subset's rows were checked with the whole batch (select_batch or the line above).
+            problem_type = record.problem_type or self._problem_type(labels)
             losses = per_example_loss(logits, sub_labels, problem_type, self.args.label_smoothing_factor)
             loss = (weights.to(losses.device, losses.dtype) * losses).sum() / losses.numel()
         del outputs, logits, subset
