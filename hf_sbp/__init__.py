@@ -2,12 +2,22 @@
 
 ``SelectiveBackpropTrainer`` is a drop-in ``transformers.Trainer`` that, per training batch, scores the
 examples with a cheap no-grad forward, keeps a weighted subset (gradient matching with OMP, loss-based,
-or uniformly random) and runs forward + backward on that subset only.
+uniformly random, or any strategy registered with :func:`register_strategy`) and runs forward + backward on that
+subset only.
 """
 
 from .config import SelectiveBackpropConfig
+from .strategies import SelectionBatch, SelectionStrategy, register_strategy, registered_strategies
 from .trainer import SelectiveBackpropTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["SelectiveBackpropConfig", "SelectiveBackpropTrainer", "__version__"]
+__all__ = [
+    "SelectionBatch",
+    "SelectionStrategy",
+    "SelectiveBackpropConfig",
+    "SelectiveBackpropTrainer",
+    "__version__",
+    "register_strategy",
+    "registered_strategies",
+]

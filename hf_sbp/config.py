@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-STRATEGIES = ("gradmatch", "loss", "random", "none")
+from ._utils import check_int_at_least, is_number
+from .selection import subset_size
+from .strategies import registered_strategies, strategy_class
+
 WEIGHT_NORMALIZATIONS = ("subset_size", "none")
 LOSS_VARIANTS = ("composer", "jiang")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _strategy_help() -> str:
+    built_in = "; ".join(f"'{name}': {strategy_class(name).description}" for name in registered_strategies())
+    return (
+        f"How to choose the examples to backpropagate in each batch. Built in: {built_in}. Any name registered with "
+        "@hf_sbp.register_strategy is accepted too (see --sbp_strategy_modules)."
+    )
 
 
 @dataclass
@@ -26,13 +34,13 @@ class SelectiveBackpropConfig(TrainingArguments):
     matching on every step, from the first step on, keeping half of each batch.
     """
 
-    sbp_strategy: str = field(
-        default="gradmatch",
+    # No argparse `choices`: strategies registered after this class is defined (in user code) are valid too.
+    sbp_strategy: str = field(default="gradmatch", metadata={"help": _strategy_help()})
+    sbp_strategy_modules: list[str] | None = field(
+        default=None,
         metadata={
-            "help": "How to choose the examples to backpropagate in each batch: 'gradmatch' (OMP matching the "
-            "batch's mean last-layer gradient), 'loss' (loss-based selective backprop), 'random' (a uniform "
-            "subset of the same size: the baseline) or 'none' (plain Trainer).",
-            "choices": list(STRATEGIES),
+            "help": "Python modules to import before sbp_strategy is looked up, so that the strategies they register "
+            "with @hf_sbp.register_strategy can be named (e.g. --sbp_strategy_modules my_strategies)."
         },
     )
     sbp_keep: float = field(
@@ -132,53 +140,45 @@ class SelectiveBackpropConfig(TrainingArguments):
 
     def validate_sbp(self) -> None:
         """Raise ``ValueError`` naming the first bad ``sbp_*`` value and what would be valid."""
-        if self.sbp_strategy not in STRATEGIES:
-            raise ValueError(f"sbp_strategy={self.sbp_strategy!r} is not a strategy; choose one of {list(STRATEGIES)}.")
-        if not _is_number(self.sbp_keep) or not (0.0 < self.sbp_keep <= 1.0):
+        import_strategy_modules(self.sbp_strategy_modules)
+        strategy = strategy_class(self.sbp_strategy)
+        if not is_number(self.sbp_keep) or not (0.0 < self.sbp_keep <= 1.0):
             raise ValueError(f"sbp_keep={self.sbp_keep!r} is invalid; it must be a number in (0, 1].")
         for name in ("sbp_start", "sbp_end"):
             value = getattr(self, name)
-            if not _is_number(value) or not (0.0 <= value <= 1.0):
+            if not is_number(value) or not (0.0 <= value <= 1.0):
                 raise ValueError(f"{name}={value!r} is invalid; it must be a number in [0, 1].")
         if not self.sbp_start < self.sbp_end:
             raise ValueError(
                 f"sbp_start={self.sbp_start!r} must be smaller than sbp_end={self.sbp_end!r}; selection is active for "
                 "training fractions in [sbp_start, sbp_end)."
             )
-        if isinstance(self.sbp_interrupt, bool) or not isinstance(self.sbp_interrupt, int) or self.sbp_interrupt < 0:
-            raise ValueError(f"sbp_interrupt={self.sbp_interrupt!r} is invalid; it must be an integer >= 0.")
+        check_int_at_least("sbp_interrupt", self.sbp_interrupt, 0)
         if self.sbp_weight_normalization not in WEIGHT_NORMALIZATIONS:
             raise ValueError(
                 f"sbp_weight_normalization={self.sbp_weight_normalization!r} is invalid; choose one of "
                 f"{list(WEIGHT_NORMALIZATIONS)}."
             )
-        if not _is_number(self.sbp_omp_ridge) or not (self.sbp_omp_ridge >= 0 and math.isfinite(self.sbp_omp_ridge)):
+        if not is_number(self.sbp_omp_ridge) or not (self.sbp_omp_ridge >= 0 and math.isfinite(self.sbp_omp_ridge)):
             raise ValueError(f"sbp_omp_ridge={self.sbp_omp_ridge!r} is invalid; it must be a finite number >= 0.")
-        if not _is_number(self.sbp_omp_tol) or not (0.0 <= self.sbp_omp_tol < 1.0):
+        if not is_number(self.sbp_omp_tol) or not (0.0 <= self.sbp_omp_tol < 1.0):
             raise ValueError(f"sbp_omp_tol={self.sbp_omp_tol!r} is invalid; it must be a number in [0, 1).")
         if self.sbp_loss_variant not in LOSS_VARIANTS:
             raise ValueError(
                 f"sbp_loss_variant={self.sbp_loss_variant!r} is invalid; choose one of {list(LOSS_VARIANTS)}."
             )
         if self.sbp_loss_beta is not None and (
-            not _is_number(self.sbp_loss_beta) or not (self.sbp_loss_beta > 0 and math.isfinite(self.sbp_loss_beta))
+            not is_number(self.sbp_loss_beta) or not (self.sbp_loss_beta > 0 and math.isfinite(self.sbp_loss_beta))
         ):
             raise ValueError(
                 f"sbp_loss_beta={self.sbp_loss_beta!r} is invalid; it must be a finite number > 0 or None."
             )
-        if (
-            isinstance(self.sbp_loss_history_size, bool)
-            or not isinstance(self.sbp_loss_history_size, int)
-            or self.sbp_loss_history_size < 1
-        ):
-            raise ValueError(
-                f"sbp_loss_history_size={self.sbp_loss_history_size!r} is invalid; it must be an integer >= 1."
-            )
-        if not _is_number(self.sbp_loss_min_prob) or not (0.0 <= self.sbp_loss_min_prob <= 1.0):
+        check_int_at_least("sbp_loss_history_size", self.sbp_loss_history_size, 1)
+        if not is_number(self.sbp_loss_min_prob) or not (0.0 <= self.sbp_loss_min_prob <= 1.0):
             raise ValueError(f"sbp_loss_min_prob={self.sbp_loss_min_prob!r} is invalid; it must be a number in [0, 1].")
-        if self.sbp_strategy in ("gradmatch", "loss", "random"):
+        if strategy.selective:
             batch = self.per_device_train_batch_size
-            if math.floor(self.sbp_keep * batch + 0.5) < 1:
+            if subset_size(batch, self.sbp_keep, minimum=0) < 1:
                 raise ValueError(
                     f"sbp_keep={self.sbp_keep!r} keeps no example of a batch of per_device_train_batch_size={batch} "
                     f"(k = round(keep * batch) = 0); use sbp_keep >= {0.5 / batch:.4g} or a larger batch."
@@ -189,6 +189,11 @@ class SelectiveBackpropConfig(TrainingArguments):
         """Jiang's beta: ``sbp_loss_beta`` or ``1/keep - 1``."""
         return self.sbp_loss_beta if self.sbp_loss_beta is not None else 1.0 / self.sbp_keep - 1.0
 
+    def strategy_class(self) -> type:
+        """The :class:`~hf_sbp.strategies.SelectionStrategy` subclass that ``sbp_strategy`` names."""
+        import_strategy_modules(self.sbp_strategy_modules)
+        return strategy_class(self.sbp_strategy)
+
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> SelectiveBackpropConfig:
         """The same arguments with the ``sbp_*`` defaults (what passing a plain ``TrainingArguments`` means)."""
@@ -196,3 +201,15 @@ class SelectiveBackpropConfig(TrainingArguments):
             return args
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         return cls(**values)
+
+
+def import_strategy_modules(modules: list[str] | str | None) -> None:
+    """Import the modules named in ``sbp_strategy_modules`` (they register strategies as they are imported)."""
+    for name in [modules] if isinstance(modules, str) else modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(
+                f"sbp_strategy_modules names {name!r}, which cannot be imported ({error}); give the name of a module "
+                "on the Python path (the current folder, PYTHONPATH or an installed package)."
+            ) from error

@@ -8,9 +8,9 @@ decoders with a ``score`` head, whose per-token outputs are pooled at the last n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -20,6 +20,30 @@ HEAD_OVERRIDE_OPTION = "sbp_head_module"
 
 class HeadNotFoundError(ValueError):
     """The classification head could not be identified unambiguously."""
+
+
+class HeadScores(NamedTuple):
+    """The scoring pass's output: the logits, the head's ``(n, d)`` input, and whether the head has a bias."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    head_bias: bool
+
+
+def output_logits(outputs: Any) -> torch.Tensor:
+    """The logits of a model's output (a ``ModelOutput``/dict with ``logits``, or a tuple whose first item they are)."""
+    return outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+
+
+def no_grad_logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The logits of a forward pass without autograd and in eval mode (no dropout); the mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return output_logits(model(**inputs)).detach()
+    finally:
+        model.train(was_training)
 
 
 def head_candidates(model: nn.Module, num_labels: int) -> list[tuple[str, nn.Linear]]:

@@ -2,7 +2,7 @@
 
 Nothing here knows about ``transformers``: every function takes tensors and returns tensors, so the
 math can be tested against independent references (autograd, brute force, scikit-learn) and reused
-outside the Trainer. ``METHOD.md`` (see the project README) is the contract for the formulas.
+outside the Trainer. ``docs/method.md`` states the formulas, with their sources.
 
 Notation: a batch of ``n`` examples; the model ends in a linear head ``z_i = W h_i + b`` with
 ``h_i`` in R^d and ``C`` outputs; ``r_i = dl_i/dz_i`` is the head residual of example ``i`` and
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.linalg.lapack import dtrtrs
+
+from ._utils import check_int_at_least
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -241,8 +243,7 @@ def omp_gram(
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square (n, n) matrix; got shape {tuple(gram.shape)}.")
     n = gram.shape[0]
-    if isinstance(n_nonzero, bool) or not isinstance(n_nonzero, int) or n_nonzero < 1:
-        raise ValueError(f"n_nonzero must be an integer >= 1; got {n_nonzero!r}.")
+    check_int_at_least("n_nonzero", n_nonzero, 1)
     if not (ridge >= 0.0 and math.isfinite(ridge)):
         raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
     if tol is not None and not (tol >= 0.0 and math.isfinite(tol)):
@@ -384,9 +385,10 @@ def normalize_weights(weights: torch.Tensor, mode: str = "subset_size") -> torch
     raise ValueError(f"weight normalization mode={mode!r} is not supported; expected 'subset_size' or 'none'.")
 
 
-def subset_size(n: int, keep: float) -> int:
-    """``k = round(keep * n)``, rounding halves up, and at least 1."""
-    return max(1, int(math.floor(keep * n + 0.5)))
+def subset_size(n: int, keep: float, minimum: int = 1) -> int:
+    """``k = round(keep * n)``, rounding halves up, and at least ``minimum`` (1 by default; 0 tells whether
+    ``keep`` keeps anything of a batch of ``n`` at all)."""
+    return max(minimum, int(math.floor(keep * n + 0.5)))
 
 
 def random_subset(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -420,8 +422,7 @@ class LossHistory:
     """The sliding window of recently observed losses behind Jiang et al.'s CDF (default 1024)."""
 
     def __init__(self, size: int = 1024) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be an integer >= 1; got {size!r}.")
+        check_int_at_least("size", size, 1)
         self.size = size
         self._values = torch.empty(0, dtype=torch.float32)
 

@@ -141,8 +141,8 @@ def test_head_features_give_the_autograd_gram_and_training_runs(tmp_path, name):
     trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=data)
 
     batch = batch_for(config.pad_token_id)
-    logits, features, has_bias = trainer._scoring_pass(model, batch)
-    assert trainer._sbp_head_name == head_name
+    logits, features, has_bias = trainer.score_batch(model, batch)
+    assert trainer.head_name == head_name
     head = dict(model.named_modules())[head_name]
     assert has_bias == (head.bias is not None)
     gram = last_layer_gram(head_residuals(logits, batch["labels"], "single_label_classification"), features, has_bias)

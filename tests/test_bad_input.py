@@ -18,7 +18,8 @@ from tiny_models import tiny_bert, tiny_bert_config
 from torch import nn
 from transformers import BertModel, TrainerCallback
 
-import hf_sbp.trainer as trainer_module
+import hf_sbp.strategies.base as strategy_base
+import hf_sbp.strategies.gradmatch as gradmatch_module
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
 from hf_sbp.data import add_symmetric_label_noise
 from hf_sbp.head import HeadNotFoundError
@@ -298,7 +299,7 @@ def test_identical_examples_singular_gram(tmp_path):
     assert 1 <= indices.numel() <= BATCH // 2
     assert indices.unique().numel() == indices.numel()
     assert bool(torch.isfinite(weights).all()) and bool((weights > 0).all())
-    assert trainer._sbp_last.grad_match_error < 1e-3
+    assert trainer.last_selection.grad_match_error < 1e-3
     trainer.train()
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
 
@@ -337,7 +338,7 @@ def test_bf16_autocast_keeps_selection_in_float32_and_float64(tmp_path, monkeypa
     model.classifier.register_forward_hook(
         lambda m, a, out: seen["logits"].append(out.dtype) if not torch.is_grad_enabled() else None
     )
-    gram_fn, omp_fn = trainer_module.last_layer_gram, trainer_module.omp_gram
+    gram_fn, omp_fn = strategy_base.last_layer_gram, gradmatch_module.omp_gram
 
     def recording_gram(*args, **kwargs):
         gram = gram_fn(*args, **kwargs)
@@ -349,8 +350,8 @@ def test_bf16_autocast_keeps_selection_in_float32_and_float64(tmp_path, monkeypa
         seen["omp"].append(result.weights)
         return result
 
-    monkeypatch.setattr(trainer_module, "last_layer_gram", recording_gram)
-    monkeypatch.setattr(trainer_module, "omp_gram", recording_omp)
+    monkeypatch.setattr(strategy_base, "last_layer_gram", recording_gram)
+    monkeypatch.setattr(gradmatch_module, "omp_gram", recording_omp)
     trainer = SelectiveBackpropTrainer(
         model=model, args=config(tmp_path, bf16=True, max_steps=3), train_dataset=tiny_dataset()
     )
@@ -397,12 +398,12 @@ def test_label_noise_extremes_against_definition():
 
 def test_non_finite_selection_weights_never_reach_the_loss(tmp_path, monkeypatch, caplog):
     # A guard behind the others: should the selection ever produce a non-finite weight, the step falls back.
-    monkeypatch.setattr(trainer_module, "normalize_weights", lambda weights, mode: torch.full_like(weights, math.nan))
+    monkeypatch.setattr(gradmatch_module, "normalize_weights", lambda weights, mode: torch.full_like(weights, math.nan))
     trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path), train_dataset=tiny_dataset())
     with caplog.at_level(logging.WARNING, logger="hf_sbp.trainer"):
         indices, weights = trainer.select_batch(trainer.model, batch_of(tiny_dataset(BATCH)))
     assert torch.equal(indices, torch.arange(BATCH)) and torch.equal(weights, torch.ones(BATCH))
-    assert trainer._sbp_last.fallback
+    assert trainer.last_selection.fallback
     assert any("sbp/fallback_steps" in r.getMessage() for r in caplog.records)
 
 

@@ -27,8 +27,8 @@ def test_real_checkpoint_gram_and_training(tmp_path):
 
     rows = [data[i] for i in range(8)]
     batch = DataCollatorWithPadding(tokenizer)(rows)
-    logits, features, has_bias = trainer._scoring_pass(model, batch)
-    assert trainer._sbp_head_name == "classifier" and has_bias
+    logits, features, has_bias = trainer.score_batch(model, batch)
+    assert trainer.head_name == "classifier" and has_bias
     gram = last_layer_gram(head_residuals(logits, batch["labels"], "single_label_classification"), features)
     model.eval()
     per_example = []

@@ -115,8 +115,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, case):
     assert changed, "training did not move the parameters, so the comparison would prove nothing"
     assert same_parameters(reference.model, resumed.model)
     assert resumed.sbp_backprop_examples == reference.sbp_backprop_examples
-    assert torch.equal(resumed._sbp_generator.get_state(), reference._sbp_generator.get_state())
-    assert torch.equal(resumed._sbp_loss_history.values(), reference._sbp_loss_history.values())
+    assert torch.equal(resumed.selection_generator.get_state(), reference.selection_generator.get_state())
+    assert resumed.strategy.state_dict() == reference.strategy.state_dict()
     if options["sbp_strategy"] != "none":
         # The selection metrics of the steps after the interruption match the reference's.
         fractions = [

@@ -115,7 +115,7 @@ def test_training_step_backpropagates_the_weighted_subset_loss(tmp_path, strateg
     args = make_args(tmp_path, sbp_strategy=strategy, sbp_keep=keep, **extra)
     trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=data)
     trainer.current_gradient_accumulation_steps = 1
-    state = trainer._sbp_generator.get_state()
+    state = trainer.selection_generator.get_state()
     indices, weights = trainer.select_batch(model, batch)
     k = round(8 * keep)
     assert indices.dtype == torch.long and indices.unique().numel() == indices.numel() <= k
@@ -135,7 +135,7 @@ def test_training_step_backpropagates_the_weighted_subset_loss(tmp_path, strateg
     loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    trainer._sbp_generator.set_state(state)  # the same random draws as the select_batch call above
+    trainer.selection_generator.set_state(state)  # the same random draws as the select_batch call above
     trainer.training_step(model, batch, num_items_in_batch=None)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
@@ -239,7 +239,7 @@ def test_bf16_autocast_on_cpu(tmp_path):
 
 def test_jiang_variant_keeps_a_loss_history(tmp_path):
     trainer = _train(tmp_path, sbp_strategy="loss", sbp_loss_variant="jiang", sbp_loss_history_size=20, max_steps=3)
-    assert len(trainer._sbp_loss_history) == 20  # 3 batches of 8 losses, capped at 20
+    assert len(trainer.strategy.history) == 20  # 3 batches of 8 losses, capped at 20
 
 
 def test_the_summary_log_has_run_averages_including_the_last_partial_interval(tmp_path):

@@ -1,0 +1,149 @@
+"""The selection metrics the trainer logs: their keys, how each is reduced, each step's record, and their
+accumulation.
+
+Per logging interval the trainer merges ``sbp/<name>`` into its training logs; over the whole run it adds
+``train_sbp/<name>`` to the end-of-training summary (and to ``train()``'s returned metrics). Every key and its
+reduction is declared once, here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PREFIX = "sbp/"
+RUN_PREFIX = "train_"
+"""The whole-run value of ``sbp/x`` is logged as ``train_sbp/x``, as ``Trainer`` names its run summary."""
+
+MEAN = "mean"
+"""Averaged over the steps (and processes) that reported a value."""
+STEPS = "steps"
+"""A count of steps on which every process agrees (selection depends only on the step number): summed over steps,
+averaged over processes."""
+EVENTS = "events"
+"""A count of per-process events: summed over steps and over processes."""
+
+BACKPROP_FRACTION = "sbp/backprop_fraction"
+SCORING_TIME_SHARE = "sbp/scoring_time_share"
+SELECTION_TIME_SHARE = "sbp/selection_time_share"
+GRAD_MATCH_ERROR = "sbp/grad_match_error"
+SELECTIVE_STEPS = "sbp/selective_steps"
+FALLBACK_STEPS = "sbp/fallback_steps"
+
+METRICS: dict[str, str] = {
+    BACKPROP_FRACTION: MEAN,  # rows backpropagated / rows in the batch
+    SCORING_TIME_SHARE: MEAN,  # share of the step's time in the no-grad scoring forward
+    SELECTION_TIME_SHARE: MEAN,  # share in everything else selection adds (residuals, Gram, OMP, gathering)
+    GRAD_MATCH_ERROR: MEAN,  # relative last-layer gradient-match error of the weighted subset (scored steps only)
+    SELECTIVE_STEPS: STEPS,  # steps inside the selection schedule
+    FALLBACK_STEPS: EVENTS,  # steps that trained on the full batch because the scores were not finite
+}
+"""Every selection metric and its reduction, in a fixed order (every process reduces the same tensor)."""
+
+KEYS = tuple(METRICS)
+
+
+def run_key(key: str) -> str:
+    """The name of ``key``'s whole-run value in the training summary (``train_sbp/...``)."""
+    return RUN_PREFIX + key
+
+
+@dataclass
+class SelectionRecord:
+    """What the trainer did to select the rows of one batch."""
+
+    batch_size: int
+    subset_size: int
+    scored: bool
+    selective: bool = True
+    scoring_s: float = 0.0
+    selection_s: float = 0.0
+    grad_match_error: float = math.nan
+    fallback: bool = False
+    problem_type: str | None = None
+
+    def metrics(self, step_s: float) -> dict[str, float]:
+        """This step's values of the selection metrics, for a step that took ``step_s`` seconds in all."""
+        return {
+            BACKPROP_FRACTION: self.subset_size / self.batch_size,
+            SCORING_TIME_SHARE: self.scoring_s / step_s if step_s > 0 else math.nan,
+            SELECTION_TIME_SHARE: self.selection_s / step_s if step_s > 0 else math.nan,
+            GRAD_MATCH_ERROR: self.grad_match_error,
+            SELECTIVE_STEPS: float(self.selective),
+            FALLBACK_STEPS: float(self.fallback),
+        }
+
+    @property
+    def flops_factor(self) -> float:
+        """The step's forward + backward FLOPs relative to a full batch's: the scoring forward over the batch
+        (a third of a training step's) plus forward and backward over the subset."""
+        return (1.0 / 3.0 if self.scored else 0.0) + self.subset_size / self.batch_size
+
+
+class SelectionMetrics:
+    """Accumulates the per-step selection metrics, per logging interval and over the whole run."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new run)."""
+        size = len(KEYS)
+        self._interval = torch.zeros(2, size, dtype=torch.float64)  # sums, counts
+        self._run = torch.zeros(2, size, dtype=torch.float64)
+
+    def add(self, values: Mapping[str, float]) -> None:
+        """Record one step's values; missing or NaN values (e.g. no match error without scoring) are skipped."""
+        for position, key in enumerate(KEYS):
+            value = values.get(key)
+            if value is None or value != value:
+                continue
+            for totals in (self._interval, self._run):
+                totals[0, position] += value
+                totals[1, position] += 1
+
+    def reduce(
+        self,
+        whole_run: bool = False,
+        world_size: int = 1,
+        sum_across_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, float]:
+        """The metrics since the last interval reduction (which resets them), or over the whole run.
+
+        Args:
+            whole_run: the run's totals instead of the current interval's.
+            world_size: the number of processes.
+            sum_across_processes: sums a tensor over processes (every process must call this together);
+                ``None`` for a single process.
+        """
+        totals = self._run.clone() if whole_run else self._interval.clone()
+        if not whole_run:
+            self._interval.zero_()
+        if sum_across_processes is not None and world_size > 1:
+            totals = sum_across_processes(totals)
+        sums, counts = totals[0], totals[1]
+        metrics = {}
+        for position, (key, reduction) in enumerate(METRICS.items()):
+            if counts[position] == 0:
+                continue
+            if reduction == STEPS:
+                metrics[key] = float(sums[position]) / max(world_size, 1)
+            elif reduction == EVENTS:
+                metrics[key] = float(sums[position])
+            else:
+                metrics[key] = float(sums[position] / counts[position])
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole-run totals (the interval's restart at a checkpoint's next log anyway)."""
+        return {"keys": list(KEYS), "run": self._run.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = dict(zip(state["keys"], state["run"].T, strict=True))
+        self._run = torch.stack([saved.get(key, torch.zeros(2, dtype=torch.float64)) for key in KEYS], dim=1).to(
+            torch.float64
+        )

@@ -1,0 +1,213 @@
+"""The trainer's checks: what selection cannot serve is refused when the trainer is built, not at the first step.
+
+:func:`check_setup` runs once in ``SelectiveBackpropTrainer.__init__``: the arguments, the model's config and head,
+the training set's label column, and a probe of the first training examples through the first step's checks.
+:func:`batch_labels` and :func:`batch_problem_type` are the per-batch checks the trainer runs at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .head import HEAD_OVERRIDE_OPTION, HeadNotFoundError, head_candidates, named_head
+from .selection import infer_problem_type
+
+if TYPE_CHECKING:
+    from .trainer import SelectiveBackpropTrainer
+
+logger = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("labels", "label", "label_ids")
+
+
+def model_config(model: torch.nn.Module, strategy: str):
+    """The model's ``config``, which selection needs for ``num_labels``; a clear error without one."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "num_labels", None) is None:
+        raise ValueError(
+            f"sbp_strategy={strategy!r} needs a model with a `config.num_labels` (a transformers "
+            "*ForSequenceClassification model); use sbp_strategy='none' for other models."
+        )
+    return config
+
+
+def batch_labels(inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The batch's ``labels``, one row per example; a clear error when the collator returned none."""
+    if "labels" not in inputs or inputs["labels"] is None:
+        raise ValueError(
+            f"the batch has no 'labels' (its keys are {sorted(inputs)}); selective backprop scores examples by "
+            "their loss, so the collator must return labels."
+        )
+    labels = inputs["labels"]
+    if labels.dim() == 0 or labels.shape[0] == 0:
+        raise ValueError(f"the batch's labels have shape {tuple(labels.shape)}; expected one row per example.")
+    return labels
+
+
+def batch_problem_type(config, labels: torch.Tensor, label_smoothing: float) -> str:
+    """The loss family of the batch (the rule of ``transformers``' sequence classifiers), checked for what the
+    per-example loss cannot serve: the ignore index, and label smoothing outside single-label classification."""
+    problem_type = infer_problem_type(config.num_labels, labels, config.problem_type)
+    if problem_type == "single_label_classification" and bool((labels == -100).any()):
+        raise ValueError(
+            "the batch's labels contain the ignore index -100; every example needs a label for selective "
+            "backprop (filter unlabelled rows out of the training set)."
+        )
+    if label_smoothing and problem_type != "single_label_classification":
+        raise ValueError(
+            f"label_smoothing_factor={label_smoothing} applies to single-label classification "
+            f"only; these labels make the problem {problem_type!r}."
+        )
+    return problem_type
+
+
+def check_setup(trainer: SelectiveBackpropTrainer) -> None:
+    """Raise before training for set-ups that selection cannot serve."""
+    args = trainer.args
+    # The arguments may have been edited after they were built; check them again.
+    args.validate_sbp()
+    dataset = trainer.train_dataset
+    if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
+        try:
+            size = len(dataset)
+        except TypeError:
+            size = None
+        if size == 0:
+            raise ValueError(
+                "train_dataset is empty (0 examples); training needs at least one example per batch. Check the "
+                "dataset's split and filters."
+            )
+    strategy = args.strategy_class()
+    if not strategy.selective:
+        return
+    if trainer.compute_loss_func is not None:
+        raise ValueError(
+            f"compute_loss_func cannot be combined with sbp_strategy={args.sbp_strategy!r}: selective "
+            "backprop weights per-example losses it computes itself. Use sbp_strategy='none'."
+        )
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    config = model_config(unwrapped, args.sbp_strategy)
+    if args.label_smoothing_factor and config.problem_type not in (None, "single_label_classification"):
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor} applies to single-label classification "
+            f"only, but the model's problem_type is {config.problem_type!r}."
+        )
+    if not trainer.runs_scoring_pass:
+        return
+    if args.n_gpu > 1:
+        raise ValueError(
+            f"sbp_strategy={args.sbp_strategy!r} does not support single-process multi-GPU training "
+            f"(torch.nn.DataParallel over n_gpu={args.n_gpu} GPUs): the scoring pass's head capture needs "
+            "one replica per process. Launch one process per GPU with `torchrun` or `accelerate launch`, or "
+            "make one GPU visible (CUDA_VISIBLE_DEVICES)."
+        )
+    if trainer.head_name is not None:
+        named_head(unwrapped, trainer.head_name)
+    elif not head_candidates(unwrapped, config.num_labels):
+        raise HeadNotFoundError(
+            f"{type(unwrapped).__name__} has no nn.Linear with out_features equal to num_labels="
+            f"{config.num_labels}, so its classification head cannot be found. Set {HEAD_OVERRIDE_OPTION} to the "
+            "name of the head's final nn.Linear."
+        )
+    check_label_column(dataset, config)
+    probe_first_batch(trainer)
+
+
+def check_label_column(dataset: Any, config) -> None:
+    """Scan a ``datasets.Dataset``'s integer label column for the ignore index -100 up front, so that a
+    run does not stop at the first batch that holds one."""
+    if config.problem_type not in (None, "single_label_classification") or config.num_labels < 2:
+        return
+    try:
+        import datasets
+        import pyarrow.compute as pc
+        import pyarrow.types as pa_types
+    except ImportError:  # pragma: no cover - datasets (and pyarrow) are dependencies
+        return
+    if not isinstance(dataset, datasets.Dataset):
+        return
+    for name in LABEL_COLUMNS:
+        if name not in dataset.column_names:
+            continue
+        column = dataset.with_format("arrow")[name]
+        if not pa_types.is_integer(column.type):
+            return
+        ignored = pc.sum(pc.equal(column, -100)).as_py() or 0
+        if ignored:
+            first = pc.index(column, -100).as_py()
+            raise ValueError(
+                f"{ignored} of the {len(dataset)} training examples have {name} = -100 (the ignore index; the "
+                f"first is row {first}). Selective backprop scores every example by its loss, so every example "
+                f"needs a label: filter them out first, e.g. dataset.filter(lambda e: e[{name!r}] != -100)."
+            )
+        return
+
+
+def probe_batch(trainer: SelectiveBackpropTrainer) -> dict[str, Any] | None:
+    """The first (at most) two training examples, collated as training will collate them; ``None`` if the
+    dataset cannot be sampled up front (iterable, unsized) or the collator fails on them."""
+    dataset = trainer.train_dataset
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    try:
+        count = min(2, len(dataset))
+        collator = trainer.data_collator
+        try:
+            import datasets
+        except ImportError:  # pragma: no cover - datasets is a dependency
+            datasets = None
+        if datasets is not None and isinstance(dataset, datasets.Dataset):
+            dataset = trainer._remove_unused_columns(dataset.select(range(count)), description="training")
+        else:
+            collator = trainer._get_collator_with_removed_columns(collator, description="training")
+        return trainer._prepare_inputs(collator([dataset[i] for i in range(count)]))
+    except Exception as error:  # training will report a collation problem in its own words
+        logger.info(f"Skipping the construction-time check of the first batch: {error!r}")
+        return None
+
+
+def probe_first_batch(trainer: SelectiveBackpropTrainer) -> None:
+    """Run the checks of the first training step on the first examples, at construction: missing labels,
+    the ignore index, and a head that cannot be found or does not reproduce the logits raise now rather
+    than at the first step. Random states are left untouched, so training is unaffected."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return  # parameters may be sharded or not yet materialised before `train`
+    if any(p.device.type == "meta" for p in trainer.model.parameters()):
+        return
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [trainer.args.device] if trainer.args.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            batch = probe_batch(trainer)
+            if batch is None:
+                return
+            config = model_config(trainer.accelerator.unwrap_model(trainer.model), trainer.args.sbp_strategy)
+            batch_problem_type(config, batch_labels(batch), trainer.args.label_smoothing_factor)
+            trainer.score_batch(trainer.model, batch)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def checked_selection(
+    indices: torch.Tensor, weights: torch.Tensor, n: int, strategy: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A strategy's choice for a batch of ``n`` as CPU tensors (long indices, float32 weights), or a clear error if
+    it broke the contract of ``SelectionStrategy.select``."""
+    indices = torch.as_tensor(indices).detach().cpu().long().reshape(-1)
+    weights = torch.as_tensor(weights).detach().cpu().float()
+    m = indices.numel()
+    in_range = m > 0 and int(indices.min()) >= 0 and int(indices.max()) < n
+    if weights.shape != (m,) or not in_range or indices.unique().numel() != m:
+        raise ValueError(
+            f"strategy {strategy!r} returned {m} indices ({indices.tolist()[:10]}...) and weights of shape "
+            f"{tuple(weights.shape)} for a batch of {n}; select() must return at least one distinct index in "
+            f"[0, {n}) and one weight per index."
+        )
+    return indices, weights

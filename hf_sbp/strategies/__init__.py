@@ -1,0 +1,24 @@
+"""Selection strategies: one registered class each.
+
+``sbp_strategy`` accepts every name registered with :func:`register_strategy`. The built-in ones are
+``gradmatch``, ``loss``, ``random`` and ``none``; a strategy defined in user code is registered the same way and
+works with the trainer, ``HfArgumentParser`` flags, the scripts (``--sbp_strategy_modules``) and the model card.
+"""
+
+from .base import SelectionBatch, SelectionStrategy, register_strategy, registered_strategies, strategy_class
+from .full_batch import FullBatch
+from .gradmatch import GradientMatching
+from .loss import LossBased
+from .random_subset import RandomSubset
+
+__all__ = [
+    "FullBatch",
+    "GradientMatching",
+    "LossBased",
+    "RandomSubset",
+    "SelectionBatch",
+    "SelectionStrategy",
+    "register_strategy",
+    "registered_strategies",
+    "strategy_class",
+]

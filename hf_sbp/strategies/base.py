@@ -1,0 +1,201 @@
+"""The strategy API: what a selection rule sees (:class:`SelectionBatch`), what it must do
+(:class:`SelectionStrategy`), and the registry that makes a name in ``sbp_strategy`` mean a class.
+
+A strategy is one class. The trainer owns everything else: the no-grad scoring pass (run when the
+strategy's ``needs_scoring`` is true), the subset's forward and backward, the loss weighting, the
+schedule, logging, and saving the strategy's :meth:`~SelectionStrategy.state_dict` in checkpoints.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+
+from ..selection import head_residuals, last_layer_gram, per_example_loss
+
+
+@dataclass(eq=False)
+class SelectionBatch:
+    """One training batch as a strategy sees it; the trainer fills it.
+
+    Attributes:
+        n: the number of rows.
+        labels: the batch's labels (on the model's device).
+        problem_type: the loss family (``single_label_classification``, ``multi_label_classification`` or
+            ``regression``), inferred with the rule of ``transformers``' sequence classifiers.
+        generator: the trainer's seeded CPU generator for the selection's random draws. It is saved in checkpoints
+            and offset by the process index, so draws made with it resume exactly and differ across processes.
+        step: the trainer's ``global_step`` (optimizer steps completed before this batch).
+        label_smoothing: ``label_smoothing_factor`` of the arguments (single-label classification only).
+        logits: ``(n, C)`` logits of the scoring pass; ``None`` unless the scoring pass ran.
+        features: ``(n, d)`` inputs of the classification head in the scoring pass; ``None`` without it.
+        head_bias: whether the head has a bias (its gradient is part of the last-layer gradient).
+        example_ids: ``(n,)`` dataset indices of the rows, where the training rows carry them; else ``None``.
+
+    ``residuals``, ``losses`` and ``gram`` are computed from ``logits`` and ``features`` on first use and then
+    kept, so a strategy that does not read them does not pay for them.
+    """
+
+    n: int
+    labels: torch.Tensor
+    problem_type: str
+    generator: torch.Generator
+    step: int = 0
+    label_smoothing: float = 0.0
+    logits: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    head_bias: bool = True
+    example_ids: torch.Tensor | None = None
+
+    def _scores(self, what: str) -> None:
+        if self.logits is None or (what == "gram" and self.features is None):
+            raise RuntimeError(
+                f"batch.{what} needs the scoring pass, which did not run for this batch; a strategy that reads it "
+                "must set the class attribute needs_scoring = True."
+            )
+
+    @cached_property
+    def residuals(self) -> torch.Tensor:
+        """``(n, C)`` head residuals ``r_i = dl_i/dz_i`` (float32); see :func:`hf_sbp.selection.head_residuals`."""
+        self._scores("residuals")
+        return head_residuals(self.logits, self.labels, self.problem_type, self.label_smoothing)
+
+    @cached_property
+    def losses(self) -> torch.Tensor:
+        """``(n,)`` per-example losses (float32); their mean is the model's loss on the batch."""
+        self._scores("losses")
+        return per_example_loss(self.logits, self.labels, self.problem_type, self.label_smoothing)
+
+    @cached_property
+    def gram(self) -> torch.Tensor:
+        """``(n, n)`` Gram matrix of the last-layer gradients, ``K_ij = (r_i . r_j)(h_i . h_j + 1)`` (float32)."""
+        self._scores("gram")
+        return last_layer_gram(self.residuals, self.features, bias=self.head_bias)
+
+
+class SelectionStrategy:
+    """A rule that picks the rows of each batch to backpropagate. Subclass it and register it by name:
+
+    .. code-block:: python
+
+        @register_strategy("smallest-loss")
+        class SmallestLoss(SelectionStrategy):
+            needs_scoring = True
+
+            def select(self, batch, k):
+                return torch.argsort(batch.losses)[:k].cpu(), torch.ones(k)
+
+    Class attributes:
+        needs_scoring: whether the trainer runs the no-grad scoring pass over the whole batch before
+            :meth:`select`, filling ``batch.logits`` and ``batch.features`` (and with them ``residuals``, ``losses``
+            and ``gram``).
+        selective: ``False`` only for the plain ``Trainer`` step (``none``): no subset is chosen at all.
+        description: one line for ``--help``, the README and the model card.
+        settings: the ``sbp_*`` arguments the strategy reads besides ``sbp_keep``, the schedule and the seed, so
+            the model card can say what applies to it.
+
+    Args:
+        args: the trainer's arguments (a :class:`~hf_sbp.SelectiveBackpropConfig`); read the ``sbp_*`` values
+            from them.
+    """
+
+    name: ClassVar[str] = ""
+    needs_scoring: ClassVar[bool] = False
+    selective: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+    settings: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, args: Any) -> None:
+        self.args = args
+
+    def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose rows of ``batch`` and their loss weights.
+
+        Args:
+            batch: the batch (see :class:`SelectionBatch`).
+            k: the subset size that ``sbp_keep`` asks for, ``round(keep * n)`` and at least 1. A strategy may
+                return fewer or more rows (Jiang's coin flips do) but at least one.
+
+        Returns:
+            ``(indices, weights)``: distinct row indices in ``[0, n)`` and non-negative weights of the same
+            length. The subset's loss is ``(1/m) sum_S w_i l_i`` with ``m`` rows, so weight 1 means "counts
+            like one example of a smaller batch".
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement select(batch, k).")
+
+    def observe(self, indices: torch.Tensor, subset: SelectionBatch) -> None:
+        """Receive what the subset's gradient forward computed, for strategies that learn from history.
+
+        Called after the forward pass of each selective step, only when a subclass overrides it (the trainer then
+        captures the head's input during that forward). ``indices`` are the rows of the batch that were selected;
+        ``subset`` describes them, in that order: its ``logits`` and ``features`` come from the gradient forward
+        (in training mode, detached), so ``subset.losses`` and ``subset.residuals`` are what was just trained on,
+        and ``subset.example_ids`` are their dataset indices where known.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a checkpoint (histories, caches). Tensors, numbers, strings, lists and dicts only,
+        so that ``torch.load(weights_only=True)`` can read it back. The trainer saves its generator itself."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @classmethod
+    def observes(cls) -> bool:
+        """Whether the strategy overrides :meth:`observe` (the trainer skips the capture otherwise)."""
+        return cls.observe is not SelectionStrategy.observe
+
+
+_REGISTRY: dict[str, type[SelectionStrategy]] = {}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def register_strategy(name: str):
+    """Class decorator: make ``name`` a valid ``sbp_strategy`` that means this :class:`SelectionStrategy`.
+
+    Names are lower-case letters, digits, ``-``, ``_`` and ``.``. Registering another class under a taken name is
+    an error; re-running the same class definition (a reloaded module) replaces it.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"strategy name {name!r} is invalid; use lower-case letters, digits, '-', '_' and '.', starting with a "
+            "letter or digit."
+        )
+
+    def decorator(cls: type[SelectionStrategy]) -> type[SelectionStrategy]:
+        if not (isinstance(cls, type) and issubclass(cls, SelectionStrategy)):
+            raise TypeError(
+                f"@register_strategy({name!r}) decorates {cls!r}, which is not a SelectionStrategy subclass."
+            )
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ + existing.__module__ != cls.__qualname__ + cls.__module__:
+            raise ValueError(
+                f"a strategy named {name!r} is already registered ({existing.__module__}.{existing.__qualname__}); "
+                "choose another name."
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def registered_strategies() -> tuple[str, ...]:
+    """The names ``sbp_strategy`` accepts, in the order they were registered (the built-in ones first)."""
+    return tuple(_REGISTRY)
+
+
+def strategy_class(name: str) -> type[SelectionStrategy]:
+    """The class registered as ``name``; a ``ValueError`` naming the registered ones if there is none."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"sbp_strategy={name!r} is not a registered strategy; choose one of {list(_REGISTRY)}, or register "
+            "your own with @hf_sbp.register_strategy (and import its module first, e.g. with "
+            "--sbp_strategy_modules)."
+        )
+    return _REGISTRY[name]

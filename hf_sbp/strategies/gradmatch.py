@@ -1,0 +1,31 @@
+"""``gradmatch``: a weighted subset whose last-layer gradient matches the batch's mean gradient (OMP)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..selection import normalize_weights, omp_gram, random_subset
+from .base import SelectionBatch, SelectionStrategy, register_strategy
+
+
+@register_strategy("gradmatch")
+class GradientMatching(SelectionStrategy):
+    """Orthogonal Matching Pursuit on the Gram matrix of the batch's last-layer gradients (Balles, Archambeau and
+    Zappella 2023, after Killamsetty et al.'s GRAD-MATCH 2021): up to ``k`` rows with non-negative weights whose
+    weighted gradient fits the batch's mean gradient, the weights then scaled by ``sbp_weight_normalization``."""
+
+    needs_scoring = True
+    description = "OMP picks a weighted subset whose last-layer gradient matches the batch's mean gradient"
+    settings = ("sbp_weight_normalization", "sbp_omp_ridge", "sbp_omp_nonnegative", "sbp_omp_tol", "sbp_head_module")
+
+    def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gram = batch.gram
+        # The ridge is relative to the gradients' mean squared norm, so it does not depend on the loss's scale.
+        ridge = self.args.sbp_omp_ridge * float(torch.diagonal(gram).double().mean())
+        result = omp_gram(
+            gram, k, ridge=ridge, nonnegative=self.args.sbp_omp_nonnegative, tol=self.args.sbp_omp_tol or None
+        )
+        if result.indices.numel() == 0:
+            # The batch's mean gradient is zero (or every gradient is): any subset matches it equally well.
+            return random_subset(batch.n, k, batch.generator), torch.ones(k)
+        return result.indices, normalize_weights(result.weights, self.args.sbp_weight_normalization)
