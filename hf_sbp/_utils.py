@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 
 def is_number(value: Any) -> bool:
     """An ``int`` or ``float`` (``bool`` is not a number here)."""
@@ -49,3 +51,14 @@ def markdown_table(
         cells = [fmt(cell).replace("|", "\\|").replace("\n", " ") for cell in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: timings of asynchronous devices (CUDA) need a barrier to mean anything."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of every tensor is finite (one host sync per tensor)."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)

@@ -14,8 +14,11 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
+from ._utils import all_finite, synchronize
+from .checkpoint_state import load_selection_state, save_selection_state
 from .config import SelectiveBackpropConfig
 from .head import HeadCapture, HeadScores, head_candidates, named_head, no_grad_logits, output_logits, resolve_head_call
+from .model_card import MODEL_TAGS
 from .schedule import selection_active
 from .selection import gradient_match_error, index_rows, per_example_loss, subset_size
 from .selection_metrics import SelectionMetrics, SelectionRecord, run_key
@@ -23,10 +26,6 @@ from .setup_checks import batch_labels, batch_problem_type, check_setup, checked
 from .strategies import SelectionBatch, SelectionStrategy
 
 logger = logging.getLogger(__name__)
-
-SBP_STATE_NAME = "sbp_state_rank{}.pt"
-MODEL_TAGS = ("hf_sbp", "selective-backprop")
-"""The Hub tags of models trained with this trainer (and of their model cards)."""
 
 
 class SelectiveBackpropTrainer(Trainer):
@@ -39,13 +38,11 @@ class SelectiveBackpropTrainer(Trainer):
     ``none`` is the plain ``Trainer``. ``sbp_strategy`` may name any strategy registered with
     :func:`hf_sbp.register_strategy`.
 
-    Loss normalisation: with ``m`` selected rows and weights ``w`` the subset loss is the weighted mean
-    ``(1/m) sum_S w_i l_i`` of the per-example losses. Across gradient accumulation, each micro-batch's
-    loss is scaled by its share of the accumulated examples (``num_items_in_batch``, counted on the
-    full batches) or, when the Trainer does not pass that count, divided by the number of
-    accumulation steps; so the accumulated gradient is the average of the micro-batches' estimates of
-    their own mean gradients, as with full batches. This does not depend on whether the model itself
-    honours ``num_items_in_batch`` (BERT's ``forward`` does not), because the loss is computed here.
+    Loss normalisation: with ``m`` selected rows and weights ``w`` the subset loss is ``(1/m) sum_S w_i l_i``.
+    Under gradient accumulation each micro-batch's loss is scaled by its share of the accumulated examples
+    (``num_items_in_batch``, counted on full batches) or, without that count, divided by the accumulation steps:
+    the accumulated gradient averages the micro-batches' estimates of their mean gradients, whether or not the
+    model honours ``num_items_in_batch`` (BERT's ``forward`` does not), because the loss is computed here.
 
     Args:
         Those of ``transformers.Trainer``. ``args`` may be a plain ``TrainingArguments``: it then
@@ -131,11 +128,6 @@ class SelectiveBackpropTrainer(Trainer):
         features = self._head_features(capture, logits, inputs)
         return HeadScores(logits, features, dict(modules)[self._head_name].bias is not None)
 
-    def _sync(self, device: torch.device) -> None:
-        # Timings of asynchronous devices need a barrier to mean anything.
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def select_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose the rows of one collated batch to backpropagate, and their loss weights.
 
@@ -166,20 +158,18 @@ class SelectiveBackpropTrainer(Trainer):
         record = SelectionRecord(n, k, scored=self.runs_scoring_pass, problem_type=problem_type)
         usable = True
         if record.scored:
-            self._sync(labels.device)
+            synchronize(labels.device)
             start = time.perf_counter()
             batch.logits, batch.features, batch.head_bias = self.score_batch(model, inputs)
-            self._sync(labels.device)
+            synchronize(labels.device)
             record.scoring_s = time.perf_counter() - start
             # Finite features can still overflow float32 in the Gram matrix (|h| around 1e19).
-            usable = all(bool(torch.isfinite(t).all()) for t in (batch.logits, batch.features)) and bool(
-                torch.isfinite(batch.gram).all()
-            )
+            usable = all_finite(batch.logits, batch.features) and all_finite(batch.gram)
         start = time.perf_counter()
         indices = weights = None
         if usable:
             indices, weights = checked_selection(*self._strategy.select(batch, k), n, self.args.sbp_strategy)
-            if not bool(torch.isfinite(weights).all()):
+            if not all_finite(weights):
                 indices = weights = None
             elif record.scored:
                 record.grad_match_error = float(gradient_match_error(batch.gram, indices, weights))
@@ -192,7 +182,7 @@ class SelectiveBackpropTrainer(Trainer):
                 self._warned_nonfinite = True
             indices, weights, record.fallback = torch.arange(n), torch.ones(n), True
         record.subset_size = indices.numel()
-        self._sync(labels.device)
+        synchronize(labels.device)
         record.selection_s = time.perf_counter() - start
         return indices, weights, record
 
@@ -270,7 +260,7 @@ class SelectiveBackpropTrainer(Trainer):
         deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.accelerator.backward(loss, **({"scale_wrt_gas": False} if deepspeed else {}))
 
-        self._sync(labels.device)
+        synchronize(labels.device)
         step_s = time.perf_counter() - step_start
         self._last_selection = record
         self.sbp_backprop_examples += record.subset_size
@@ -305,38 +295,25 @@ class SelectiveBackpropTrainer(Trainer):
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Save each process's selection state (``sbp_state_rank{i}.pt``) with the checkpoint: before ``Trainer``'s
-        files, so that a checkpoint pushed to the Hub carries it. Like the random states, not with save_only_model."""
+        """Save each process's selection state with the checkpoint (see :mod:`hf_sbp.checkpoint_state`): before
+        ``Trainer``'s files, so that a checkpoint pushed to the Hub carries it; like the random states, not with
+        ``save_only_model``."""
         if not self.args.save_only_model:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            state = {
-                "strategy": self.args.sbp_strategy,
-                "generator": self._generator.get_state(),
-                "strategy_state": self._strategy.state_dict(),
-                "head_name": self._head_name,
-                "backprop_examples": self.sbp_backprop_examples,
-                "metrics": self._metrics.state_dict(),
-            }
-            torch.save(state, os.path.join(folder, SBP_STATE_NAME.format(self.args.process_index)))
+            state = {"strategy": self.args.sbp_strategy, "generator": self._generator.get_state()}
+            state.update(strategy_state=self._strategy.state_dict(), head_name=self._head_name)
+            state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
+            save_selection_state(folder, self.args.process_index, state)
         super()._save_checkpoint(model, trial)
 
     def _load_selection_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, SBP_STATE_NAME.format(self.args.process_index))
-        if not os.path.isfile(path):
-            if self._strategy.selective:
-                logger.warning(
-                    f"{path} is missing: the selection's random state and the strategy's state start afresh, so the "
-                    "resumed run will not reproduce an uninterrupted one exactly."
-                )
-            return
-        state = torch.load(path, weights_only=True)
-        self._generator.set_state(state["generator"])
-        self._strategy.load_state_dict(state["strategy_state"])
-        self.sbp_backprop_examples = int(state["backprop_examples"])
-        self._metrics.load_state_dict(state["metrics"])
-        if self._head_name is None:
-            self._head_name = state["head_name"]
+        state = load_selection_state(checkpoint, self.args.process_index, warn_if_missing=self._strategy.selective)
+        if state is not None:
+            self._generator.set_state(state["generator"])
+            self._strategy.load_state_dict(state["strategy_state"])
+            self.sbp_backprop_examples = int(state["backprop_examples"])
+            self._metrics.load_state_dict(state["metrics"])
+            self._head_name = self._head_name or state["head_name"]
 
     # fmt: off
     def create_model_card(

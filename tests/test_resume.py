@@ -19,7 +19,7 @@ from tiny_models import tiny_bert
 from transformers import BertForSequenceClassification, TrainerCallback
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
-from hf_sbp.trainer import SBP_STATE_NAME
+from hf_sbp.checkpoint_state import SBP_STATE_NAME
 
 BATCH = 8
 EXAMPLES = 48  # 6 batches per epoch
@@ -136,7 +136,7 @@ def test_without_selection_state_the_resumed_run_differs(tmp_path, case, caplog)
     options, stop_at = CASES[case]
     reference = make_trainer(str(tmp_path / "reference"), options)
     reference.train()
-    with caplog.at_level(logging.WARNING, logger="hf_sbp.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_sbp"):
         resumed = interrupted_then_resumed(tmp_path, options, stop_at, delete_sbp_state=True)
     assert not same_parameters(reference.model, resumed.model)
     assert any("will not reproduce an uninterrupted one" in record.getMessage() for record in caplog.records)

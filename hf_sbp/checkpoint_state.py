@@ -1,0 +1,37 @@
+"""The selection state each process saves beside a checkpoint, so that a resumed run reproduces an uninterrupted one.
+
+The file ``sbp_state_rank{i}.pt`` of process ``i`` holds the strategy's name, the selection generator's state, the
+strategy's own :meth:`~hf_sbp.SelectionStrategy.state_dict`, the head's name, the examples backpropagated so far and
+the whole-run selection metrics. It is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SBP_STATE_NAME = "sbp_state_rank{}.pt"
+
+
+def save_selection_state(folder: str, process_index: int, state: dict[str, Any]) -> None:
+    """Write ``state`` as ``folder/sbp_state_rank{process_index}.pt`` (creating the folder)."""
+    os.makedirs(folder, exist_ok=True)
+    torch.save(state, os.path.join(folder, SBP_STATE_NAME.format(process_index)))
+
+
+def load_selection_state(folder: str, process_index: int, warn_if_missing: bool = True) -> dict[str, Any] | None:
+    """The state :func:`save_selection_state` wrote in ``folder``; ``None`` (with a warning) if there is none."""
+    path = os.path.join(folder, SBP_STATE_NAME.format(process_index))
+    if not os.path.isfile(path):
+        if warn_if_missing:
+            logger.warning(
+                f"{path} is missing: the selection's random state and the strategy's state start afresh, so the "
+                "resumed run will not reproduce an uninterrupted one exactly."
+            )
+        return None
+    return torch.load(path, weights_only=True)
