@@ -71,8 +71,8 @@ class SelectiveBackpropConfig(TrainingArguments):
     sbp_weight_normalization: str = field(
         default="subset_size",
         metadata={
-            "help": "Scaling of gradmatch's OMP weights: 'subset_size' (the paper's: they sum to the subset size, so "
-            "the loss is a weighted mean) or 'none' (OMP's raw estimate of the mean gradient, magnitude included).",
+            "help": "Scaling of gradmatch's OMP weights: 'subset_size' (Balles et al. 2023's: they sum to the subset "
+            "size, so the loss is a weighted mean) or 'none' (OMP's raw estimate of the mean gradient, magnitude included).",
             "choices": list(WEIGHT_NORMALIZATIONS),
         },
     )

@@ -356,9 +356,9 @@ def normalize_weights(weights: torch.Tensor, mode: str = "subset_size") -> torch
 
     Args:
         weights: OMP's raw weights (they estimate the mean gradient: ``sum_S w_i g_i ~ gbar``).
-        mode: ``"subset_size"`` (the paper's): rescale so the weights sum to ``m = |S|``, so a weight
-            of 1 counts like one example and the loss is a weighted mean. ``"none"``: keep OMP's
-            estimate of the mean gradient, magnitude included, i.e. return ``m * w``.
+        mode: ``"subset_size"`` (Balles et al. 2023, see ``docs/method.md``): rescale so the weights sum to
+            ``m = |S|``, so a weight of 1 counts like one example and the loss is a weighted mean. ``"none"``: keep
+            OMP's estimate of the mean gradient, magnitude included, i.e. return ``m * w``.
 
     Returns:
         A tensor of the same shape and dtype; all ones if the weights sum to zero, all NaN if any weight

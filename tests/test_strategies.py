@@ -272,3 +272,17 @@ def test_run_glue_trains_a_strategy_from_a_module_on_the_path(tmp_path, monkeypa
     load_run_glue().main(flags)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| strategy (`sbp_strategy`) | test-highest-loss-module | all |" in card
+
+
+def test_the_readme_example_strategy_trains(tmp_path):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme.split("### Your own strategy", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 12
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    trainer = SelectiveBackpropTrainer(
+        model=tiny_bert(), args=make_args(tmp_path, sbp_strategy="largest-residual"), train_dataset=tiny_dataset()
+    )
+    trainer.train()
+    assert trainer.last_selection.scored and trainer.last_selection.subset_size == 4
