@@ -72,7 +72,8 @@ class SelectiveBackpropConfig(TrainingArguments):
         default="subset_size",
         metadata={
             "help": "Scaling of gradmatch's OMP weights: 'subset_size' (Balles et al. 2023's: they sum to the subset "
-            "size, so the loss is a weighted mean) or 'none' (OMP's raw estimate of the mean gradient, magnitude included).",
+            "size, so the loss is a weighted mean) or 'none' (OMP's raw estimate of the mean gradient, magnitude "
+            "included).",
             "choices": list(WEIGHT_NORMALIZATIONS),
         },
     )
