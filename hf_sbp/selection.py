@@ -392,10 +392,11 @@ def subset_size(n: int, keep: float, minimum: int = 1) -> int:
 
 
 def random_subset(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``k`` distinct rows out of ``n``, uniformly at random (the baseline: a smaller batch)."""
+    """``k`` distinct rows out of ``n``, uniformly at random (the baseline: a smaller batch), in increasing order,
+    so that with ``k = n`` the subset is the batch itself."""
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n={n}]; got {k}.")
-    return torch.randperm(n, generator=generator)[:k]
+    return torch.randperm(n, generator=generator)[:k].sort().values
 
 
 def loss_rank_sample(losses: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The trainer's checks: what selection cannot serve is refused when the trainer is built, not at the first step.
 
-:func:`check_setup` runs once in ``SelectiveBackpropTrainer.__init__``: the arguments, the model's config and head,
-the training set's label column, and a probe of the first training examples through the first step's checks.
+:func:`check_setup` runs once in ``SelectiveBackpropTrainer.__init__``: the model's config and head, a
+``compute_loss`` override, the training set's label column, and a probe of the first training examples through the
+first step's checks, the model's own loss against the per-example losses included. :func:`check_training_set` runs
+when ``train()`` starts, so that a trainer built for evaluation needs no training set.
 :func:`batch_labels` and :func:`batch_problem_type` are the per-batch checks the trainer runs at every step.
 """
 
@@ -15,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .head import HEAD_OVERRIDE_OPTION, HeadNotFoundError, head_candidates, named_head
+from .head import HEAD_OVERRIDE_OPTION, HeadNotFoundError, head_candidates, named_head, no_grad_outputs
 from .selection import infer_problem_type
+from .subset_loss import example_losses, verify_model_loss
 
 if TYPE_CHECKING:
     from .trainer import SelectiveBackpropTrainer
@@ -67,56 +70,68 @@ def batch_problem_type(config, labels: torch.Tensor, label_smoothing: float) -> 
     return problem_type
 
 
+def check_training_set(dataset: Any) -> None:
+    """The checks of the training set that ``train()`` makes (``Trainer`` itself refuses a missing one)."""
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+        return
+    try:
+        size = len(dataset)
+    except TypeError:
+        return
+    if size == 0:
+        raise ValueError(
+            "train_dataset is empty (0 examples); training needs at least one example per batch. Check the "
+            "dataset's split and filters."
+        )
+
+
 def check_setup(trainer: SelectiveBackpropTrainer) -> None:
-    """Raise before training for set-ups that selection cannot serve."""
-    args = trainer.args
-    # The arguments may have been edited after they were built; check them again.
-    args.validate_sbp()
-    dataset = trainer.train_dataset
-    if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
-        try:
-            size = len(dataset)
-        except TypeError:
-            size = None
-        if size == 0:
-            raise ValueError(
-                "train_dataset is empty (0 examples); training needs at least one example per batch. Check the "
-                "dataset's split and filters."
-            )
-    strategy = args.strategy_class()
+    """Raise, when the trainer is built, for set-ups that the strategy cannot serve."""
+    from .trainer import SelectiveBackpropTrainer
+
+    args, sbp, strategy = trainer.args, trainer.sbp_args, trainer.strategy
     if not strategy.selective:
         return
-    if trainer.compute_loss_func is not None:
-        raise ValueError(
-            f"compute_loss_func cannot be combined with sbp_strategy={args.sbp_strategy!r}: selective "
-            "backprop weights per-example losses it computes itself. Use sbp_strategy='none'."
+    if sbp.sbp_head_module is not None and not (trainer.runs_scoring_pass or strategy.observes()):
+        logger.warning(
+            f"sbp_head_module={sbp.sbp_head_module!r} is not used: sbp_strategy={sbp.sbp_strategy!r} runs no scoring "
+            "pass and observes nothing, so it never looks at the head."
         )
+    overridden = type(trainer).compute_loss is not SelectiveBackpropTrainer.compute_loss
+    if strategy.weighted and overridden and not trainer.supports_selection_weights:
+        raise ValueError(
+            f"{type(trainer).__name__} overrides compute_loss, and sbp_strategy={sbp.sbp_strategy!r} weights the "
+            "subset's rows, which the override may not apply. If it calls super().compute_loss (which applies them) "
+            "or applies trainer.selection_weights itself, set the class attribute supports_selection_weights = True; "
+            "otherwise use an unweighted strategy ('random', 'loss') or 'none'."
+        )
+    if not trainer.needs_example_losses:
+        return  # the subset trains with the model's own loss: any model whose batches have rows will do
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    config = model_config(unwrapped, args.sbp_strategy)
+    config = model_config(unwrapped, sbp.sbp_strategy)
     if args.label_smoothing_factor and config.problem_type not in (None, "single_label_classification"):
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor} applies to single-label classification "
             f"only, but the model's problem_type is {config.problem_type!r}."
         )
-    if not trainer.runs_scoring_pass:
-        return
-    if args.n_gpu > 1:
+    if trainer.runs_scoring_pass and args.n_gpu > 1:
         raise ValueError(
-            f"sbp_strategy={args.sbp_strategy!r} does not support single-process multi-GPU training "
+            f"sbp_strategy={sbp.sbp_strategy!r} does not support single-process multi-GPU training "
             f"(torch.nn.DataParallel over n_gpu={args.n_gpu} GPUs): the scoring pass's head capture needs "
             "one replica per process. Launch one process per GPU with `torchrun` or `accelerate launch`, or "
             "make one GPU visible (CUDA_VISIBLE_DEVICES)."
         )
-    if trainer.head_name is not None:
-        named_head(unwrapped, trainer.head_name)
-    elif not head_candidates(unwrapped, config.num_labels):
-        raise HeadNotFoundError(
-            f"{type(unwrapped).__name__} has no nn.Linear with out_features equal to num_labels="
-            f"{config.num_labels}, so its classification head cannot be found. Set {HEAD_OVERRIDE_OPTION} to the "
-            "name of the head's final nn.Linear."
-        )
-    check_label_column(dataset, config)
-    probe_first_batch(trainer)
+    if trainer.runs_scoring_pass or strategy.observes():
+        if trainer.head_name is not None:
+            named_head(unwrapped, trainer.head_name)
+        elif not head_candidates(unwrapped, config.num_labels):
+            raise HeadNotFoundError(
+                f"{type(unwrapped).__name__} has no nn.Linear with out_features equal to num_labels="
+                f"{config.num_labels}, so its classification head cannot be found. Set {HEAD_OVERRIDE_OPTION} to "
+                "the name of the head's final nn.Linear."
+            )
+    check_label_column(trainer.train_dataset, config)
+    probe_first_batch(trainer, config)
 
 
 def check_label_column(dataset: Any, config) -> None:
@@ -172,24 +187,39 @@ def probe_batch(trainer: SelectiveBackpropTrainer) -> dict[str, Any] | None:
         return None
 
 
-def probe_first_batch(trainer: SelectiveBackpropTrainer) -> None:
+def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
     """Run the checks of the first training step on the first examples, at construction: missing labels,
-    the ignore index, and a head that cannot be found or does not reproduce the logits raise now rather
-    than at the first step. Random states are left untouched, so training is unaffected."""
+    the ignore index, a model whose loss is not the per-example losses' mean, and a head that cannot be found or
+    does not reproduce the logits raise now rather than at the first step. Random states are left untouched, so
+    training is unaffected."""
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         return  # parameters may be sharded or not yet materialised before `train`
     if any(p.device.type == "meta" for p in trainer.model.parameters()):
         return
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = [trainer.args.device] if trainer.args.device.type == "cuda" else []
+    strategy = trainer.sbp_args.sbp_strategy
     try:
         with torch.random.fork_rng(devices=devices):
             batch = probe_batch(trainer)
             if batch is None:
                 return
-            config = model_config(trainer.accelerator.unwrap_model(trainer.model), trainer.args.sbp_strategy)
-            batch_problem_type(config, batch_labels(batch), trainer.args.label_smoothing_factor)
-            trainer.score_batch(trainer.model, batch)
+            labels = batch_labels(batch)
+            problem_type = batch_problem_type(config, labels, trainer.args.label_smoothing_factor)
+            with trainer.compute_loss_context_manager():
+                outputs = no_grad_outputs(trainer.model, batch)
+            logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
+            if logits is None:
+                raise ValueError(
+                    f"sbp_strategy={strategy!r} needs the model's logits, but its output has none (keys: "
+                    f"{list(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__}); use "
+                    "sbp_strategy='random' or 'none'."
+                )
+            losses = example_losses(logits, labels, problem_type, 0.0, strategy)
+            if outputs.get("loss") is not None:  # the model's own loss, without Trainer's label smoothing
+                verify_model_loss(outputs["loss"], losses, problem_type)
+            if trainer.runs_scoring_pass:
+                trainer.score_batch(trainer.model, batch)
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)

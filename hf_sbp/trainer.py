@@ -9,69 +9,88 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
+from . import head, setup_checks
 from ._utils import all_finite, synchronize
 from .checkpoint_state import load_selection_state, save_selection_state
-from .config import SelectiveBackpropConfig
-from .head import HeadCapture, HeadScores, head_candidates, named_head, no_grad_logits, output_logits, resolve_head_call
-from .model_card import MODEL_TAGS
+from .config import SelectiveBackpropArguments
+from .head import HeadCapture, HeadScores
+from .model_card import MODEL_TAGS, ModelCardMixin
 from .schedule import selection_active
-from .selection import gradient_match_error, index_rows, per_example_loss, subset_size
+from .selection import gradient_match_error, index_rows, subset_size
 from .selection_metrics import SelectionMetrics, SelectionRecord, run_key
-from .setup_checks import batch_labels, batch_problem_type, check_setup, checked_selection, model_config
+from .setup_checks import batch_labels, checked_selection
 from .strategies import SelectionBatch, SelectionStrategy
+from .subset_loss import SubsetStep, example_losses, subset_num_items, verify_model_loss, weighted_subset_loss
 
 logger = logging.getLogger(__name__)
 
 
-class SelectiveBackpropTrainer(Trainer):
+class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
     """A ``transformers.Trainer`` that runs forward + backward on a selected subset of each batch.
 
     Per training batch, for a strategy that ``needs_scoring`` (``gradmatch``, ``loss``): one forward pass without
     autograd over the whole batch (the scoring pass, in eval mode so dropout does not perturb the scores) captures
     the classification head's input with a hook; the strategy picks rows and weights; the ordinary forward and
     backward run on those rows only. ``random`` skips the scoring pass: exactly the cost of a smaller batch.
-    ``none`` is the plain ``Trainer``. ``sbp_strategy`` may name any strategy registered with
-    :func:`hf_sbp.register_strategy`.
+    ``none`` is the plain ``Trainer``. Any strategy registered with :func:`hf_sbp.register_strategy` can be named.
 
-    Loss normalisation: with ``m`` selected rows and weights ``w`` the subset loss is ``(1/m) sum_S w_i l_i``.
-    Under gradient accumulation each micro-batch's loss is scaled by its share of the accumulated examples
-    (``num_items_in_batch``, counted on full batches) or, without that count, divided by the accumulation steps:
-    the accumulated gradient averages the micro-batches' estimates of their mean gradients, whether or not the
-    model honours ``num_items_in_batch`` (BERT's ``forward`` does not), because the loss is computed here.
+    The subset's forward and backward are ``Trainer.training_step`` on the subset's rows, so its loss goes through
+    ``compute_loss`` (an override, ``compute_loss_func`` and label smoothing included) and is normalised as
+    ``Trainer`` normalises the full batch's under gradient accumulation; selection weights are applied in
+    :meth:`compute_loss` (see :mod:`hf_sbp.subset_loss`).
 
     Args:
-        Those of ``transformers.Trainer``. ``args`` may be a plain ``TrainingArguments``: it then
-        means the :class:`~hf_sbp.SelectiveBackpropConfig` defaults (gradient matching at keep 0.5).
+        Those of ``transformers.Trainer``; ``args`` is kept as given (any ``TrainingArguments``). Its ``sbp_*``
+        values, when it has them, choose the strategy; otherwise the defaults of
+        :class:`~hf_sbp.SelectiveBackpropArguments` apply (gradient matching at keep 0.5).
     """
 
     _tag_names = list(MODEL_TAGS)
 
+    supports_selection_weights: bool = False
+    """Set it in a subclass whose ``compute_loss`` override calls ``super().compute_loss`` (which applies the selection
+    weights) or applies :attr:`selection_weights` itself; weighted strategies refuse an override without it."""
+
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
-        if args is None:
-            args = SelectiveBackpropConfig()
-        elif not isinstance(args, SelectiveBackpropConfig):
-            args = SelectiveBackpropConfig.from_training_arguments(args)
         super().__init__(model, args, *pargs, **kwargs)
-        self.args: SelectiveBackpropConfig
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-        seed = self.args.sbp_seed if self.args.sbp_seed is not None else self.args.seed
-        self._generator = torch.Generator().manual_seed(seed + self.args.process_index)
-        self._strategy: SelectionStrategy = self.args.strategy_class()(self.args)
-        self._head_name: str | None = self.args.sbp_head_module
+        self._default_sbp_args = SelectiveBackpropArguments()
+        self._new_strategy()
+        self._step: SubsetStep | None = None
+        self._loss_verified = False
         self._last_selection: SelectionRecord | None = None
         self._metrics = SelectionMetrics()
         self._warned_nonfinite = False
         self.sbp_backprop_examples = 0
         """Examples this process has run forward + backward on in this run (full batches for ``none``)."""
-        check_setup(self)
+        setup_checks.check_setup(self)
+
+    def _new_strategy(self) -> None:
+        sbp = self.sbp_args
+        sbp.validate_sbp(self.args.per_device_train_batch_size)
+        seed = sbp.sbp_seed if sbp.sbp_seed is not None else self.args.seed
+        self._generator = torch.Generator().manual_seed(seed + self.args.process_index)
+        self._strategy: SelectionStrategy = sbp.strategy_class()(sbp)
+        self._head_name: str | None = sbp.sbp_head_module
 
     # ---- public read-only state --------------------------------------------------------------
+
+    @property
+    def sbp_args(self) -> SelectiveBackpropArguments:
+        """The ``sbp_*`` settings: ``args`` itself when it has them (a :class:`~hf_sbp.SelectiveBackpropConfig`, or
+        your class that inherits :class:`~hf_sbp.SelectiveBackpropArguments`), else the documented defaults."""
+        return self.args if isinstance(self.args, SelectiveBackpropArguments) else self._default_sbp_args
+
+    @property
+    def selection_weights(self) -> torch.Tensor | None:
+        """Inside ``compute_loss`` during a training step: the loss weights of the subset's rows (in the order of
+        the inputs), or ``None`` when they are all 1 (the subset's loss is then the model's own loss)."""
+        return self._step.weights if self._step is not None else None
 
     @property
     def strategy(self) -> SelectionStrategy:
@@ -96,27 +115,33 @@ class SelectiveBackpropTrainer(Trainer):
     @property
     def runs_scoring_pass(self) -> bool:
         """Whether selective steps run the no-grad scoring pass (the strategy needs it, or it is diagnostic)."""
-        return self._strategy.needs_scoring or (self._strategy.selective and self.args.sbp_diagnostic_scoring)
+        return self._strategy.needs_scoring or (self._strategy.selective and self.sbp_args.sbp_diagnostic_scoring)
+
+    @property
+    def needs_example_losses(self) -> bool:
+        """Whether the trainer computes per-example losses (to score, weight or observe rows), checked against the
+        model's own loss; a random subset trains with the model's own loss and needs none."""
+        s = self._strategy
+        return s.selective and (self.runs_scoring_pass or s.weighted or s.observes())
 
     # ---- scoring and selection ---------------------------------------------------------------
 
     def _model_config(self):
-        return model_config(self.accelerator.unwrap_model(self.model), self.args.sbp_strategy)
+        return setup_checks.model_config(self.accelerator.unwrap_model(self.model), self.sbp_args.sbp_strategy)
 
     def _problem_type(self, labels: torch.Tensor) -> str:
-        return batch_problem_type(self._model_config(), labels, self.args.label_smoothing_factor)
+        return setup_checks.batch_problem_type(self._model_config(), labels, self.args.label_smoothing_factor)
+
+    def _batch(self, labels: torch.Tensor, problem_type: str | None, *scores: Any) -> SelectionBatch:
+        """A :class:`SelectionBatch` of these rows; ``scores``: logits, features, head bias, in that order."""
+        step, smoothing = self.state.global_step, self.args.label_smoothing_factor
+        return SelectionBatch(labels.shape[0], labels, problem_type, self._generator, step, smoothing, *scores)
 
     def _head_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         unwrapped = self.accelerator.unwrap_model(model)
         if self._head_name is not None:
-            return [(self._head_name, named_head(unwrapped, self._head_name))]
-        return head_candidates(unwrapped, self._model_config().num_labels)
-
-    def _head_features(self, capture: HeadCapture, logits: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """The head's ``(n, d)`` input from a captured forward (and the head's name, remembered once found)."""
-        pad_token_id = getattr(self._model_config(), "pad_token_id", None)
-        self._head_name, features = resolve_head_call(capture, logits, inputs.get("input_ids"), pad_token_id)
-        return features
+            return [(self._head_name, head.named_head(unwrapped, self._head_name))]
+        return head.head_candidates(unwrapped, self._model_config().num_labels)
 
     def score_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> HeadScores:
         """The scoring pass: a forward without autograd, in eval mode, over the whole batch, capturing the head's
@@ -124,8 +149,9 @@ class SelectiveBackpropTrainer(Trainer):
         modules = self._head_modules(model)
         capture = HeadCapture(modules)
         with self.compute_loss_context_manager(), capture.capturing():
-            logits = no_grad_logits(model, {key: value for key, value in inputs.items() if key != "labels"})
-        features = self._head_features(capture, logits, inputs)
+            logits = head.no_grad_logits(model, {key: value for key, value in inputs.items() if key != "labels"})
+        pad_token_id = getattr(self._model_config(), "pad_token_id", None)
+        self._head_name, features = head.resolve_head_call(capture, logits, inputs.get("input_ids"), pad_token_id)
         return HeadScores(logits, features, dict(modules)[self._head_name].bias is not None)
 
     def select_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,18 +169,16 @@ class SelectiveBackpropTrainer(Trainer):
         indices, weights, self._last_selection = self._select(model, inputs)
         return indices, weights
 
-    def _select(
-        self, model: nn.Module, inputs: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, SelectionRecord]:
+    def _select(self, model: nn.Module, inputs: Mapping[str, Any], active: bool = True):
+        """``(indices, weights, record)``; the whole batch when the strategy does not select or ``active`` is False."""
         labels = batch_labels(inputs)
         n = labels.shape[0]
-        if not self._strategy.selective:
-            return torch.arange(n), torch.ones(n), SelectionRecord(n, n, scored=False, selective=False)
-        k = subset_size(n, self.args.sbp_keep)
-        problem_type = self._problem_type(labels)
-        batch = SelectionBatch(
-            n, labels, problem_type, self._generator, self.state.global_step, self.args.label_smoothing_factor
-        )
+        problem_type = self._problem_type(labels) if self.needs_example_losses else None
+        if not (self._strategy.selective and active):
+            record = SelectionRecord(n, n, scored=False, selective=False, problem_type=problem_type)
+            return torch.arange(n), torch.ones(n), record
+        k = subset_size(n, self.sbp_args.sbp_keep)
+        batch = self._batch(labels, problem_type)
         record = SelectionRecord(n, k, scored=self.runs_scoring_pass, problem_type=problem_type)
         usable = True
         if record.scored:
@@ -168,7 +192,7 @@ class SelectiveBackpropTrainer(Trainer):
         start = time.perf_counter()
         indices = weights = None
         if usable:
-            indices, weights = checked_selection(*self._strategy.select(batch, k), n, self.args.sbp_strategy)
+            indices, weights = checked_selection(*self._strategy.select(batch, k), n, self.sbp_args.sbp_strategy)
             if not all_finite(weights):
                 indices = weights = None
             elif record.scored:
@@ -189,12 +213,16 @@ class SelectiveBackpropTrainer(Trainer):
     # ---- training ----------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
-        """``Trainer.train``; the selection statistics start afresh, or from the checkpoint resumed."""
+        """``Trainer.train``. The ``sbp_*`` settings are validated again (a new strategy if ``sbp_strategy`` changed),
+        and the selection statistics start afresh, or from the checkpoint resumed."""
+        if self.sbp_args.sbp_strategy != self._strategy.name:
+            self._new_strategy()
+        self.sbp_args.validate_sbp(self.args.per_device_train_batch_size)
+        setup_checks.check_training_set(self.train_dataset)
         self._metrics.reset()
         self.sbp_backprop_examples = 0
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+        last = resume_from_checkpoint is True
+        checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
         if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
             self._load_selection_state(os.fspath(checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -211,61 +239,67 @@ class SelectiveBackpropTrainer(Trainer):
             self.sbp_backprop_examples += int(labels.shape[0]) if isinstance(labels, torch.Tensor) else 0
             return super().training_step(model, inputs, num_items_in_batch)
         step_start = time.perf_counter()
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         labels = batch_labels(inputs)
-        n = labels.shape[0]
-        args = self.args
-        if selection_active(
-            self.state.global_step, self.state.max_steps or 0, args.sbp_start, args.sbp_end, args.sbp_interrupt
-        ):
-            indices, weights, record = self._select(model, inputs)
-        else:
-            indices, weights = torch.arange(n), torch.ones(n)
-            record = SelectionRecord(n, n, scored=False, selective=False, problem_type=self._problem_type(labels))
+        n, sbp = labels.shape[0], self.sbp_args
+        active = selection_active(
+            self.state.global_step, self.state.max_steps or 0, sbp.sbp_start, sbp.sbp_end, sbp.sbp_interrupt
+        )
+        indices, weights, record = self._select(model, inputs, active)
         index_start = time.perf_counter()
-        # The weights follow the order of `indices` (OMP's is the order of selection), so the rows are
-        # gathered unless they are exactly the batch in its order.
+        # The rows are gathered (in the order of `indices`, which the weights follow) unless they are the batch.
         unchanged = indices.numel() == n and torch.equal(indices, torch.arange(n))
-        subset = dict(inputs) if unchanged else index_rows(inputs, indices, n)
+        subset = inputs if unchanged else index_rows(inputs, indices, n)
+        if not unchanged:
+            num_items_in_batch = subset_num_items(num_items_in_batch, subset["labels"], labels)
         record.selection_s += time.perf_counter() - index_start
-
-        sub_labels = subset.pop("labels")
+        uniform = bool((weights == 1).all())
+        self._step = SubsetStep(subset["labels"], record.problem_type, None if uniform else weights)
+        self._step.verify = self.needs_example_losses and not self._loss_verified
         capture = HeadCapture(self._head_modules(model) if self._strategy.observes() else [])
-        with self.compute_loss_context_manager(), capture.capturing():
-            logits = output_logits(model(**subset))
-            # The subset's rows were checked with the whole batch (in _select or the line above).
-            losses = per_example_loss(logits, sub_labels, record.problem_type, args.label_smoothing_factor)
-            loss = (weights.to(losses.device, losses.dtype) * losses).sum() / losses.numel()
-        if capture.modules:
-            observed = SelectionBatch(
-                indices.numel(), sub_labels, record.problem_type, self._generator, self.state.global_step,
-                args.label_smoothing_factor, logits=logits.detach(),
-            )  # fmt: skip
-            observed.features = self._head_features(capture, observed.logits, subset)
+        try:
+            with capture.capturing():
+                loss = super().training_step(model, subset, num_items_in_batch)
+            step = self._step
+        finally:
+            self._step = None
+        if not (uniform or step.applied or self.supports_selection_weights):
+            step.weights_not_applied(type(self).__name__, sbp.sbp_strategy)
+        self._loss_verified = self._loss_verified or step.verify
+        if capture.modules:  # what the gradient forward computed for the subset's rows, for the strategy's history
+            pad_token_id = getattr(self._model_config(), "pad_token_id", None)
+            self._head_name, features, logits = head.captured_head_call(capture, subset.get("input_ids"), pad_token_id)
+            bias = dict(capture.modules)[self._head_name].bias is not None
+            observed = self._batch(subset["labels"], record.problem_type, logits, features, bias)
             self._strategy.observe(indices, observed)
-        del logits, losses, subset
-
-        if num_items_in_batch is not None:
-            # This micro-batch's share of the accumulated examples, counted as the Trainer counts them.
-            loss = loss * (labels.ne(-100).sum() / num_items_in_batch)
-            if args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes
-        else:
-            loss = loss / self.current_gradient_accumulation_steps
-        # As in Trainer.training_step: the loss is already scaled for accumulation, so DeepSpeed must not
-        # divide it by the accumulation steps again.
-        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.accelerator.backward(loss, **({"scale_wrt_gas": False} if deepspeed else {}))
 
         synchronize(labels.device)
-        step_s = time.perf_counter() - step_start
         self._last_selection = record
         self.sbp_backprop_examples += record.subset_size
-        self._metrics.add(record.metrics(step_s))
-        return loss.detach()
+        self._metrics.add(record.metrics(time.perf_counter() - step_start))
+        return loss
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """``Trainer.compute_loss``, with the selection weights applied to a selective step's subset (see
+        :mod:`hf_sbp.subset_loss`); at the first step that computes per-example losses, they are checked against the
+        model's own loss."""
+        step = self._step
+        if step is None or (step.weights is None and not step.verify):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        logits, smoothing = head.output_logits(outputs), self.args.label_smoothing_factor
+        losses = example_losses(logits, step.labels, step.problem_type, smoothing, self.sbp_args.sbp_strategy)
+        if step.verify:
+            verify_model_loss(loss, losses, step.problem_type, num_items_in_batch, self.accelerator.num_processes)
+        if step.weights is not None:
+            loss, step.applied = weighted_subset_loss(loss, losses, step.weights), True
+        return (loss, outputs) if return_outputs else loss
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
         """Forward + backward FLOPs of the last step: see :attr:`SelectionRecord.flops_factor`."""
@@ -277,10 +311,9 @@ class SelectiveBackpropTrainer(Trainer):
 
     def _reduced_metrics(self, whole_run: bool = False) -> dict[str, float]:
         """Every process must call it, as every process calls ``log``."""
+        reduce = self.accelerator.reduce
         return self._metrics.reduce(
-            whole_run,
-            self.args.world_size,
-            lambda totals: self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu(),
+            whole_run, self.args.world_size, lambda t: reduce(t.to(self.args.device), "sum").cpu()
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -300,7 +333,7 @@ class SelectiveBackpropTrainer(Trainer):
         ``save_only_model``."""
         if not self.args.save_only_model:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            state = {"strategy": self.args.sbp_strategy, "generator": self._generator.get_state()}
+            state = {"strategy": self.sbp_args.sbp_strategy, "generator": self._generator.get_state()}
             state.update(strategy_state=self._strategy.state_dict(), head_name=self._head_name)
             state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
             save_selection_state(folder, self.args.process_index, state)
@@ -314,29 +347,3 @@ class SelectiveBackpropTrainer(Trainer):
             self.sbp_backprop_examples = int(state["backprop_examples"])
             self._metrics.load_state_dict(state["metrics"])
             self._head_name = self._head_name or state["head_name"]
-
-    # fmt: off
-    def create_model_card(
-        self, language: str | None = None, license: str | None = None, tags: str | list[str] | None = None,
-        model_name: str | None = None, finetuned_from: str | None = None, tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None, **kwargs: Any,
-    ) -> None:
-        # fmt: on
-        """Write ``README.md`` in ``output_dir``: the ``Trainer`` card's content plus the selection settings and
-        statistics and the random-subset baseline, from the template ``model_cards/selective_backprop.md``.
-
-        The arguments are those of ``transformers.Trainer.create_model_card`` (``language``, ``license``, ``tags``,
-        ``model_name``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``) plus
-        ``label_noise``, ``label_noise_flipped``, ``baseline_results``, ``results`` and ``template``, described in
-        :func:`hf_sbp.model_card.render_model_card`; values stored with :func:`hf_sbp.model_card.set_model_card_info`
-        fill in the ones not given.
-        """
-        if not self.is_world_process_zero():
-            return
-        from .model_card import write_model_card
-
-        write_model_card(
-            self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
-            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args, **kwargs,
-        )  # fmt: skip

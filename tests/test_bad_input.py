@@ -95,13 +95,16 @@ def test_batch_too_small_for_one_example_raises(tmp_path, strategy):
     config(tmp_path, sbp_strategy=strategy, sbp_keep=0.0625)  # the suggested value is accepted
 
 
-def test_empty_train_dataset_raises_at_construction(tmp_path):
+def test_empty_train_dataset_raises_when_training_starts(tmp_path):
+    # As Trainer: a trainer built for evaluation needs no training set; train() refuses an empty one up front.
     empty = tiny_dataset().select([])
     for strategy in ("gradmatch", "none"):
+        trainer = SelectiveBackpropTrainer(
+            model=tiny_bert(), args=config(tmp_path, sbp_strategy=strategy), train_dataset=empty
+        )
+        assert "eval_loss" in trainer.evaluate(tiny_dataset(8))
         with pytest.raises(ValueError, match="train_dataset is empty"):
-            SelectiveBackpropTrainer(
-                model=tiny_bert(), args=config(tmp_path, sbp_strategy=strategy), train_dataset=empty
-            )
+            trainer.train()
 
 
 # ---- models whose head cannot be found ---------------------------------------------------------

@@ -234,5 +234,5 @@ def test_template_and_metric_module_ship_in_the_wheel(tmp_path):
     (wheel,) = tmp_path.glob("hf_sbp-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "hf_sbp/model_cards/selective_backprop.md" in names
-    assert "hf_sbp/metrics/glue_offline/glue_offline.py" in names
+    assert "hf_sbp/glue_metric/glue_offline/glue_offline.py" in names
     assert os.path.isfile(template_path())

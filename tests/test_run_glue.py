@@ -27,7 +27,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from hf_sbp import glue
-from hf_sbp.metrics import GLUE_OFFLINE_PATH, load_glue_offline
+from hf_sbp.glue_metric import GLUE_OFFLINE_PATH, load_glue_offline
 
 STEPS, BATCH, KEEP = 4, 8, 0.5
 

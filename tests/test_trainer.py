@@ -47,8 +47,8 @@ def recorded_calls(tmp_path, **overrides) -> list[tuple[int, bool]]:
 def test_plain_training_arguments_mean_the_selective_backprop_defaults(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, report_to="none", use_cpu=True)
     trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
-    assert isinstance(trainer.args, SelectiveBackpropConfig)
-    assert trainer.args.sbp_strategy == "gradmatch" and trainer.args.sbp_keep == 0.5
+    assert trainer.args is args  # kept, as Trainer keeps it
+    assert trainer.sbp_args.sbp_strategy == "gradmatch" and trainer.sbp_args.sbp_keep == 0.5
     assert trainer.args.learning_rate == 3e-4
     assert {"hf_sbp", "selective-backprop"} <= set(trainer.model.model_tags)
 
@@ -153,19 +153,26 @@ def _train_sgd(tmp_path, name, data, batch_size, accumulation, trainer_cls=Selec
 
 
 @pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, accepts_loss_kwargs):
-    # keep = 1 with random keeps every row with weight 1, so accumulated micro-batches must give the
-    # big batch's mean gradient. With num_items_in_batch (BERT accepts **kwargs) even uneven
-    # micro-batches (4 + 4 + 2) are exact; without it, the Trainer's convention needs equal ones.
-    data = tiny_dataset(n=10)
-    micro, steps = (4, 3) if accepts_loss_kwargs else (5, 2)
-    model = tiny_bert()
-    if not accepts_loss_kwargs:
-        model.accepts_loss_kwargs = False
-    big = _train_sgd(tmp_path, "big", data, 10, 1, sbp_strategy="random", sbp_keep=1.0)
-    accumulated = _train_sgd(tmp_path, "acc", data, micro, steps, model=model, sbp_strategy="random", sbp_keep=1.0)
-    for name in big:
-        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6)
+def test_gradient_accumulation_normalises_as_the_plain_trainer(tmp_path, accepts_loss_kwargs):
+    # Every strategy normalises accumulated micro-batches as Trainer does for the model. BERT accepts **kwargs
+    # but ignores num_items_in_batch, so Trainer then sums the micro-batches' means (4 of them here); with
+    # accepts_loss_kwargs = False it divides by the accumulation steps, and the result is the big batch's.
+    data = tiny_dataset(n=16)
+
+    def model():
+        bert = tiny_bert()
+        bert.accepts_loss_kwargs = accepts_loss_kwargs
+        return bert
+
+    plain = _train_sgd(tmp_path, "plain", data, 4, 4, model=model(), trainer_cls=Trainer)
+    none = _train_sgd(tmp_path, "none", data, 4, 4, model=model(), sbp_strategy="none")
+    ours = _train_sgd(tmp_path, "ours", data, 4, 4, model=model(), sbp_strategy="random", sbp_keep=1.0)
+    big = _train_sgd(tmp_path, "big", data, 16, 1, model=model(), trainer_cls=Trainer)
+    for name in plain:
+        assert torch.equal(none[name], plain[name]) and torch.equal(ours[name], plain[name]), name
+        if not accepts_loss_kwargs:
+            torch.testing.assert_close(plain[name], big[name], rtol=1e-4, atol=1e-6)
+    assert accepts_loss_kwargs == (not torch.allclose(plain["classifier.weight"], big["classifier.weight"]))
 
 
 def test_label_smoothing_matches_the_plain_trainer(tmp_path):

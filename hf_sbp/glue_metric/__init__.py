@@ -1,4 +1,4 @@
-"""Offline ``evaluate`` modules shipped with ``hf_sbp`` (loaded by path, so they need no Hub).
+"""The offline GLUE `evaluate` metric shipped with ``hf_sbp`` (loaded by path, so it needs no Hub).
 
 ``GLUE_OFFLINE_PATH`` is the folder of the ``glue_offline`` module: ``evaluate.load(GLUE_OFFLINE_PATH, "cola")``
 works like ``evaluate.load("glue", "cola")`` with no network. The module file is package data (see

@@ -26,7 +26,8 @@ class SelectionBatch:
         n: the number of rows.
         labels: the batch's labels (on the model's device).
         problem_type: the loss family (``single_label_classification``, ``multi_label_classification`` or
-            ``regression``), inferred with the rule of ``transformers``' sequence classifiers.
+            ``regression``), inferred with the rule of ``transformers``' sequence classifiers; ``None`` when the
+            strategy needs no per-example losses (no scoring pass, unweighted, no ``observe``).
         generator: the trainer's seeded CPU generator for the selection's random draws. It is saved in checkpoints
             and offset by the process index, so draws made with it resume exactly and differ across processes.
         step: the trainer's ``global_step`` (optimizer steps completed before this batch).
@@ -42,7 +43,7 @@ class SelectionBatch:
 
     n: int
     labels: torch.Tensor
-    problem_type: str
+    problem_type: str | None
     generator: torch.Generator
     step: int = 0
     label_smoothing: float = 0.0
@@ -52,7 +53,7 @@ class SelectionBatch:
     example_ids: torch.Tensor | None = None
 
     def _scores(self, what: str) -> None:
-        if self.logits is None or (what == "gram" and self.features is None):
+        if self.logits is None or self.problem_type is None or (what == "gram" and self.features is None):
             raise RuntimeError(
                 f"batch.{what} needs the scoring pass, which did not run for this batch; a strategy that reads it "
                 "must set the class attribute needs_scoring = True."
@@ -94,6 +95,9 @@ class SelectionStrategy:
             :meth:`select`, filling ``batch.logits`` and ``batch.features`` (and with them ``residuals``, ``losses``
             and ``gram``).
         selective: ``False`` only for the plain ``Trainer`` step (``none``): no subset is chosen at all.
+        weighted: whether :meth:`select` returns weights other than 1. The trainer then computes the per-example
+            losses to weight them (an unweighted subset trains with the model's own loss), and a ``compute_loss``
+            override must support the weights (see ``SelectiveBackpropTrainer.supports_selection_weights``).
         description: one line for ``--help``, the README and the model card.
         settings: the ``sbp_*`` arguments the strategy reads besides ``sbp_keep``, the schedule and the seed, so
             the model card can say what applies to it.
@@ -106,6 +110,7 @@ class SelectionStrategy:
     name: ClassVar[str] = ""
     needs_scoring: ClassVar[bool] = False
     selective: ClassVar[bool] = True
+    weighted: ClassVar[bool] = False
     description: ClassVar[str] = ""
     settings: ClassVar[tuple[str, ...]] = ()
 

@@ -15,6 +15,7 @@ class GradientMatching(SelectionStrategy):
     weighted gradient fits the batch's mean gradient, the weights then scaled by ``sbp_weight_normalization``."""
 
     needs_scoring = True
+    weighted = True
     description = "OMP picks a weighted subset whose last-layer gradient matches the batch's mean gradient"
     settings = ("sbp_weight_normalization", "sbp_omp_ridge", "sbp_omp_nonnegative", "sbp_omp_tol", "sbp_head_module")
 
