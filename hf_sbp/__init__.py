@@ -6,7 +6,7 @@ uniformly random, or any strategy registered with :func:`register_strategy`) and
 subset only.
 """
 
-from .config import SelectiveBackpropConfig
+from .config import SelectiveBackpropArguments, SelectiveBackpropConfig
 from .strategies import SelectionBatch, SelectionStrategy, register_strategy, registered_strategies
 from .trainer import SelectiveBackpropTrainer
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SelectionBatch",
     "SelectionStrategy",
+    "SelectiveBackpropArguments",
     "SelectiveBackpropConfig",
     "SelectiveBackpropTrainer",
     "__version__",

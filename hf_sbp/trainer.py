@@ -113,6 +113,11 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
         return self._head_name
 
     @property
+    def label_key(self) -> str:
+        """The key of the labels in a batch: the first of ``Trainer``'s ``label_names`` (``labels`` by default)."""
+        return self.label_names[0] if self.label_names else "labels"
+
+    @property
     def runs_scoring_pass(self) -> bool:
         """Whether selective steps run the no-grad scoring pass (the strategy needs it, or it is diagnostic)."""
         return self._strategy.needs_scoring or (self._strategy.selective and self.sbp_args.sbp_diagnostic_scoring)
@@ -145,33 +150,25 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
 
     def score_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> HeadScores:
         """The scoring pass: a forward without autograd, in eval mode, over the whole batch, capturing the head's
-        input. ``inputs`` are collated and on the model's device; ``labels`` are not passed to the model."""
+        input. ``inputs`` are collated and on the model's device; their labels are not passed to the model."""
         modules = self._head_modules(model)
         capture = HeadCapture(modules)
         with self.compute_loss_context_manager(), capture.capturing():
-            logits = head.no_grad_logits(model, {key: value for key, value in inputs.items() if key != "labels"})
+            logits = head.no_grad_logits(model, {key: value for key, value in inputs.items() if key != self.label_key})
         pad_token_id = getattr(self._model_config(), "pad_token_id", None)
         self._head_name, features = head.resolve_head_call(capture, logits, inputs.get("input_ids"), pad_token_id)
         return HeadScores(logits, features, dict(modules)[self._head_name].bias is not None)
 
     def select_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose the rows of one collated batch to backpropagate, and their loss weights.
-
-        Args:
-            model: the (possibly wrapped) model being trained.
-            inputs: a dict of tensors with ``labels``, already on the model's device.
-
-        Returns:
-            ``(indices, weights)``: a LongTensor of distinct row indices and a float32 tensor of non-negative
-            weights of the same length, on the CPU. The subset loss is ``(1/m) sum_S w_i l_i``. What was done is
-            in :attr:`last_selection`.
-        """
+        """Choose the rows of one collated batch (on the model's device, with labels) to backpropagate: returns
+        ``(indices, weights)``, distinct row indices (LongTensor) and their non-negative float32 loss weights, on the
+        CPU, as ``training_step`` would choose them; what was done is in :attr:`last_selection`."""
         indices, weights, self._last_selection = self._select(model, inputs)
         return indices, weights
 
     def _select(self, model: nn.Module, inputs: Mapping[str, Any], active: bool = True):
         """``(indices, weights, record)``; the whole batch when the strategy does not select or ``active`` is False."""
-        labels = batch_labels(inputs)
+        labels = batch_labels(inputs, self.label_key)
         n = labels.shape[0]
         problem_type = self._problem_type(labels) if self.needs_example_losses else None
         if not (self._strategy.selective and active):
@@ -235,12 +232,12 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
     ) -> torch.Tensor:
         """Select a subset of ``inputs`` with the strategy, then forward and backward on it."""
         if not self._strategy.selective:
-            labels = inputs.get("labels")
+            labels = inputs.get(self.label_key)
             self.sbp_backprop_examples += int(labels.shape[0]) if isinstance(labels, torch.Tensor) else 0
             return super().training_step(model, inputs, num_items_in_batch)
         step_start = time.perf_counter()
         inputs = self._prepare_inputs(inputs)
-        labels = batch_labels(inputs)
+        labels = batch_labels(inputs, self.label_key)
         n, sbp = labels.shape[0], self.sbp_args
         active = selection_active(
             self.state.global_step, self.state.max_steps or 0, sbp.sbp_start, sbp.sbp_end, sbp.sbp_interrupt
@@ -251,10 +248,10 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
         unchanged = indices.numel() == n and torch.equal(indices, torch.arange(n))
         subset = inputs if unchanged else index_rows(inputs, indices, n)
         if not unchanged:
-            num_items_in_batch = subset_num_items(num_items_in_batch, subset["labels"], labels)
+            num_items_in_batch = subset_num_items(num_items_in_batch, subset[self.label_key], labels)
         record.selection_s += time.perf_counter() - index_start
         uniform = bool((weights == 1).all())
-        self._step = SubsetStep(subset["labels"], record.problem_type, None if uniform else weights)
+        self._step = SubsetStep(subset[self.label_key], record.problem_type, None if uniform else weights)
         self._step.verify = self.needs_example_losses and not self._loss_verified
         capture = HeadCapture(self._head_modules(model) if self._strategy.observes() else [])
         try:
@@ -265,12 +262,11 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
             self._step = None
         if not (uniform or step.applied or self.supports_selection_weights):
             step.weights_not_applied(type(self).__name__, sbp.sbp_strategy)
-        self._loss_verified = self._loss_verified or step.verify
         if capture.modules:  # what the gradient forward computed for the subset's rows, for the strategy's history
             pad_token_id = getattr(self._model_config(), "pad_token_id", None)
             self._head_name, features, logits = head.captured_head_call(capture, subset.get("input_ids"), pad_token_id)
             bias = dict(capture.modules)[self._head_name].bias is not None
-            observed = self._batch(subset["labels"], record.problem_type, logits, features, bias)
+            observed = self._batch(subset[self.label_key], record.problem_type, logits, features, bias)
             self._strategy.observe(indices, observed)
 
         synchronize(labels.device)
@@ -297,6 +293,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
         losses = example_losses(logits, step.labels, step.problem_type, smoothing, self.sbp_args.sbp_strategy)
         if step.verify:
             verify_model_loss(loss, losses, step.problem_type, num_items_in_batch, self.accelerator.num_processes)
+            self._loss_verified = True
         if step.weights is not None:
             loss, step.applied = weighted_subset_loss(loss, losses, step.weights), True
         return (loss, outputs) if return_outputs else loss
