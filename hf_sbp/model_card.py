@@ -290,6 +290,23 @@ def _settings_section(
     return _table(["setting", "value", "applies to"], rows)
 
 
+def _how_trained(args) -> str:
+    """The card's one-sentence account of what the strategy did to each batch."""
+    strategy = strategy_class(args.sbp_strategy)
+    if not strategy.selective:
+        name = args.sbp_strategy
+        return f"with `sbp_strategy {name}`, every training batch was backpropagated in full, as with `Trainer`."
+    if strategy.needs_scoring:
+        return (
+            "each training batch was scored with a cheap forward pass without autograd, and only a subset of it "
+            f"chosen by `{args.sbp_strategy}` was backpropagated."
+        )
+    return (
+        f"only a subset of each training batch, chosen by `{args.sbp_strategy}` without a scoring pass, was "
+        "backpropagated."
+    )
+
+
 def _statistics_section(args, log_history, backprop_examples: Any) -> str:
     if not strategy_class(args.sbp_strategy).selective:
         return "Selection was off (`sbp_strategy none`): every batch was backpropagated in full, as with `Trainer`."
@@ -485,6 +502,7 @@ def render_model_card(
     fields = {
         "metadata": yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
         "model_name": model_name,
+        "how_trained": _how_trained(sbp),
         "base_model": base_text,
         "dataset": dataset_text,
         "task": _task_text(config, tasks),

@@ -147,23 +147,26 @@ def mean_gradient_target(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return corr, corr.mean()
 
 
-def gradient_match_error(gram: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Relative error of a weighted subset's gradient against the batch-mean gradient.
+def gradient_match_error(
+    gram: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
+    """Relative error of a weighted subset's gradient against the batch-mean gradient, from the Gram matrix alone.
 
-    ``|| sum_S w_i g_i / sum_S w_i - gbar || / || gbar ||``, computed from the Gram matrix alone.
-    The weights are normalised by their sum, so only their proportions matter.
+    With ``normalize`` (the default), ``|| sum_S w_i g_i / sum_S w_i - gbar || / || gbar ||``: only the weights'
+    proportions matter. Without it, ``|| sum_S w_i g_i - gbar || / || gbar ||`` with the weights as given: pass
+    ``w / m`` to measure the gradient of the subset loss ``(1/m) sum_S w_i l_i``, magnitude included.
 
     Returns:
-        A float64 scalar; ``nan`` when ``gbar`` is zero or the weights sum to zero (undefined).
+        A float64 scalar; ``nan`` when ``gbar`` is zero or (normalising) the weights sum to zero (undefined).
     """
     K = gram.double()
     corr, target_sq = mean_gradient_target(K)
     idx = indices.to(K.device).long()
     w = weights.to(K.device).double()
     total = w.sum()
-    if idx.numel() == 0 or not bool(total > 0) or not bool(target_sq > 0):
+    if idx.numel() == 0 or (normalize and not bool(total > 0)) or not bool(target_sq > 0):
         return torch.tensor(float("nan"), dtype=torch.float64)
-    a = w / total
+    a = w / total if normalize else w
     err_sq = a @ K[idx][:, idx] @ a - 2.0 * (a @ corr[idx]) + target_sq
     return torch.sqrt(torch.clamp(err_sq, min=0.0) / target_sq)
 

@@ -193,7 +193,9 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
             if not all_finite(weights):
                 indices = weights = None
             elif record.scored:
-                record.grad_match_error = float(gradient_match_error(batch.gram, indices, weights))
+                # Of the gradient actually trained, (1/m) sum_S w_i g_i: magnitude included.
+                trained = gradient_match_error(batch.gram, indices, weights / weights.numel(), normalize=False)
+                record.grad_match_error = float(trained)
         if indices is None:
             if not self._warned_nonfinite:
                 logger.warning(

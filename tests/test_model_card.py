@@ -236,3 +236,24 @@ def test_template_and_metric_module_ship_in_the_wheel(tmp_path):
     assert "hf_sbp/model_cards/selective_backprop.md" in names
     assert "hf_sbp/glue_metric/glue_offline/glue_offline.py" in names
     assert os.path.isfile(template_path())
+
+
+@pytest.mark.parametrize(
+    "strategy, says",
+    [
+        ("none", "every training batch was backpropagated in full"),
+        ("random", "chosen by `random` without a scoring pass"),
+        ("gradmatch", "scored with a cheap forward pass without autograd"),
+    ],
+)
+def test_the_introduction_says_what_the_strategy_did(tmp_path, strategy, says):
+    from tiny_models import tiny_bert, tiny_dataset
+
+    args = SelectiveBackpropConfig(
+        output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, sbp_strategy=strategy
+    )
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+    trainer.create_model_card()
+    introduction = (tmp_path / "README.md").read_text().split("## Results")[0]
+    assert says in introduction
+    assert ("subset" in introduction) == (strategy != "none")

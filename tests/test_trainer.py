@@ -101,9 +101,11 @@ def test_none_is_bit_for_bit_the_plain_trainer(tmp_path):
     "strategy, keep, extra",
     [
         ("gradmatch", 0.5, {}),
-        # Every row kept, in OMP's order of selection, with unequal (ridge) weights: the weights must
+        # Nearly every row kept, in OMP's order of selection, with unequal (ridge) weights: the weights must
         # stay with their rows.
-        ("gradmatch", 1.0, {"sbp_omp_ridge": 0.1, "sbp_omp_tol": 0.0}),
+        ("gradmatch", 0.875, {"sbp_omp_ridge": 0.1, "sbp_omp_tol": 0.0}),
+        # Keep 1.0 is the full batch, weight 1 each.
+        ("gradmatch", 1.0, {}),
         ("loss", 0.5, {}),
         ("random", 0.5, {}),
     ],
@@ -122,9 +124,11 @@ def test_training_step_backpropagates_the_weighted_subset_loss(tmp_path, strateg
     assert weights.shape == indices.shape and (weights >= 0).all()
     if strategy == "gradmatch":
         assert weights.sum().item() == pytest.approx(indices.numel())
-        if keep == 1.0:
-            assert indices.numel() == 8 and not torch.equal(indices, torch.arange(8))
+        if keep == 0.875:
+            assert indices.numel() == 7 and not torch.equal(indices, indices.sort().values)
             assert weights.std() > 1e-3
+        if keep == 1.0:
+            assert torch.equal(indices, torch.arange(8)) and torch.equal(weights, torch.ones(8))
     else:
         assert torch.equal(weights, torch.ones(k))
     # Reference: autograd of (1/m) sum_S w_i CE_i on the chosen rows, written out by hand.
@@ -258,3 +262,29 @@ def test_the_summary_log_has_run_averages_including_the_last_partial_interval(tm
     assert "train_runtime" in summary
     assert summary["train_sbp/selective_steps"] == 5
     assert summary["train_sbp/backprop_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("normalization", ["subset_size", "none"])
+def test_logged_match_error_is_that_of_the_trained_gradient(tmp_path, normalization):
+    # Reference: autograd's per-example last-layer gradients (weight and bias of the head, eval mode as the
+    # scoring pass), the trained subset gradient (1/m) sum_S w_i g_i, and its relative error to the batch mean.
+    data = tiny_dataset(n=16)
+    batch = collated(data, range(16))
+    model = tiny_bert()
+    args = make_args(tmp_path, per_device_train_batch_size=16, sbp_weight_normalization=normalization)
+    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=data)
+    indices, weights = trainer.select_batch(model, batch)
+    model.eval()
+    grads = []
+    for i in range(16):
+        model.zero_grad()
+        logits = model(
+            input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
+        ).logits
+        F.cross_entropy(logits, batch["labels"][i : i + 1]).backward()
+        grads.append(torch.cat([model.classifier.weight.grad.flatten(), model.classifier.bias.grad]).double())
+    G = torch.stack(grads)
+    mean = G.mean(0)
+    trained = (weights.double()[:, None] * G[indices]).sum(0) / indices.numel()
+    expected = float((trained - mean).norm() / mean.norm())
+    assert trainer.last_selection.grad_match_error == pytest.approx(expected, rel=1e-3, abs=1e-5)

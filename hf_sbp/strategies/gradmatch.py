@@ -20,6 +20,8 @@ class GradientMatching(SelectionStrategy):
     settings = ("sbp_weight_normalization", "sbp_omp_ridge", "sbp_omp_nonnegative", "sbp_omp_tol", "sbp_head_module")
 
     def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if k >= batch.n:  # keep 1.0: the batch is the subset, each row with weight 1 (OMP could stop early)
+            return torch.arange(batch.n), torch.ones(batch.n)
         gram = batch.gram
         # The ridge is relative to the gradients' mean squared norm, so it does not depend on the loss's scale.
         ridge = self.args.sbp_omp_ridge * float(torch.diagonal(gram).double().mean())
