@@ -1,12 +1,14 @@
 """The selection state each process saves beside a checkpoint, so that a resumed run reproduces an uninterrupted one.
 
-The file ``sbp_state_rank{i}.pt`` of process ``i`` holds the strategy's name, the selection generator's state, the
-strategy's own :meth:`~hf_sbp.SelectionStrategy.state_dict`, the head's name, the examples backpropagated so far and
-the whole-run selection metrics. It is read with ``torch.load(weights_only=True)``.
+The file ``sbp_state_rank{i}.pt`` of process ``i`` holds the strategy's name and every ``sbp_*`` setting (a resumed
+run must share them), the selection generator's state, the strategy's own
+:meth:`~hf_sbp.SelectionStrategy.state_dict`, the head's name, the examples backpropagated so far and the whole-run
+selection metrics. It is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -35,3 +37,25 @@ def load_selection_state(folder: str, process_index: int, warn_if_missing: bool 
             )
         return None
     return torch.load(path, weights_only=True)
+
+
+def selection_settings(sbp_args: Any) -> dict[str, Any]:
+    """The ``sbp_*`` settings of a run that a resumed run must share (all but ``sbp_strategy_modules``)."""
+    from .config import SelectiveBackpropArguments
+
+    names = [f.name for f in dataclasses.fields(SelectiveBackpropArguments) if f.name != "sbp_strategy_modules"]
+    return {name: getattr(sbp_args, name) for name in names}
+
+
+def check_same_settings(state: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
+    """Raise if the checkpoint's selection settings differ from this run's: resuming would mix two runs (and the
+    model card would report one run's settings with the other's statistics)."""
+    saved = dict(state.get("settings") or {"sbp_strategy": state.get("strategy")})
+    differ = [f"{name}={saved[name]!r} there, {value!r} now" for name, value in current.items() if name in saved
+              and saved[name] != value]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"the checkpoint {checkpoint} was written with other selection settings ({'; '.join(differ)}), so "
+            "resuming it would mix two runs. Resume with the checkpoint's settings, or start afresh in another "
+            "output_dir (run_glue.py: --overwrite_output_dir ignores the checkpoints there)."
+        )

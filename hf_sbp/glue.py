@@ -228,6 +228,43 @@ class DataTrainingArguments:
             load_baseline_results(self.baseline_results)
 
 
+@dataclass
+class RunArguments:
+    """What the script may do to ``--output_dir``."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a finished run's model and results in --output_dir, and ignore its checkpoints "
+            "(transformers 5 dropped this flag from TrainingArguments; the script keeps it). Without it, a training "
+            "run into a folder that holds a finished run stops before anything is written."
+        },
+    )
+
+
+FINISHED_RUN_FILES = (
+    "all_results.json",
+    "train_results.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+)
+"""Files whose presence in ``--output_dir`` means that a run finished there."""
+
+
+def check_output_dir(output_dir: str, do_train: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, to train into a folder that holds a finished run, unless told to."""
+    if not do_train or overwrite or not os.path.isdir(output_dir):
+        return
+    found = [name for name in FINISHED_RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if found:
+        raise ValueError(
+            f"output_dir={output_dir!r} already holds a finished run ({', '.join(found)}); training again would "
+            "replace its model and results. Pass --overwrite_output_dir to replace them, or choose another "
+            "--output_dir."
+        )
+
+
 def validate_label_noise(rate: Any, is_regression: bool = False) -> None:
     """Raise ``ValueError`` unless ``rate`` is a valid ``--label_noise`` for the task."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= rate <= 1.0):

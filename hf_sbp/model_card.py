@@ -515,7 +515,9 @@ def render_model_card(
             label_noise_flipped,
             current.get("train_samples"),
         ),
-        "selection_statistics": _statistics_section(sbp, log_history, getattr(trainer, "sbp_backprop_examples", None)),
+        "selection_statistics": _statistics_section(
+            sbp, log_history, current.get("sbp_backprop_examples", getattr(trainer, "sbp_backprop_examples", None))
+        ),
         "baseline": _baseline_section(sbp, current, baseline, baseline_source),
         "hyperparameters": hyper_text,
         "training_results": training_results,

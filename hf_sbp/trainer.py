@@ -15,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 
 from . import head, setup_checks
 from ._utils import all_finite, synchronize
-from .checkpoint_state import load_selection_state, save_selection_state
+from .checkpoint_state import check_same_settings, load_selection_state, save_selection_state, selection_settings
 from .config import SelectiveBackpropArguments
 from .head import HeadCapture, HeadScores
 from .model_card import MODEL_TAGS, ModelCardMixin
@@ -302,8 +302,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
         """Forward + backward FLOPs of the last step: see :attr:`SelectionRecord.flops_factor`."""
-        full = super().floating_point_ops(inputs)
-        record = self._last_selection
+        full, record = super().floating_point_ops(inputs), self._last_selection
         return full if record is None or not self._strategy.selective else int(full * record.flops_factor)
 
     # ---- logging and checkpoints -------------------------------------------------------------
@@ -332,7 +331,8 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
         ``save_only_model``."""
         if not self.args.save_only_model:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            state = {"strategy": self.sbp_args.sbp_strategy, "generator": self._generator.get_state()}
+            state = {"strategy": self.sbp_args.sbp_strategy, "settings": selection_settings(self.sbp_args)}
+            state["generator"] = self._generator.get_state()
             state.update(strategy_state=self._strategy.state_dict(), head_name=self._head_name)
             state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
             save_selection_state(folder, self.args.process_index, state)
@@ -341,6 +341,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
     def _load_selection_state(self, checkpoint: str) -> None:
         state = load_selection_state(checkpoint, self.args.process_index, warn_if_missing=self._strategy.selective)
         if state is not None:
+            check_same_settings(state, selection_settings(self.sbp_args), checkpoint)
             self._generator.set_state(state["generator"])
             self._strategy.load_state_dict(state["strategy_state"])
             self.sbp_backprop_examples = int(state["backprop_examples"])

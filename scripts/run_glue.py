@@ -19,6 +19,7 @@ The reusable logic lives in :mod:`hf_sbp.glue`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -36,6 +37,8 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
@@ -45,7 +48,9 @@ from hf_sbp.glue import (
     LABEL_COLUMN,
     DataTrainingArguments,
     ModelArguments,
+    RunArguments,
     apply_label_noise,
+    check_output_dir,
     encode_labels,
     label_info,
     load_metric,
@@ -59,8 +64,10 @@ from hf_sbp.model_card import set_model_card_info
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, SelectiveBackpropConfig]:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, SelectiveBackpropConfig))
+def parse_args(
+    argv: list[str],
+) -> tuple[ModelArguments, DataTrainingArguments, SelectiveBackpropConfig, RunArguments]:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, SelectiveBackpropConfig, RunArguments))
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(os.path.abspath(argv[0]))
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -69,7 +76,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataTrainingArguments, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args, run_args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_output_dir(training_args.output_dir, training_args.do_train, run_args.overwrite_output_dir)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info(f"Training/evaluation parameters {training_args}")
 
     last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
+    if os.path.isdir(training_args.output_dir) and training_args.do_train and not run_args.overwrite_output_dir:
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
@@ -255,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if data_args.baseline_results is not None:
         card["baseline_results"] = data_args.baseline_results
     set_model_card_info(trainer, **card)
+    previous_state = os.path.join(training_args.output_dir, TRAINER_STATE_NAME)
+    if not training_args.do_train and os.path.isfile(previous_state):
+        # An evaluation-only run into a trained model's folder: keep that training's logs (and so the model card's
+        # training statistics); its metrics are merged into all_results.json as they are saved.
+        trainer.state = TrainerState.load_from_json(previous_state)
 
     all_metrics: dict[str, float] = {}
     if training_args.do_train:
@@ -328,6 +341,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         else:
                             writer.write(f"{index}\t{model.config.id2label[int(item)]}\n")
 
+    results_file = os.path.join(training_args.output_dir, "all_results.json")
+    if os.path.isfile(results_file):  # what save_metrics merged there, an earlier training run's metrics included
+        with open(results_file, encoding="utf-8") as handle:
+            all_metrics = {**json.load(handle), **all_metrics}
     set_model_card_info(trainer, results=all_metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub()

@@ -261,7 +261,7 @@ def test_json_config_parses_like_flags(run_glue, tmp_path):
             }
         )
     )
-    model_args, data_args, training_args = run_glue.parse_args([str(path)])
+    model_args, data_args, training_args, _ = run_glue.parse_args([str(path)])
     assert (training_args.sbp_strategy, training_args.sbp_keep, data_args.label_noise) == ("loss", 0.25, 0.3)
     from hf_sbp.data import bundled_model_path
 
@@ -373,3 +373,64 @@ def test_bundled_dataset_name_loads_offline():
     assert glue.metric_config_name(None, info.is_regression, info.num_labels) == "multiclass"
     with pytest.raises(ValueError, match="dataset_config_name='x'"):
         glue.DataTrainingArguments(dataset_name="tweets", dataset_config_name="x")
+
+
+# ---- reused output folders: nothing overwritten or mixed ------------------------------------------
+
+
+def _snapshot(folder) -> dict[str, float]:
+    return {
+        os.path.relpath(os.path.join(root, name), folder): os.path.getmtime(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def _folder_flags(model_dir, tmp_path, strategy: str, *extra: str) -> list[str]:
+    train = write_rows(str(tmp_path / "train.csv"), single_sentence_rows(32, seed=0))
+    val = write_rows(str(tmp_path / "val.csv"), single_sentence_rows(16, seed=1))
+    return _common_flags(model_dir, tmp_path, train, val) + ["--sbp_strategy", strategy, *extra]
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite_output_dir(run_glue, model_dir, tmp_path):
+    run_glue.main(_folder_flags(model_dir, tmp_path, "random"))
+    before = _snapshot(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"output_dir=.*out' already holds a finished run \(all_results.json"):
+        run_glue.main(_folder_flags(model_dir, tmp_path, "gradmatch"))
+    assert _snapshot(tmp_path / "out") == before  # nothing written
+    run_glue.main(_folder_flags(model_dir, tmp_path, "gradmatch", "--overwrite_output_dir"))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| strategy (`sbp_strategy`) | gradmatch | all |" in card
+
+
+def test_a_checkpoint_of_other_selection_settings_is_not_resumed(run_glue, model_dir, tmp_path):
+    flags = _folder_flags(model_dir, tmp_path, "gradmatch", "--save_strategy", "steps", "--save_steps", "2")
+    run_glue.main(flags)
+    for name in ("all_results.json", "train_results.json", "eval_results.json", "model.safetensors"):
+        os.remove(tmp_path / "out" / name)  # an interrupted run: checkpoints only
+    before = _snapshot(tmp_path / "out")
+    expected = r"checkpoint-4 was written with other selection settings \(sbp_strategy='gradmatch' there, 'random' now"
+    with pytest.raises(ValueError, match=expected):  # auto-resume
+        run_glue.main(_folder_flags(model_dir, tmp_path, "random"))
+    with pytest.raises(ValueError, match=r"sbp_keep=0.5 there, 0.25 now"):  # an explicit --resume_from_checkpoint
+        run_glue.main(
+            _folder_flags(model_dir, tmp_path, "gradmatch", "--sbp_keep", "0.25", "--resume_from_checkpoint",
+                          str(tmp_path / "out" / "checkpoint-4"))
+        )  # fmt: skip
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_an_evaluation_only_run_keeps_the_cards_training_statistics(run_glue, model_dir, tmp_path):
+    run_glue.main(_folder_flags(model_dir, tmp_path, "gradmatch"))
+    trained = (tmp_path / "out" / "README.md").read_text()
+    statistics = trained.split("### Selection statistics over the run")[1].split("##")[0]
+    assert "examples backpropagated" in statistics
+    train, val = str(tmp_path / "train.csv"), str(tmp_path / "val.csv")
+    flags = ["--model_name_or_path", str(tmp_path / "out"), "--train_file", train, "--validation_file", val]
+    flags += ["--do_eval"]
+    flags += tiny_training_flags(str(tmp_path / "out"))
+    run_glue.main(flags + ["--sbp_strategy", "gradmatch"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.split("### Selection statistics over the run")[1].split("##")[0] == statistics
+    results = _json(tmp_path / "out" / "all_results.json")
+    assert "train_loss" in results and "eval_accuracy" in results
