@@ -295,7 +295,86 @@ def load_raw_datasets(
             raise ValueError("do_predict with local files needs --test_file (a csv or json file like --train_file).")
         data_files["test"] = data_args.test_file
     builder = "csv" if _extension(data_args.train_file) == "csv" else "json"
-    return load_dataset(builder, data_files=data_files, cache_dir=cache_dir, token=token)
+    # One file at a time, so that an error names its file, and an unlabelled test file keeps its own columns.
+    raw = DatasetDict()
+    for split, path in data_files.items():
+        _check_readable(split, path)
+        try:
+            raw[split] = load_dataset(builder, data_files={split: path}, cache_dir=cache_dir, token=token)[split]
+        except Exception as error:  # datasets' own errors name neither the file nor the split
+            raise ValueError(f"{split}_file={path!r} cannot be read as {builder.upper()}: {error}") from error
+    for split, dataset in raw.items():
+        if len(dataset) == 0:
+            raise ValueError(f"{split}_file={data_files[split]!r} has no rows (only a header, or nothing).")
+    return raw
+
+
+def _check_readable(split: str, path: str) -> None:
+    """A local data file must be non-empty UTF-8 text with at least one row: name the file otherwise."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{split}_file={path!r} is empty.")
+    lines = 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = sum(1 for line in handle if line.strip())
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{split}_file={path!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
+        ) from error
+    if _extension(path) == "csv" and lines < 2:
+        raise ValueError(f"{split}_file={path!r} has no rows (only a header, or nothing).")
+
+
+def validate_raw_datasets(raw: DatasetDict, text_keys: Sequence[str | None], is_regression: bool) -> DatasetDict:
+    """Check every split's text and labels before anything is tokenised or trained, naming the split, the column,
+    the row and the value: no missing or empty text; in the splits with labels, no missing label (``None`` or NaN),
+    and no ``-1`` (GLUE's mark of a hidden test label) in the training split. A split other than the training split
+    whose labels are all missing (an unlabelled test file) loses its label column, so it can be predicted on."""
+    checked = {}
+    for split, dataset in raw.items():
+        for key in text_keys:
+            if key is None or key not in dataset.column_names:
+                continue
+            for row, text in enumerate(dataset[key]):
+                if text is None or (isinstance(text, str) and not text.strip()):
+                    raise ValueError(
+                        f"the {split!r} split has an empty text in column {key!r} at row {row} (value {text!r}); "
+                        "every example needs its text: fill or drop that row."
+                    )
+        if LABEL_COLUMN in dataset.column_names:
+            values = dataset[LABEL_COLUMN]
+            missing = [row for row, value in enumerate(values) if value is None or value != value]
+            if missing and len(missing) == len(values) and split != "train":
+                dataset = dataset.remove_columns(LABEL_COLUMN)  # an unlabelled file: predict on it
+            elif missing:
+                raise ValueError(
+                    f"the {split!r} split has {len(missing)} missing label(s) in column {LABEL_COLUMN!r} (the first at "
+                    f"row {missing[0]}, value {values[missing[0]]!r}); every labelled example needs a label: fill or "
+                    "drop those rows."
+                )
+            elif split == "train" and not is_regression and -1 in set(values):
+                raise ValueError(
+                    f"the 'train' split has label -1 at row {values.index(-1)}: -1 marks an unlabelled example (as "
+                    "GLUE's hidden test labels), which cannot be trained on; drop such rows or give them a class."
+                )
+        elif split == "train":
+            raise ValueError(
+                f"the 'train' split has no {LABEL_COLUMN!r} column (its columns are {dataset.column_names}); the "
+                "training data gives the labels."
+            )
+        checked[split] = dataset
+    return DatasetDict(checked)
+
+
+def check_max_seq_length(max_seq_length: int, tokenizer: Any, pairs: bool) -> None:
+    """A sequence must hold the tokenizer's special tokens and at least one token of each text."""
+    needed = tokenizer.num_special_tokens_to_add(pair=pairs) + (2 if pairs else 1)
+    if max_seq_length < needed:
+        kind = "sentence pairs" if pairs else "single sentences"
+        raise ValueError(
+            f"max_seq_length={max_seq_length} is too short for {kind}: this tokenizer adds "
+            f"{needed - (2 if pairs else 1)} special tokens, so at least {needed} are needed."
+        )
 
 
 def text_columns(column_names: Sequence[str], task_name: str | None = None) -> tuple[str, str | None]:

@@ -40,14 +40,15 @@ def model_config(model: torch.nn.Module, strategy: str):
     return config
 
 
-def batch_labels(inputs: Mapping[str, Any]) -> torch.Tensor:
-    """The batch's ``labels``, one row per example; a clear error when the collator returned none."""
-    if "labels" not in inputs or inputs["labels"] is None:
+def batch_labels(inputs: Mapping[str, Any], key: str = "labels") -> torch.Tensor:
+    """The batch's labels (under ``key``, the trainer's first ``label_names``), one row per example; a clear error
+    when the collator returned none."""
+    if inputs.get(key) is None:
         raise ValueError(
-            f"the batch has no 'labels' (its keys are {sorted(inputs)}); selective backprop scores examples by "
-            "their loss, so the collator must return labels."
+            f"the batch has no {key!r} (its keys are {sorted(inputs)}); selective backprop selects rows by their "
+            "labels' rows and scores them by their loss, so the collator must return labels (see label_names)."
         )
-    labels = inputs["labels"]
+    labels = inputs[key]
     if labels.dim() == 0 or labels.shape[0] == 0:
         raise ValueError(f"the batch's labels have shape {tuple(labels.shape)}; expected one row per example.")
     return labels
@@ -55,13 +56,36 @@ def batch_labels(inputs: Mapping[str, Any]) -> torch.Tensor:
 
 def batch_problem_type(config, labels: torch.Tensor, label_smoothing: float) -> str:
     """The loss family of the batch (the rule of ``transformers``' sequence classifiers), checked for what the
-    per-example loss cannot serve: the ignore index, and label smoothing outside single-label classification."""
+    per-example loss cannot serve: labels of the wrong shape, class ids outside ``[0, num_labels)`` (the ignore
+    index included), and label smoothing outside single-label classification."""
     problem_type = infer_problem_type(config.num_labels, labels, config.problem_type)
-    if problem_type == "single_label_classification" and bool((labels == -100).any()):
+    n, classes, shape = labels.shape[0], config.num_labels, tuple(labels.shape)
+    if problem_type == "single_label_classification":
+        if labels.dim() != 1:
+            raise ValueError(
+                f"the batch's labels have shape {shape}, but sequence classification with class ids needs one label "
+                "per example, (n,). Per-token labels (token classification) have no per-example loss here: use "
+                "sbp_strategy='random' or 'none', which train with the model's own loss."
+            )
+        low, high, ignored = torch.stack([labels.min(), labels.max(), (labels == -100).sum()]).tolist()
+        if ignored:
+            raise ValueError(
+                "the batch's labels contain the ignore index -100; every example needs a label for selective "
+                "backprop (filter unlabelled rows out of the training set)."
+            )
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"the batch has label id {low if low < 0 else high}, outside [0, {classes}) for num_labels={classes}; "
+                "class ids must be 0 .. num_labels - 1 (set num_labels to the number of classes)."
+            )
+    elif problem_type == "multi_label_classification" and shape != (n, classes):
         raise ValueError(
-            "the batch's labels contain the ignore index -100; every example needs a label for selective "
-            "backprop (filter unlabelled rows out of the training set)."
+            f"float labels of shape {shape} with num_labels={classes} make the problem multi-label classification, "
+            f"which needs labels of shape ({n}, {classes}). For class ids use integer labels; for one regression "
+            "target set num_labels=1 (or config.problem_type='regression')."
         )
+    elif problem_type == "regression" and labels.numel() != n * classes:
+        raise ValueError(f"regression labels of shape {shape} do not fit num_labels={classes} outputs per example.")
     if label_smoothing and problem_type != "single_label_classification":
         raise ValueError(
             f"label_smoothing_factor={label_smoothing} applies to single-label classification "
@@ -123,7 +147,14 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
         )
     if trainer.runs_scoring_pass or strategy.observes():
         if trainer.head_name is not None:
-            named_head(unwrapped, trainer.head_name)
+            module = named_head(unwrapped, trainer.head_name)
+            if module.out_features != config.num_labels:
+                candidates = [name for name, _ in head_candidates(unwrapped, config.num_labels)]
+                raise HeadNotFoundError(
+                    f"{HEAD_OVERRIDE_OPTION}={trainer.head_name!r} is an nn.Linear with out_features="
+                    f"{module.out_features}, but the head must have one output per label (num_labels="
+                    f"{config.num_labels}); its final nn.Linear is one of {candidates}."
+                )
         elif not head_candidates(unwrapped, config.num_labels):
             raise HeadNotFoundError(
                 f"{type(unwrapped).__name__} has no nn.Linear with out_features equal to num_labels="
@@ -160,6 +191,13 @@ def check_label_column(dataset: Any, config) -> None:
                 f"{ignored} of the {len(dataset)} training examples have {name} = -100 (the ignore index; the "
                 f"first is row {first}). Selective backprop scores every example by its loss, so every example "
                 f"needs a label: filter them out first, e.g. dataset.filter(lambda e: e[{name!r}] != -100)."
+            )
+        outside = pc.or_(pc.less(column, 0), pc.greater_equal(column, config.num_labels))
+        if pc.any(outside).as_py():
+            row = pc.index(outside, True).as_py()
+            raise ValueError(
+                f"training example {row} has {name} = {column[row].as_py()}, outside [0, {config.num_labels}) for "
+                f"num_labels={config.num_labels}; class ids must be 0 .. num_labels - 1."
             )
         return
 
@@ -204,7 +242,7 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
             batch = probe_batch(trainer)
             if batch is None:
                 return
-            labels = batch_labels(batch)
+            labels = batch_labels(batch, trainer.label_key)
             problem_type = batch_problem_type(config, labels, trainer.args.label_smoothing_factor)
             with trainer.compute_loss_context_manager():
                 outputs = no_grad_outputs(trainer.model, batch)

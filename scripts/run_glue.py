@@ -50,6 +50,7 @@ from hf_sbp.glue import (
     ModelArguments,
     RunArguments,
     apply_label_noise,
+    check_max_seq_length,
     check_output_dir,
     encode_labels,
     label_info,
@@ -58,6 +59,7 @@ from hf_sbp.glue import (
     make_compute_metrics,
     text_columns,
     validate_label_noise,
+    validate_raw_datasets,
 )
 from hf_sbp.model_card import set_model_card_info
 
@@ -108,6 +110,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     if "train" not in raw_datasets:
         raise ValueError(f"the data has no 'train' split (splits: {list(raw_datasets)}); it gives the labels.")
+    if data_args.task_name is None:  # GLUE's own data is clean; local and other data are checked row by row
+        text_keys = text_columns(raw_datasets["train"].column_names)
+        feature = raw_datasets["train"].features.get(LABEL_COLUMN)
+        is_float = getattr(feature, "dtype", None) in ("float16", "float32", "float64")
+        raw_datasets = validate_raw_datasets(raw_datasets, text_keys, is_regression=is_float)
     labels = label_info(raw_datasets["train"], data_args.task_name)
     validate_label_noise(data_args.label_noise, labels.is_regression)
     eval_split = "validation_matched" if data_args.task_name == "mnli" else "validation"
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"({tokenizer.model_max_length}); using max_seq_length={tokenizer.model_max_length}."
         )
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+    check_max_seq_length(max_seq_length, tokenizer, pairs=sentence2_key is not None)
     padding = "max_length" if data_args.pad_to_max_length else False
 
     def preprocess_function(examples):

@@ -417,3 +417,56 @@ def test_single_process_multi_gpu_is_refused_at_construction(tmp_path):
     args._n_gpu = 2
     with pytest.raises(ValueError, match="n_gpu=2.*torchrun"):
         SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+
+
+# ---- bad labels and data through the API: refused when the trainer is built, naming the value -------
+
+
+@pytest.mark.parametrize("bad, row", [(3, 5), (-1, 0), (7, 31)])
+def test_label_ids_outside_the_classes_raise_at_construction(tmp_path, bad, row):
+    labels = [0, 1, 2] * 10 + [0, 1]
+    labels[row] = bad
+    with pytest.raises(ValueError, match=rf"training example {row} has labels = {bad}, outside \[0, 3\)"):
+        SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path), train_dataset=tiny_dataset(labels=labels))
+
+
+def test_label_ids_outside_the_classes_in_a_batch_name_the_value(tmp_path):
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=config(tmp_path), train_dataset=tiny_dataset())
+    batch = batch_of(tiny_dataset(BATCH, labels=[0, 1, 2, 5, 0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"label id 5, outside \[0, 3\) for num_labels=3"):
+        trainer.select_batch(trainer.model, batch)
+
+
+def test_float_labels_with_two_classes_raise_at_construction(tmp_path):
+    data = tiny_dataset().remove_columns("labels").add_column("labels", [0.0, 1.0] * 16)
+    with pytest.raises(
+        ValueError, match=r"float labels of shape \(2,\) with num_labels=2 make the problem multi-label"
+    ):
+        SelectiveBackpropTrainer(model=tiny_bert(num_labels=2), args=config(tmp_path), train_dataset=data)
+
+
+def test_seed_too_large_for_a_generator_is_refused(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"sbp_seed=18446744073709551616 is invalid; it must be an integer in \[0, 2\*\*63\)"
+    ):
+        config(tmp_path, sbp_seed=2**64)
+
+
+def test_a_head_override_with_the_wrong_output_size_says_so(tmp_path):
+    with pytest.raises(
+        HeadNotFoundError, match=r"'bert.pooler.dense' is an nn.Linear with out_features=32, .*num_labels=3"
+    ):
+        SelectiveBackpropTrainer(
+            model=tiny_bert(), args=config(tmp_path, sbp_head_module="bert.pooler.dense"), train_dataset=tiny_dataset()
+        )
+
+
+def test_a_token_classification_model_gets_an_error_about_per_token_labels(tmp_path):
+    from transformers import BertForTokenClassification
+
+    model = BertForTokenClassification(tiny_bert_config())
+    data = tiny_dataset().remove_columns("labels")
+    data = data.add_column("labels", [[0, 1, 2, 0, 1, 2, 0, -100]] * 32)
+    with pytest.raises(ValueError, match=r"shape \(2, 8\).*Per-token labels") as error:
+        SelectiveBackpropTrainer(model=model, args=config(tmp_path), train_dataset=data)
+    assert "filter unlabelled rows" not in str(error.value)

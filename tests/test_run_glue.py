@@ -434,3 +434,79 @@ def test_an_evaluation_only_run_keeps_the_cards_training_statistics(run_glue, mo
     assert card.split("### Selection statistics over the run")[1].split("##")[0] == statistics
     results = _json(tmp_path / "out" / "all_results.json")
     assert "train_loss" in results and "eval_accuracy" in results
+
+
+# ---- bad data files: an error naming the file or split, the column, the row and the value; nothing written ----
+
+
+def _bad_data_run(run_glue, model_dir, tmp_path, train_rows=None, val_rows=None, *extra, train_text=None):
+    train_path, val_path = str(tmp_path / "train.csv"), str(tmp_path / "val.csv")
+    if train_text is not None:
+        with open(train_path, "wb") as handle:
+            handle.write(train_text)
+    else:
+        write_rows(train_path, train_rows or pair_rows(24, seed=0))
+    write_rows(val_path, val_rows or pair_rows(8, seed=1))
+    run_glue.main(_common_flags(model_dir, tmp_path, train_path, val_path) + list(extra))
+
+
+@pytest.mark.parametrize(
+    "cell, expected",
+    [
+        ("", r"the 'train' split has 1 missing label\(s\) in column 'label' \(the first at row 3"),
+        ("nan", r"the 'train' split has 1 missing label\(s\) in column 'label' \(the first at row 3"),
+        (-1, r"the 'train' split has label -1 at row 3: -1 marks an unlabelled example"),
+    ],
+)
+def test_bad_label_cells_are_refused_before_training(run_glue, model_dir, tmp_path, cell, expected):
+    rows = pair_rows(24, seed=0)
+    rows[3]["label"] = cell
+    with pytest.raises(ValueError, match=expected):
+        _bad_data_run(run_glue, model_dir, tmp_path, rows)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_text_cell_is_named(run_glue, model_dir, tmp_path):
+    rows = pair_rows(24, seed=0)
+    rows[5]["sentence2"] = ""
+    with pytest.raises(ValueError, match=r"the 'train' split has an empty text in column 'sentence2' at row 5"):
+        _bad_data_run(run_glue, model_dir, tmp_path, rows)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", r"train_file='.*train.csv' is empty"),
+        (b"sentence1,sentence2,label\n", r"train_file='.*train.csv' has no rows"),
+        ("sentence1,sentence2,label\ncaf\xe9 a,b c,1\n".encode("latin-1"), r"train_file=.*is not UTF-8 text"),
+    ],
+)
+def test_unreadable_files_are_named(run_glue, model_dir, tmp_path, content, expected):
+    with pytest.raises(ValueError, match=expected):
+        _bad_data_run(run_glue, model_dir, tmp_path, None, None, train_text=content)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_training_file_without_the_label_column_is_named(run_glue, model_dir, tmp_path):
+    rows = [{"sentence1": r["sentence1"], "sentence2": r["sentence2"]} for r in pair_rows(24, seed=0)]
+    with pytest.raises(ValueError, match=r"'train'|train_file"):
+        _bad_data_run(run_glue, model_dir, tmp_path, rows)
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_seq_length_too_short_for_pairs(run_glue, model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"max_seq_length=1 is too short for sentence pairs: .* at least 5 are needed"):
+        _bad_data_run(run_glue, model_dir, tmp_path, None, None, "--max_seq_length", "1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predicting_on_an_unlabelled_test_file(run_glue, model_dir, tmp_path):
+    test_rows = [{"sentence1": r["sentence1"], "sentence2": r["sentence2"]} for r in pair_rows(10, seed=2)]
+    train = write_rows(str(tmp_path / "train.csv"), pair_rows(24, seed=0))
+    val = write_rows(str(tmp_path / "val.csv"), pair_rows(8, seed=1))
+    test = write_rows(str(tmp_path / "test.csv"), test_rows)
+    run_glue.main(_common_flags(model_dir, tmp_path, train, val, test))
+    predictions = _read_predictions(str(tmp_path / "out" / "predict_results_None.txt"))
+    assert len(predictions) == 10 and set(predictions) <= {"0", "1", "2"}
+    assert not (tmp_path / "out" / "predict_results.json").exists()  # no labels, so no metrics
