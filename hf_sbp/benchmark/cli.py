@@ -1,0 +1,71 @@
+"""The benchmark's command line: ``main(argv)`` parses the arguments and runs the parts asked for."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import datasets
+from transformers import AutoTokenizer, HfArgumentParser
+from transformers.utils import logging as hf_logging
+
+from ..data import resolve_model_name
+from .common import PARTS, BenchmarkArguments, BenchmarkContext, Data, machine_info, write_json
+from .grad_match import run_grad_match
+from .overhead import run_overhead
+from .report import write_report
+from .throughput import measure_peak_memory, run_throughput
+from .training import run_training
+
+
+def parse_arguments(argv: list[str] | None = None) -> BenchmarkArguments:
+    """The arguments of ``argv`` (``sys.argv[1:]`` if ``None``); the command may come first without ``--command``."""
+    from . import __doc__ as usage
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):  # the command is positional: `benchmark.py overhead --quick`
+        argv = ["--command", argv[0], *argv[1:]]
+    parser = HfArgumentParser(
+        BenchmarkArguments, description=usage, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    (bench,) = parser.parse_args_into_dataclasses(args=argv)
+    return bench
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark command of ``argv``: a part, ``all`` (every part, then the report) or ``report``."""
+    bench = parse_arguments(argv)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    if bench.command == "report":
+        write_report(bench.output_dir)
+        return
+    # The trainers save nothing, but each needs an output folder: one scratch folder for the whole run.
+    with tempfile.TemporaryDirectory(prefix="hf_sbp_bench_") as scratch_dir:
+        if bench.command == "_peak_memory":
+            measure_peak_memory(bench, scratch_dir)
+            return
+        started = time.perf_counter()
+        model_path = resolve_model_name(bench.model_name_or_path)
+        ctx = BenchmarkContext(bench, model_path, AutoTokenizer.from_pretrained(model_path), scratch_dir, started)
+        machine = machine_info(bench.device)
+        parts = PARTS if bench.command == "all" else (bench.command,)
+        specs = bench.dataset_specs()
+        timing_data = Data(specs[0][1], ctx.tokenizer, bench.seq_len) if set(parts) - {"training"} else None
+        for part in parts:
+            ctx.progress(f"{part} ...")
+            if part == "overhead":
+                rows = run_overhead(ctx, timing_data)
+            elif part == "throughput":
+                rows = run_throughput(ctx, timing_data)
+            elif part == "grad-match":
+                rows = run_grad_match(ctx, timing_data)
+            else:
+                rows = run_training(ctx)
+            write_json(os.path.join(bench.output_dir, f"{part.replace('-', '_')}.json"), machine, rows)
+    write_report(bench.output_dir)
+    ctx.progress("done")

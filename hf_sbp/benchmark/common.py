@@ -1,0 +1,335 @@
+"""What every part of the benchmark shares: its arguments, the strategies it compares, the machine description,
+the JSON files, the data, the model and the trainers it times."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
+
+from .. import SelectiveBackpropConfig, SelectiveBackpropTrainer
+from ..config import import_strategy_modules
+from ..glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
+from ..strategies import registered_strategies, strategy_class
+
+PARTS = ("overhead", "throughput", "grad-match", "training")
+"""The measurements, in the order ``all`` runs them; each writes ``<part>.json`` (``-`` as ``_``)."""
+COMMANDS = (*PARTS, "all", "report")
+FULL_BATCH = "none"
+"""The plain ``Trainer`` step: the baseline every selective strategy is compared with."""
+BUDGET_STRATEGY = "random"
+"""The uniformly random subset: a smaller batch at no selection cost, whose training time sets the equal
+wall-clock budget of the training comparison."""
+OVERHEAD_STRATEGY = "gradmatch"
+"""The strategy whose selection cost the overhead part measures (the most expensive built-in one)."""
+
+
+def selective_strategies() -> tuple[str, ...]:
+    """The registered strategies that select a subset (all but ``none``), in registration order."""
+    return tuple(name for name in registered_strategies() if strategy_class(name).selective)
+
+
+def parse_strategies(text: str, option: str = "--strategies") -> list[str]:
+    """The comma-separated selective strategy names of ``text`` (every registered one if empty), checked against
+    the registry: a ``ValueError`` names an unknown or non-selective name and the registered choices."""
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        return list(selective_strategies())
+    for name in names:
+        if name not in registered_strategies():
+            raise ValueError(
+                f"{option} names {name!r}, which is not a registered strategy; choose from "
+                f"{list(selective_strategies())}, or register your own with @hf_sbp.register_strategy and import its "
+                "module with --sbp_strategy_modules."
+            )
+        if not strategy_class(name).selective:
+            raise ValueError(
+                f"{option} names {name!r}, which selects no subset: it is the full-batch baseline that every part "
+                f"runs anyway; choose from {list(selective_strategies())}."
+            )
+    return names
+
+
+def strategy_order(names: Iterable[str]) -> list[str]:
+    """``names`` without repeats, in registration order; names not registered (results of a strategy whose module
+    is not imported) follow, alphabetically."""
+    registered = {name: position for position, name in enumerate(registered_strategies())}
+    return sorted(set(names), key=lambda name: (registered.get(name, len(registered)), name))
+
+
+def strategy_grid(strategies: list[str], keeps: list[float]) -> list[tuple[str, float]]:
+    """The full-batch baseline, then every (strategy, keep) pair, keep by keep."""
+    return [(FULL_BATCH, 1.0)] + [(strategy, keep) for keep in keeps for strategy in strategies]
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+@dataclass
+class BenchmarkArguments:
+    """The benchmark's command line (see :mod:`hf_sbp.benchmark` for the commands)."""
+
+    command: str = field(metadata={"help": f"One of {list(COMMANDS)}."})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "The short version: one dataset and seed, fewer steps, keeps, repeats and batch sizes."},
+    )
+    output_dir: str = field(default="docs/benchmarks", metadata={"help": "Where the JSON, plots and report go."})
+    model_name_or_path: str = field(default="all-MiniLM-L6-v2", metadata={"help": "Model (bundled name or path)."})
+    datasets: str = field(
+        default="tweets,bbc-news",
+        metadata={"help": "Comma-separated dataset names (bundled or datasets-library) for the training part."},
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local CSV/JSON training file (replaces --datasets)."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Local CSV/JSON validation file."})
+    test_file: str | None = field(default=None, metadata={"help": "Local CSV/JSON test file (else validation)."})
+    strategies: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated selective strategies that the throughput, grad-match and training parts compare "
+            "(with the full-batch baseline 'none'); default: every registered selective strategy."
+        },
+    )
+    sbp_strategy_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Python modules (space- or comma-separated) to import first, so that the strategies they register "
+            "with @hf_sbp.register_strategy can be named in --strategies."
+        },
+    )
+    device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'."})
+    seq_len: int = field(default=64, metadata={"help": "Tokens per example for overhead and throughput."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size (throughput, grad-match, training)."})
+    repeats: int = field(default=0, metadata={"help": "Timing repeats (0: 5 quick, 15 full)."})
+    keeps: str = field(
+        default="",
+        metadata={"help": "Keep values for overhead, throughput and grad-match (default: 0.5 quick; 0.5,0.25)."},
+    )
+    training_keeps: str = field(default="0.5", metadata={"help": "Comma-separated keep values of the training runs."})
+    noises: str = field(default="0.0,0.2", metadata={"help": "Comma-separated label-noise rates for training."})
+    seeds: str = field(default="", metadata={"help": "Comma-separated seeds (default: 0 quick; 0,1,2 full)."})
+    train_steps: int = field(default=0, metadata={"help": "Steps per training run (0: 30 quick, 60 full)."})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate every this many steps (0: a fifth of the steps)."})
+    eval_samples: int = field(default=0, metadata={"help": "Validation examples per evaluation (0: 300 / 400)."})
+    test_samples: int = field(default=0, metadata={"help": "Test examples for the final accuracy (0: 500 / 1000)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the training runs."})
+    memory_strategy: str = field(
+        default=OVERHEAD_STRATEGY, metadata={"help": "Internal: the strategy _peak_memory measures."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.command not in (*COMMANDS, "_peak_memory"):
+            raise ValueError(f"command={self.command!r} is invalid; choose one of {list(COMMANDS)}.")
+        self.strategy_modules = [name for item in self.sbp_strategy_modules or [] for name in _split_list(item)]
+        import_strategy_modules(self.strategy_modules)
+        self.strategy_names = parse_strategies(self.strategies)
+        strategy_class(self.memory_strategy)  # a clear error for an unknown name
+        quick = self.quick
+        self.repeats = self.repeats or (5 if quick else 15)
+        self.train_steps = self.train_steps or (30 if quick else 60)
+        self.eval_every = self.eval_every or max(1, self.train_steps // 5)
+        self.eval_samples = self.eval_samples or (300 if quick else 400)
+        self.test_samples = self.test_samples or (500 if quick else 1000)
+        self.keep_values = [float(k) for k in (self.keeps or ("0.5" if quick else "0.5,0.25")).split(",")]
+        self.training_keep_values = [float(k) for k in self.training_keeps.split(",")]
+        self.noise_values = [float(v) for v in self.noises.split(",")]
+        self.seed_values = [int(s) for s in (self.seeds or ("0" if quick else "0,1,2")).split(",")]
+        for keep in self.keep_values + self.training_keep_values:
+            if not 0 < keep <= 1:
+                raise ValueError(f"keep={keep} in --keeps is invalid; each must be in (0, 1].")
+        for noise in self.noise_values:
+            if not 0 <= noise <= 1:
+                raise ValueError(f"label noise {noise} in --noises is invalid; each must be in [0, 1].")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is invalid; choose 'cpu', 'cuda' or 'auto'.")
+
+    def dataset_specs(self) -> list[tuple[str, DataTrainingArguments]]:
+        """The training part's datasets, by name: the local files, else ``--datasets`` (only the first in quick)."""
+        if self.train_file is not None:
+            name = os.path.splitext(os.path.basename(self.train_file))[0]
+            spec = DataTrainingArguments(
+                train_file=self.train_file, validation_file=self.validation_file, test_file=self.test_file
+            )
+            return [(name, spec)]
+        names = _split_list(self.datasets)
+        if self.quick:
+            names = names[:1]
+        return [(name, DataTrainingArguments(dataset_name=name)) for name in names]
+
+
+@dataclass
+class BenchmarkContext:
+    """What a part of the benchmark runs with: its arguments, the model and its tokenizer, a scratch folder for the
+    trainers' (unused) output, and the clock of the progress lines."""
+
+    bench: BenchmarkArguments
+    model_path: str
+    tokenizer: PreTrainedTokenizerBase
+    scratch_dir: str
+    started: float = field(default_factory=time.perf_counter)
+
+    def progress(self, message: str) -> None:
+        """Print ``message`` with the seconds since the benchmark started."""
+        progress(message, self.started)
+
+
+# ---- machine, progress and JSON ---------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """The CPU (or GPU), core and thread counts and versions the numbers were measured with."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu_model": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_json(path: str, machine: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Write ``{"machine": machine, "rows": rows}`` to ``path`` atomically (never a half-written file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump({"machine": machine, "rows": rows}, handle, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}", flush=True)
+
+
+def load_rows(output_dir: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The machine and the rows of ``<output_dir>/<name>.json``; ``({}, [])`` if there is no such file."""
+    path = os.path.join(output_dir, f"{name}.json")
+    if not os.path.isfile(path):
+        return {}, []
+    with open(path) as handle:
+        payload = json.load(handle)
+    return payload["machine"], payload["rows"]
+
+
+def progress(message: str, started: float) -> None:
+    """Print ``message`` with the seconds since ``started`` (a ``time.perf_counter`` value)."""
+    print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a timing barrier on CUDA; nothing on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- data, model and trainers -----------------------------------------------------------------------
+
+
+class Data:
+    """A classification dataset tokenised for a model: its splits (``labels`` as class ids) and label count.
+
+    Args:
+        spec: which data, with the rules of ``run_glue.py`` (bundled or ``datasets`` name, or local files).
+        tokenizer: the model's tokenizer.
+        max_length: tokens per example at most (longer ones are truncated).
+        limit: keep only the first ``limit`` rows of each split.
+    """
+
+    def __init__(
+        self,
+        spec: DataTrainingArguments,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        limit: int | None = None,
+    ) -> None:
+        raw = load_raw_datasets(spec, do_predict=spec.test_file is not None)
+        if limit is not None:
+            raw = {split: part.select(range(min(limit, len(part)))) for split, part in raw.items()}
+        info = label_info(raw["train"])
+        if info.is_regression:
+            raise ValueError("the benchmark measures accuracy; its datasets must be classification, not regression.")
+        self.num_labels = info.num_labels
+        self.label_names = info.label_names
+        first, second = text_columns(raw["train"].column_names)
+
+        def encode(batch):
+            texts = (batch[first],) if second is None else (batch[first], batch[second])
+            out = tokenizer(*texts, truncation=True, max_length=max_length)
+            labels = batch["label"]
+            out["labels"] = [info.label_to_id[v] for v in labels] if info.label_to_id else labels
+            return out
+
+        self.splits = {}
+        for split in raw:
+            self.splits[split] = raw[split].map(encode, batched=True, remove_columns=raw[split].column_names)
+        self.test_split = "test" if "test" in self.splits else "validation"
+
+
+def load_model(path: str, num_labels: int, seed: int, device: str) -> PreTrainedModel:
+    """The sequence classifier at ``path`` with a fresh head initialised under ``seed``, on ``device``."""
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    return model.to(device)
+
+
+def fixed_batches(
+    dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, seq_len: int, count: int, device: str
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of real examples padded to exactly ``seq_len`` tokens, on ``device``."""
+    collate = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=seq_len)
+    rows = dataset.shuffle(seed=0).select(range(min(len(dataset), batch_size * count)))
+    batches = []
+    for start in range(0, batch_size * count, batch_size):
+        chunk = [rows[i % len(rows)] for i in range(start, start + batch_size)]
+        batches.append({k: v.to(device) for k, v in collate(chunk).items()})
+    return batches
+
+
+def make_trainer(
+    model: PreTrainedModel, strategy: str, keep: float, batch_size: int, device: str, output_dir: str, **extra: Any
+) -> SelectiveBackpropTrainer:
+    """A trainer whose ``training_step`` and ``select_batch`` are called by hand (no data, no accumulation)."""
+    args = SelectiveBackpropConfig(
+        output_dir=output_dir,
+        sbp_strategy=strategy,
+        sbp_keep=keep,
+        per_device_train_batch_size=batch_size,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        **extra,
+    )
+    trainer = SelectiveBackpropTrainer(model=model, args=args)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def accuracy(prediction) -> dict[str, float]:
+    """``compute_metrics`` for single-label classification: the share of argmax predictions that are right."""
+    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
