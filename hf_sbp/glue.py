@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 
-from ._utils import check_int_at_least, is_int_at_least
+from ._utils import check_int_at_least, is_int_at_least, is_number
 from .data import BUNDLED_DATASETS, add_symmetric_label_noise, load_bundled_dataset, resolve_model_name
 from .model_card import load_baseline_results
 
@@ -267,7 +267,7 @@ def check_output_dir(output_dir: str, do_train: bool, overwrite: bool) -> None:
 
 def validate_label_noise(rate: Any, is_regression: bool = False) -> None:
     """Raise ``ValueError`` unless ``rate`` is a valid ``--label_noise`` for the task."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 <= rate <= 1.0):
+    if not is_number(rate) or not (0.0 <= rate <= 1.0):
         raise ValueError(
             f"label_noise={rate!r} is invalid; it must be a number in [0, 1] (the probability of flipping each "
             "training label to another class)."
