@@ -8,6 +8,7 @@ selection metrics. It is read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -18,6 +19,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SBP_STATE_NAME = "sbp_state_rank{}.pt"
+TRAINING_ARGS_NAME = "training_args.bin"  # as transformers.trainer names it
 
 
 def save_selection_state(folder: str, process_index: int, state: dict[str, Any]) -> None:
@@ -59,3 +61,22 @@ def check_same_settings(state: dict[str, Any], current: dict[str, Any], checkpoi
             "resuming it would mix two runs. Resume with the checkpoint's settings, or start afresh in another "
             "output_dir (run_glue.py: --overwrite_output_dir ignores the checkpoints there)."
         )
+
+
+def portable_arguments(args: Any) -> Any:
+    """A shallow copy of ``args`` whose class is the nearest ``transformers`` class it derives from (its ``sbp_*``
+    and other extra values kept as attributes), so that a pickled ``training_args.bin`` loads where ``hf_sbp`` is not
+    installed. Resuming never reads that file, so nothing else depends on its class."""
+    portable = copy.copy(args)
+    portable.__class__ = next(cls for cls in type(args).__mro__ if cls.__module__.startswith("transformers."))
+    return portable
+
+
+class PortableArgumentsMixin:
+    """Writes ``training_args.bin`` with :func:`portable_arguments` wherever ``Trainer._save`` writes it."""
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            torch.save(portable_arguments(self.args), os.path.join(folder, TRAINING_ARGS_NAME))

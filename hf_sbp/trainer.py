@@ -13,9 +13,8 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
-from . import head, setup_checks
+from . import checkpoint_state, head, setup_checks
 from ._utils import all_finite, synchronize
-from .checkpoint_state import check_same_settings, load_selection_state, save_selection_state, selection_settings
 from .config import SelectiveBackpropArguments
 from .head import HeadCapture, HeadScores
 from .model_card import MODEL_TAGS, ModelCardMixin
@@ -29,7 +28,7 @@ from .subset_loss import SubsetStep, example_losses, subset_num_items, verify_mo
 logger = logging.getLogger(__name__)
 
 
-class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
+class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgumentsMixin, Trainer):
     """A ``transformers.Trainer`` that runs forward + backward on a selected subset of each batch.
 
     Per training batch, for a strategy that ``needs_scoring`` (``gradmatch``, ``loss``): one forward pass without
@@ -331,17 +330,17 @@ class SelectiveBackpropTrainer(ModelCardMixin, Trainer):
         ``save_only_model``."""
         if not self.args.save_only_model:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            state = {"strategy": self.sbp_args.sbp_strategy, "settings": selection_settings(self.sbp_args)}
-            state["generator"] = self._generator.get_state()
+            settings = checkpoint_state.selection_settings(self.sbp_args)
+            state = dict(strategy=self.sbp_args.sbp_strategy, settings=settings, generator=self._generator.get_state())
             state.update(strategy_state=self._strategy.state_dict(), head_name=self._head_name)
             state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
-            save_selection_state(folder, self.args.process_index, state)
+            checkpoint_state.save_selection_state(folder, self.args.process_index, state)
         super()._save_checkpoint(model, trial)
 
     def _load_selection_state(self, checkpoint: str) -> None:
-        state = load_selection_state(checkpoint, self.args.process_index, warn_if_missing=self._strategy.selective)
+        state = checkpoint_state.load_selection_state(checkpoint, self.args.process_index, self._strategy.selective)
         if state is not None:
-            check_same_settings(state, selection_settings(self.sbp_args), checkpoint)
+            checkpoint_state.check_same_settings(state, checkpoint_state.selection_settings(self.sbp_args), checkpoint)
             self._generator.set_state(state["generator"])
             self._strategy.load_state_dict(state["strategy_state"])
             self.sbp_backprop_examples = int(state["backprop_examples"])

@@ -400,3 +400,24 @@ def test_lora_models_train_with_every_strategy_and_resume_exactly(tmp_path, stra
     resumed = build("resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "interrupted" / "checkpoint-2"))
     assert_same_parameters(state(resumed.model), after)
+
+
+def test_training_args_bin_loads_where_hf_sbp_is_not_installed(tmp_path):
+    import subprocess
+    import sys
+
+    args = sbp_args(tmp_path / "out", {"sbp_strategy": "random", "sbp_keep": 0.25})
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+    trainer.train()
+    trainer.save_model()
+    assert trainer.args is args and isinstance(trainer.args, SelectiveBackpropConfig)  # the live object is untouched
+    probe = (
+        "import sys; sys.modules['hf_sbp'] = None\n"  # any import of hf_sbp now fails
+        "import torch, transformers\n"
+        f"args = torch.load({str(tmp_path / 'out' / 'training_args.bin')!r}, weights_only=False)\n"
+        "assert type(args) is transformers.TrainingArguments, type(args)\n"
+        "print(args.sbp_strategy, args.sbp_keep, args.learning_rate)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["random", "0.25", "0.001"]
