@@ -13,7 +13,7 @@ from ._utils import check_int_at_least, is_int_at_least, is_number
 from .selection import subset_size
 from .strategies import registered_strategies, strategy_class
 
-WEIGHT_NORMALIZATIONS = ("subset_size", "none")
+WEIGHT_NORMALIZATIONS = ("subset_size", "none", "sum_constrained")
 LOSS_VARIANTS = ("composer", "jiang")
 
 
@@ -81,8 +81,9 @@ class SelectiveBackpropArguments:
         default="subset_size",
         metadata={
             "help": "Scaling of gradmatch's OMP weights: 'subset_size' (Balles et al. 2023's: they sum to the subset "
-            "size, so the loss is a weighted mean) or 'none' (OMP's raw estimate of the mean gradient, magnitude "
-            "included).",
+            "size, so the loss is a weighted mean), 'none' (OMP's raw estimate of the mean gradient, magnitude "
+            "included), or 'sum_constrained' (OMP fits the mean gradient with weights whose sum is held near 1, then "
+            "they are scaled to sum to the subset size, so the rescaling does not inflate a shrunken fit).",
             "choices": list(WEIGHT_NORMALIZATIONS),
         },
     )

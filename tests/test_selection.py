@@ -23,6 +23,7 @@ from hf_sbp.selection import (
     per_example_loss,
     random_subset,
     subset_size,
+    sum_constrained_problem,
 )
 
 PROBLEMS = ["single_label_classification", "multi_label_classification", "regression"]
@@ -294,3 +295,21 @@ def test_jiang_sampling_keeps_the_expected_fraction():
         assert idx.unique().numel() == idx.numel() >= 1
         sizes.append(idx.numel())
     assert np.mean(sizes) / 32 == pytest.approx(0.5, abs=0.03)  # expected keep 1/(beta + 1)
+
+
+def test_sum_constrained_problem_is_omp_on_gradients_with_a_constant_coordinate():
+    # Reference: the explicit gradients with sqrt(lam) appended, and their mean as the target.
+    generator = torch.Generator().manual_seed(3)
+    G = torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    K = G @ G.T
+    gram, corr, target_sq = sum_constrained_problem(K, strength=10.0)
+    lam = 10.0 * float(torch.diagonal(K).mean())
+    augmented = torch.cat([G, torch.full((12, 1), lam**0.5, dtype=torch.float64)], dim=1)
+    target = augmented.mean(0)
+    torch.testing.assert_close(gram, augmented @ augmented.T)
+    torch.testing.assert_close(corr, augmented @ target)
+    torch.testing.assert_close(target_sq, target @ target)
+    # Its weights sum to about 1, where plain OMP's shrink with few atoms.
+    plain = omp_gram(K, 3, tol=None)
+    held = omp_gram(gram, 3, target_corr=corr, target_sq_norm=target_sq, tol=None)
+    assert abs(float(held.weights.sum()) - 1.0) < 0.1 < abs(float(plain.weights.sum()) - 1.0)

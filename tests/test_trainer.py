@@ -106,6 +106,7 @@ def test_none_is_bit_for_bit_the_plain_trainer(tmp_path):
         ("gradmatch", 0.875, {"sbp_omp_ridge": 0.1, "sbp_omp_tol": 0.0}),
         # Keep 1.0 is the full batch, weight 1 each.
         ("gradmatch", 1.0, {}),
+        ("gradmatch", 0.5, {"sbp_weight_normalization": "sum_constrained"}),
         ("loss", 0.5, {}),
         ("random", 0.5, {}),
     ],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..selection import normalize_weights, omp_gram, random_subset
+from ..selection import normalize_weights, omp_gram, random_subset, sum_constrained_problem
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 
 
@@ -25,10 +25,13 @@ class GradientMatching(SelectionStrategy):
         gram = batch.gram
         # The ridge is relative to the gradients' mean squared norm, so it does not depend on the loss's scale.
         ridge = self.args.sbp_omp_ridge * float(torch.diagonal(gram).double().mean())
-        result = omp_gram(
-            gram, k, ridge=ridge, nonnegative=self.args.sbp_omp_nonnegative, tol=self.args.sbp_omp_tol or None
-        )
+        mode = self.args.sbp_weight_normalization
+        target = {}
+        if mode == "sum_constrained":
+            gram, target["target_corr"], target["target_sq_norm"] = sum_constrained_problem(gram)
+        nonnegative, tol = self.args.sbp_omp_nonnegative, self.args.sbp_omp_tol or None
+        result = omp_gram(gram, k, ridge=ridge, nonnegative=nonnegative, tol=tol, **target)
         if result.indices.numel() == 0:
             # The batch's mean gradient is zero (or every gradient is): any subset matches it equally well.
             return random_subset(batch.n, k, batch.generator), torch.ones(k)
-        return result.indices, normalize_weights(result.weights, self.args.sbp_weight_normalization)
+        return result.indices, normalize_weights(result.weights, "subset_size" if mode == "sum_constrained" else mode)
