@@ -13,12 +13,16 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from ..data import resolve_model_name
-from .common import PARTS, BenchmarkArguments, BenchmarkContext, Data, machine_info, write_json
+from .common import PARTS, BenchmarkArguments, BenchmarkContext, Data, load_rows, machine_info, write_json
 from .grad_match import run_grad_match
 from .overhead import run_overhead
 from .report import write_report
-from .throughput import measure_peak_memory, run_throughput
+from .throughput import measure_peak_memory, merge_rows, run_throughput
+from .time_to_accuracy import run_time_to_accuracy
 from .training import run_training
+
+TIMING_PARTS = ("overhead", "throughput", "grad-match")
+"""The parts that time fixed batches of the first dataset."""
 
 
 def parse_arguments(argv: list[str] | None = None) -> BenchmarkArguments:
@@ -55,17 +59,21 @@ def main(argv: list[str] | None = None) -> None:
         machine = machine_info(bench.device)
         parts = PARTS if bench.command == "all" else (bench.command,)
         specs = bench.dataset_specs()
-        timing_data = Data(specs[0][1], ctx.tokenizer, bench.seq_len) if set(parts) - {"training"} else None
+        timing_data = Data(specs[0][1], ctx.tokenizer, bench.seq_len) if set(parts) & set(TIMING_PARTS) else None
         for part in parts:
             ctx.progress(f"{part} ...")
+            name = part.replace("-", "_")
+            if part == "time-to-accuracy":  # resumable: it appends to its JSON file after every run
+                run_time_to_accuracy(ctx, machine)
+                continue
             if part == "overhead":
                 rows = run_overhead(ctx, timing_data)
-            elif part == "throughput":
-                rows = run_throughput(ctx, timing_data)
+            elif part == "throughput":  # the rows of the other fine-tuning mode (full or LoRA) stay
+                rows = merge_rows(load_rows(bench.output_dir, name)[1], run_throughput(ctx, timing_data))
             elif part == "grad-match":
                 rows = run_grad_match(ctx, timing_data)
             else:
                 rows = run_training(ctx)
-            write_json(os.path.join(bench.output_dir, f"{part.replace('-', '_')}.json"), machine, rows)
+            write_json(os.path.join(bench.output_dir, f"{name}.json"), machine, rows)
     write_report(bench.output_dir)
     ctx.progress("done")

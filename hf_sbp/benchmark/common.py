@@ -26,7 +26,7 @@ from ..config import import_strategy_modules
 from ..glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
 from ..strategies import registered_strategies, strategy_class
 
-PARTS = ("overhead", "throughput", "grad-match", "training")
+PARTS = ("overhead", "throughput", "grad-match", "training", "time-to-accuracy")
 """The measurements, in the order ``all`` runs them; each writes ``<part>.json`` (``-`` as ``_``)."""
 COMMANDS = (*PARTS, "all", "report")
 FULL_BATCH = "none"
@@ -35,6 +35,8 @@ BUDGET_STRATEGY = "random"
 """The uniformly random subset: a smaller batch at no selection cost, whose training time sets the equal
 wall-clock budget of the training comparison."""
 OVERHEAD_STRATEGY = "gradmatch"
+PEFT_MODES = ("none", "lora")
+"""``--peft`` values: full fine-tuning, or LoRA on the attention projections (throughput part only)."""
 """The strategy whose selection cost the overhead part measures (the most expensive built-in one)."""
 
 
@@ -87,13 +89,19 @@ class BenchmarkArguments:
     command: str = field(metadata={"help": f"One of {list(COMMANDS)}."})
     quick: bool = field(
         default=False,
-        metadata={"help": "The short version: one dataset and seed, fewer steps, keeps, repeats and batch sizes."},
+        metadata={
+            "help": "The short version: one dataset and seed, fewer steps, keeps, repeats and batch sizes; "
+            "time-to-accuracy: one dataset, seed 0, noise 0, at the full version's sizes."
+        },
     )
     output_dir: str = field(default="docs/benchmarks", metadata={"help": "Where the JSON, plots and report go."})
     model_name_or_path: str = field(default="all-MiniLM-L6-v2", metadata={"help": "Model (bundled name or path)."})
     datasets: str = field(
         default="tweets,bbc-news",
-        metadata={"help": "Comma-separated dataset names (bundled or datasets-library) for the training part."},
+        metadata={
+            "help": "Comma-separated dataset names (bundled or datasets-library) for the training and "
+            "time-to-accuracy parts."
+        },
     )
     train_file: str | None = field(
         default=None, metadata={"help": "Local CSV/JSON training file (replaces --datasets)."}
@@ -103,8 +111,9 @@ class BenchmarkArguments:
     strategies: str = field(
         default="",
         metadata={
-            "help": "Comma-separated selective strategies that the throughput, grad-match and training parts compare "
-            "(with the full-batch baseline 'none'); default: every registered selective strategy."
+            "help": "Comma-separated selective strategies that the throughput, grad-match, training and "
+            "time-to-accuracy parts compare (with the full-batch baseline 'none'); default: every registered "
+            "selective strategy."
         },
     )
     sbp_strategy_modules: list[str] | None = field(
@@ -115,21 +124,93 @@ class BenchmarkArguments:
         },
     )
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'."})
-    seq_len: int = field(default=64, metadata={"help": "Tokens per example for overhead and throughput."})
+    seq_len: int = field(
+        default=64,
+        metadata={
+            "help": "Tokens per example: overhead and throughput pad every example to it; training and "
+            "time-to-accuracy truncate to it (dynamic padding)."
+        },
+    )
     batch_size: int = field(default=32, metadata={"help": "Training batch size (throughput, grad-match, training)."})
     repeats: int = field(default=0, metadata={"help": "Timing repeats (0: 5 quick, 15 full)."})
     keeps: str = field(
         default="",
         metadata={"help": "Keep values for overhead, throughput and grad-match (default: 0.5 quick; 0.5,0.25)."},
     )
-    training_keeps: str = field(default="0.5", metadata={"help": "Comma-separated keep values of the training runs."})
-    noises: str = field(default="0.0,0.2", metadata={"help": "Comma-separated label-noise rates for training."})
+    training_keeps: str = field(
+        default="0.5", metadata={"help": "Comma-separated keep values of the training and time-to-accuracy runs."}
+    )
+    noises: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated label-noise rates of the training and time-to-accuracy runs (default: 0,0.2; "
+            "time-to-accuracy --quick: 0)."
+        },
+    )
     seeds: str = field(default="", metadata={"help": "Comma-separated seeds (default: 0 quick; 0,1,2 full)."})
     train_steps: int = field(default=0, metadata={"help": "Steps per training run (0: 30 quick, 60 full)."})
     eval_every: int = field(default=0, metadata={"help": "Evaluate every this many steps (0: a fifth of the steps)."})
     eval_samples: int = field(default=0, metadata={"help": "Validation examples per evaluation (0: 300 / 400)."})
     test_samples: int = field(default=0, metadata={"help": "Test examples for the final accuracy (0: 500 / 1000)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the training runs."})
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Peak learning rate of the training runs, and of the time-to-accuracy runs on datasets that "
+            "--tta_learning_rates does not name."
+        },
+    )
+    peft: str = field(
+        default="none",
+        metadata={
+            "help": "Throughput part: 'none' (full fine-tuning) or 'lora' (LoRA on the attention projections, query "
+            "and value for BERT, with the classifier in modules_to_save; needs the peft package). The rows of the "
+            "other mode already in throughput.json are kept."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of --peft lora (lora_alpha = 2 r)."})
+    tta_train_examples: int = field(
+        default=640,
+        metadata={
+            "help": "Time-to-accuracy: training examples per run (a fixed subset per seed; 640 = 20 steps of 32 "
+            "per epoch)."
+        },
+    )
+    tta_epochs: int = field(
+        default=3,
+        metadata={
+            "help": "Time-to-accuracy: epochs of the full-batch run, whose training time is every strategy's "
+            "budget (3 or more; 3 x 640 examples = 60 steps of 32, 40 to 60 s on 2 CPU cores)."
+        },
+    )
+    tta_learning_rates: str = field(
+        default="bbc-news=5e-5",
+        metadata={
+            "help": "Time-to-accuracy: peak learning rates per dataset, 'name=rate' comma-separated (others: "
+            "--learning_rate). BBC news is easy: at 1e-4 its full batch reaches 99%% of its final accuracy in under "
+            "half its budget and then plateaus; at 5e-5 it is still rising over 80-90%% of it, as tweets is at 1e-4."
+        },
+    )
+    tta_eval_samples: int = field(
+        default=300,
+        metadata={
+            "help": "Time-to-accuracy: validation examples per evaluation (a fixed sample; 300 take about 2 s at 64 "
+            "tokens on 2 CPU cores)."
+        },
+    )
+    tta_eval_points: int = field(
+        default=12,
+        metadata={
+            "help": "Time-to-accuracy: evaluations per run, at regular intervals of training time (budget / points "
+            "seconds; the full batch every steps / points steps), the last at the end of the run (at least 10)."
+        },
+    )
+    tta_calibration_steps: int = field(
+        default=4,
+        metadata={
+            "help": "Time-to-accuracy: timed steps (after one warm-up step) of the calibration run that measures "
+            "a strategy's step time on a discarded copy of the model before its budgeted run."
+        },
+    )
     memory_strategy: str = field(
         default=OVERHEAD_STRATEGY, metadata={"help": "Internal: the strategy _peak_memory measures."}
     )
@@ -149,7 +230,8 @@ class BenchmarkArguments:
         self.test_samples = self.test_samples or (500 if quick else 1000)
         self.keep_values = [float(k) for k in (self.keeps or ("0.5" if quick else "0.5,0.25")).split(",")]
         self.training_keep_values = [float(k) for k in self.training_keeps.split(",")]
-        self.noise_values = [float(v) for v in self.noises.split(",")]
+        self.noise_values = [float(v) for v in (self.noises or "0.0,0.2").split(",")]
+        self.tta_noise_values = [float(v) for v in (self.noises or ("0.0" if quick else "0.0,0.2")).split(",")]
         self.seed_values = [int(s) for s in (self.seeds or ("0" if quick else "0,1,2")).split(",")]
         for keep in self.keep_values + self.training_keep_values:
             if not 0 < keep <= 1:
@@ -157,13 +239,36 @@ class BenchmarkArguments:
         for noise in self.noise_values:
             if not 0 <= noise <= 1:
                 raise ValueError(f"label noise {noise} in --noises is invalid; each must be in [0, 1].")
+        self.tta_learning_rate_values = {}
+        for item in _split_list(self.tta_learning_rates):
+            name, _, rate = item.partition("=")
+            try:
+                self.tta_learning_rate_values[name.strip()] = float(rate)
+            except ValueError:
+                raise ValueError(
+                    f"--tta_learning_rates item {item!r} is invalid; write 'dataset=rate', e.g. 'bbc-news=5e-5'."
+                ) from None
+        if self.peft not in PEFT_MODES:
+            raise ValueError(f"peft={self.peft!r} is invalid; choose one of {list(PEFT_MODES)}.")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r={self.lora_r} is invalid; it must be at least 1.")
+        if self.tta_epochs < 1 or self.tta_train_examples < 1 or self.tta_eval_samples < 1:
+            raise ValueError("--tta_epochs, --tta_train_examples and --tta_eval_samples must be at least 1.")
+        if self.tta_eval_points < 1 or self.tta_calibration_steps < 1:
+            raise ValueError("--tta_eval_points and --tta_calibration_steps must be at least 1.")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r} is invalid; choose 'cpu', 'cuda' or 'auto'.")
 
+    def tta_learning_rate(self, dataset: str) -> float:
+        """The time-to-accuracy runs' peak learning rate on ``dataset``: its ``--tta_learning_rates`` entry, else
+        ``--learning_rate``."""
+        return self.tta_learning_rate_values.get(dataset, self.learning_rate)
+
     def dataset_specs(self) -> list[tuple[str, DataTrainingArguments]]:
-        """The training part's datasets, by name: the local files, else ``--datasets`` (only the first in quick)."""
+        """The datasets of the training and time-to-accuracy parts, by name: the local files, else ``--datasets``
+        (only the first in quick)."""
         if self.train_file is not None:
             name = os.path.splitext(os.path.basename(self.train_file))[0]
             spec = DataTrainingArguments(
@@ -216,14 +321,16 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def write_json(path: str, machine: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """Write ``{"machine": machine, "rows": rows}`` to ``path`` atomically (never a half-written file)."""
+def write_json(path: str, machine: dict[str, Any], rows: list[dict[str, Any]], verbose: bool = True) -> None:
+    """Write ``{"machine": machine, "rows": rows}`` to ``path`` atomically (never a half-written file); say so
+    unless ``verbose`` is false."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:
         json.dump({"machine": machine, "rows": rows}, handle, indent=1)
     os.replace(tmp, path)
-    print(f"wrote {path}", flush=True)
+    if verbose:
+        print(f"wrote {path}", flush=True)
 
 
 def load_rows(output_dir: str, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

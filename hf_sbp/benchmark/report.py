@@ -1,9 +1,10 @@
 """The report: ``README.md`` in the output folder (the hand-written ``summary.md``, then a table per JSON file) and
-the training plots."""
+the training and time-to-accuracy plots."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable
@@ -14,7 +15,10 @@ import numpy as np
 from .._utils import markdown_table
 from ..strategies import registered_strategies, strategy_class
 from .common import load_rows, strategy_order
-from .training import equal_budget_table
+from .throughput import break_even_table, peft_mode
+from .time_to_accuracy import JSON_NAME as TIME_TO_ACCURACY
+from .time_to_accuracy import TARGET_FRACTION, comparison_table, first_to_target, selected_runs
+from .training import accuracy_at, equal_budget_table
 
 FULL_BATCH_COLOR = "black"
 PALETTE = (
@@ -120,6 +124,58 @@ def _overhead_section(rows: list[dict[str, Any]]) -> str:
     )
 
 
+PEFT_LABELS = {"none": "full fine-tuning", "lora": "LoRA"}
+"""How the report names the fine-tuning modes of ``throughput.json``."""
+
+
+def _keep_text(keep: float) -> str:
+    return f"{keep:.2f}" if keep > 0 else "none (never cheaper)"
+
+
+def _break_even_section(rows: list[dict[str, Any]]) -> str:
+    table = []
+    for entry in break_even_table(rows):
+        measured = entry["measured_break_even_keep"]
+        table.append(
+            [
+                PEFT_LABELS.get(entry["peft"], entry["peft"]),
+                f"{entry['full_step_s']:.3f}",
+                f"{entry['scoring_forward_s']:.3f}",
+                f"{entry['scoring_share']:.3f}",
+                f"{entry['backward_forward_ratio']:.2f}",
+                _keep_text(entry["break_even_keep"]),
+                "-"
+                if measured is None
+                else f"{_keep_text(measured['value'])} ({measured['strategy']} at {measured['keep']})",
+            ]
+        )
+    if not table:
+        return ""
+    return (
+        "\n\n### Break-even keep\n\nThe keep at which a selective step costs as much as a full step. With `S` the "
+        "full step and `F` the no-grad scoring forward over the whole batch, a selective step costs `F + keep S` "
+        "(if the subset's forward and backward scale with the rows kept), so the break-even keep is `1 - F / S`; "
+        "equivalently `b / (1 + b)`, with `b = S / F - 1` the backward (and optimizer step) in forwards: 2/3 when a "
+        "backward costs two forwards (full fine-tuning), 1/2 when it costs one (LoRA, frozen base weights). The "
+        "last column extrapolates a selective strategy's measured step along the random subset's cost per row "
+        "kept (selection overhead included). Below the break-even keep selection saves time per step; above it, "
+        "it costs more than the full batch.\n\n"
+        + markdown_table(
+            [
+                "fine-tuning",
+                "full step s",
+                "scoring forward s",
+                "forward share",
+                "backward / forward",
+                "break-even keep",
+                "from the measured step",
+            ],
+            table,
+            fmt=str,
+        )
+    )
+
+
 def _throughput_section(rows: list[dict[str, Any]]) -> str:
     table = []
     for r in rows:
@@ -128,6 +184,7 @@ def _throughput_section(rows: list[dict[str, Any]]) -> str:
         floor = f"{r['ratio_to_floor']:.3f}" if "ratio_to_floor" in r else "-"
         table.append(
             [
+                PEFT_LABELS.get(peft_mode(r), peft_mode(r)),
                 r["strategy"],
                 r["keep"],
                 r["device"],
@@ -143,10 +200,15 @@ def _throughput_section(rows: list[dict[str, Any]]) -> str:
         "one process; `floor` = scoring forward + random-subset step at the same keep (the best this design "
         "can do); peak memory is the highest memory during three training steps above what the process held "
         "before them (model, optimizer state, data), in a fresh process per strategy (sampled RSS on CPU, "
-        "allocator peak on GPU).\n\n"
+        "allocator peak on GPU). `vs full` compares with the full step of the same fine-tuning: LoRA rows "
+        "(`--peft lora`: rank-8 adapters on the attention projections, the classifier trained in full) against "
+        "the LoRA full step, whose ideal selective ratio is `(1 + 2 keep) / 2` instead of `(1 + 3 keep) / 3`.\n\n"
         + markdown_table(
-            ["strategy", "keep", "device", "step s", "vs full", "ideal vs full", "vs floor", "peak MB"], table, fmt=str
+            ["fine-tuning", "strategy", "keep", "device", "step s", "vs full", "ideal vs full", "vs floor", "peak MB"],
+            table,
+            fmt=str,
         )
+        + _break_even_section(rows)
     )
 
 
@@ -217,9 +279,165 @@ def _training_section(rows: list[dict[str, Any]], output_dir: str) -> str:
     )
 
 
+def _label(strategy: str, keep: float) -> str:
+    return f"{strategy}@{keep}" if _selects_subset(strategy) else strategy
+
+
+def plot_time_to_accuracy(rows: list[dict[str, Any]], output_dir: str) -> str:
+    """Validation accuracy against training wall-clock seconds, one panel per dataset and noise: per strategy the
+    mean over seeds of the last accuracy measured by each time (the runs :func:`selected_runs` picks), the target
+    (dashed, mean over seeds) and the budget (dotted); returns the PNG file name written in ``output_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = selected_runs(rows)
+    colors = strategy_colors(r["strategy"] for r in runs)
+    groups = sorted({(r["dataset"], r["label_noise"]) for r in runs})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, (dataset, noise) in zip(axes[0], groups, strict=True):
+        members = [r for r in runs if r["dataset"] == dataset and r["label_noise"] == noise]
+        end = max(point[0] for r in members for point in r["curve"])
+        grid = np.linspace(0.0, end, 400)
+        for strategy, keep in sorted({(r["strategy"], r["keep"]) for r in members}, key=lambda p: (-p[1], p[0])):
+            curves = [r["curve"] for r in members if r["strategy"] == strategy and r["keep"] == keep]
+            values = np.array([[accuracy_at(curve, t) for t in grid] for curve in curves])
+            covered = ~np.isnan(values).any(axis=0)  # from the time every seed has been evaluated once
+            label = f"{_label(strategy, keep)} ({len(curves)} run{'s' if len(curves) > 1 else ''})"
+            style = KEEP_STYLES.get(keep, ":")
+            ax.plot(grid[covered], values[:, covered].mean(0), style, color=colors[strategy], label=label)
+            for curve in curves:
+                ax.plot(*zip(*curve, strict=True), "o", color=colors[strategy], ms=2.5, alpha=0.5)
+        targets = [r["target"] for r in members]
+        budgets = [r["budget_s"] for r in members]
+        ax.axhline(float(np.mean(targets)), color="black", ls="--", lw=1, label=f"target ({TARGET_FRACTION} x full)")
+        ax.axvline(float(np.mean(budgets)), color="gray", ls=":", lw=1, label="budget")
+        ax.set_title(f"{dataset}, label noise {noise}")
+        ax.set_xlim(left=0)
+        ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    name = "time_to_accuracy.png"
+    fig.savefig(os.path.join(output_dir, name), dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _seconds(value: float) -> str:
+    return "not reached" if math.isinf(value) else "-" if math.isnan(value) else f"{value:.1f}"
+
+
+def _times(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "∞"
+    return f"{value:.2f}x"
+
+
+def _first_line(entry: dict[str, Any]) -> str:
+    where = f"**{entry['dataset']}, noise {entry['label_noise']}, keep {entry['keep']}**"
+    if entry["winner"] is None:
+        return f"- {where}: no strategy reached the target in most of its runs."
+    keep = entry["keep"]
+    line = f"- {where}: {_label(entry['winner'], keep)} first, in {entry['winner_s']:.1f} s (median)"
+    if not math.isnan(entry["winner_vs_random"]) and entry["winner"] != "random":
+        line += f", {_times(entry['winner_vs_random'])} the random subset's time"
+    if entry["runner_up"] is not None:
+        runner = _label(entry["runner_up"], keep)
+        if math.isinf(entry["runner_up_s"]):
+            line += f"; no other strategy reached the target (next: {runner})"
+        else:
+            line += f"; next {runner} in {entry['runner_up_s']:.1f} s"
+            if not math.isnan(entry["runner_up_vs_random"]) and entry["runner_up"] != "random":
+                line += f" ({_times(entry['runner_up_vs_random'])} random's)"
+            if not math.isnan(entry["lead_ratio"]):
+                line += f": the winner needed {_times(entry['lead_ratio'])} its time"
+    return line + "."
+
+
+def _time_to_accuracy_section(rows: list[dict[str, Any]], output_dir: str) -> str:
+    table = comparison_table(rows)
+    body = [
+        [
+            e["dataset"],
+            e["label_noise"],
+            e["keep"],
+            e["strategy"],
+            f"{e['reached']}/{e['runs']}",
+            _seconds(e["median_time_to_target_s"]),
+            _times(e["vs_random"]),
+            _times(e["vs_full_batch"]),
+            "-" if math.isinf(e["median_share_of_budget"]) else f"{e['median_share_of_budget']:.2f}",
+            f"{e['median_final_accuracy']:.4f}",
+            f"{e['median_budget_s']:.1f}",
+            f"{e['median_target']:.4f}",
+            f"{e['median_steps']:.0f}/{e['median_planned_steps']:.0f}",
+        ]
+        for e in table
+    ]
+    sittings = sorted({r.get("sitting") or "-" for r in rows})
+    plot = plot_time_to_accuracy(rows, output_dir)
+    return (
+        "## Time to accuracy (`time_to_accuracy.json`)\n\nPer dataset, label noise and seed, the full batch "
+        "(`none`) trains for a fixed number of epochs over a fixed training subset; its training time is the budget "
+        f"and {TARGET_FRACTION} x its final validation accuracy the target. Every other strategy trains on the "
+        "same data from the same initial weights for the same budget, with its learning-rate schedule (warm-up, "
+        "linear decay) sized to the steps its measured step time fits in the budget. Times are training "
+        "wall-clock seconds, evaluation excluded; an evaluation on a fixed validation sample is made about 12 times "
+        "per run, so a time to target is the first evaluation at or above the target. Medians over seeds (a "
+        "strategy that missed the target in most runs has no median: `not reached`); `vs random` and `vs full` "
+        "divide by the median of the random subset's and the full batch's runs of the same sittings (times "
+        "compare only within a sitting); `share` is the time to target over the budget (the full batch's shows "
+        "how long its accuracy kept rising); `steps / planned`: the steps made and the schedule's length (fewer "
+        "made: the budget ran out first, the step time having been underestimated). "
+        f"{len(sittings)} sitting{'s' if len(sittings) > 1 else ''}: {', '.join(f'`{s}`' for s in sittings)}.\n\n"
+        + markdown_table(
+            [
+                "dataset",
+                "noise",
+                "keep",
+                "strategy",
+                "reached",
+                "median time to target s",
+                "vs random",
+                "vs full",
+                "share",
+                "final acc",
+                "budget s",
+                "target",
+                "steps / planned",
+            ],
+            body,
+            fmt=str,
+        )
+        + "\n\n### First to the target\n\n"
+        + "\n".join(_first_line(entry) for entry in first_to_target(table))
+        + f"\n\n![{plot}]({plot})"
+    )
+
+
+def _machines_section(machines: dict[str, dict[str, Any]], tta_rows: list[dict[str, Any]]) -> str:
+    lines = [f"- `{name}`: {json.dumps(m)}" for name, m in machines.items()]
+    by_sitting = {r.get("sitting"): r.get("machine") for r in tta_rows if r.get("sitting")}
+    if len(by_sitting) > 1:
+        lines += [f"  - sitting `{sitting}`: {json.dumps(m)}" for sitting, m in sorted(by_sitting.items())]
+    devices = {m.get("device") for m in machines.values()} | {(m or {}).get("device") for m in by_sitting.values()}
+    if "cuda" not in devices:
+        lines.append(
+            "- No CUDA GPU was available for these measurements: every row is `device: cpu`. GPU rows "
+            "(`overhead`, `throughput` and a `--quick` time-to-accuracy run with `--device cuda`) are still to be made."
+        )
+    return "## Machines\n\n" + "\n".join(lines)
+
+
 def write_report(output_dir: str) -> str:
     """Write ``<output_dir>/README.md``: the hand-written summary (``summary.md``) followed by tables from the JSON
-    files present (and the training plots); returns its path."""
+    files present (and the training and time-to-accuracy plots; a part without its JSON file has no section), and
+    the machines they were measured on; returns its path."""
     sections = []
     summary_path = os.path.join(output_dir, "summary.md")
     if os.path.isfile(summary_path):
@@ -233,13 +451,14 @@ def write_report(output_dir: str) -> str:
         ("throughput", _throughput_section),
         ("grad_match", _grad_match_section),
         ("training", lambda rows: _training_section(rows, output_dir)),
+        (TIME_TO_ACCURACY, lambda rows: _time_to_accuracy_section(rows, output_dir)),
     ):
         machine, rows = load_rows(output_dir, name)
         if rows:
             machines[name] = machine
             sections.append(section(rows))
     if machines:
-        sections.append("## Machines\n\n" + "\n".join(f"- `{name}`: {json.dumps(m)}" for name, m in machines.items()))
+        sections.append(_machines_section(machines, load_rows(output_dir, TIME_TO_ACCURACY)[1]))
     text = "\n\n".join(sections) + "\n"
     path = os.path.join(output_dir, "README.md")
     with open(path, "w") as handle:

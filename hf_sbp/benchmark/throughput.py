@@ -1,4 +1,6 @@
-"""Part 2, ``throughput.json``: the training step's time per strategy, and its peak memory in a fresh process."""
+"""Part 2, ``throughput.json``: the training step's time per strategy, and its peak memory in a fresh process; with
+``--peft lora`` the same rows for LoRA fine-tuning (``"peft": "lora"``), kept beside the full fine-tuning rows, and
+the break-even keep of both (:func:`break_even_table`)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
 from ..data import resolve_model_name
 from ..glue import DataTrainingArguments
 from .common import (
     BUDGET_STRATEGY,
     FULL_BATCH,
+    OVERHEAD_STRATEGY,
     BenchmarkArguments,
     BenchmarkContext,
     Data,
@@ -31,6 +34,83 @@ from .common import (
 
 SCORING_FORWARD = "scoring_forward"
 """The pseudo-strategy of the throughput rows that time the no-grad scoring forward alone."""
+LORA = "lora"
+"""The ``peft`` value of the rows measured with LoRA (rows without ``peft`` are full fine-tuning)."""
+LORA_HEADS = ["classifier", "score"]
+"""Head module names that LoRA trains in full (``modules_to_save``): ``classifier`` for BERT-like encoders,
+``score`` for decoders; names the model lacks are ignored."""
+
+
+def lora_model(model: PreTrainedModel, r: int = 8) -> PreTrainedModel:
+    """``model`` wrapped for LoRA fine-tuning with ``peft``: rank-``r`` adapters (``lora_alpha = 2 r``) on the
+    attention projections that ``peft`` targets for the architecture (``query`` and ``value`` for BERT), the
+    classification head trained in full (``modules_to_save``), everything else frozen."""
+    try:
+        import peft
+    except ImportError as error:  # an optional dependency: only --peft lora needs it
+        raise ImportError("--peft lora needs the peft package: pip install peft") from error
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=2 * r, modules_to_save=LORA_HEADS)
+    return peft.get_peft_model(model, config)
+
+
+def peft_mode(row: dict[str, Any]) -> str:
+    """The fine-tuning mode of a throughput row: its ``peft`` value, ``none`` (full fine-tuning) if it has none."""
+    return row.get("peft") or "none"
+
+
+def merge_rows(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``throughput.json`` after a run: the ``existing`` rows of the fine-tuning modes that ``new`` does
+    not measure (kept, in order), then ``new`` (which replaces the rows of its own modes)."""
+    measured = {peft_mode(row) for row in new}
+    return [row for row in existing if peft_mode(row) not in measured] + list(new)
+
+
+def break_even_keep(full_step_s: float, scoring_forward_s: float) -> float:
+    """The keep at which a selective step costs as much as a full step, if the subset's forward and backward scale
+    with the rows kept: ``F + keep * S = S`` gives ``1 - F / S``, with ``S`` the full step and ``F`` the no-grad
+    scoring forward; equivalently ``b / (1 + b)`` with ``b = S / F - 1`` the backward's cost in forwards."""
+    return 1.0 - scoring_forward_s / full_step_s
+
+
+def break_even_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per fine-tuning mode of ``rows`` (``throughput.json``): the full step ``full_step_s`` and scoring forward
+    ``scoring_forward_s``, the forward's share of the full step, the backward's cost in forwards
+    (``backward_forward_ratio = S / F - 1``), the :func:`break_even_keep`, and ``measured_break_even_keep``: the keep
+    at which the selective strategy measured at the largest keep (gradmatch if present) would cost a full step, its
+    step extrapolated along the random subset's cost per row kept (``None`` without both rows)."""
+    table = []
+    for mode in dict.fromkeys(peft_mode(row) for row in rows):
+        members = [row for row in rows if peft_mode(row) == mode]
+        full = next((row["step_s"] for row in members if row["strategy"] == FULL_BATCH), None)
+        forward = next((row["step_s"] for row in members if row["strategy"] == SCORING_FORWARD), None)
+        if full is None or forward is None:
+            continue
+        measured = None
+        selective = [row for row in members if "ideal_ratio" in row]
+        if selective:
+            keep = max(row["keep"] for row in selective)
+            at_keep = [row for row in selective if row["keep"] == keep]
+            chosen = next((row for row in at_keep if row["strategy"] == OVERHEAD_STRATEGY), at_keep[0])
+            random = next((row for row in members if row["strategy"] == BUDGET_STRATEGY and row["keep"] == keep), None)
+            if random is not None:
+                per_keep = random["step_s"] / keep  # the subset step's cost per unit of keep
+                measured = {
+                    "strategy": chosen["strategy"],
+                    "keep": keep,
+                    "value": keep + (full - chosen["step_s"]) / per_keep,
+                }
+        table.append(
+            {
+                "peft": mode,
+                "full_step_s": full,
+                "scoring_forward_s": forward,
+                "scoring_share": forward / full,
+                "backward_forward_ratio": full / forward - 1.0,
+                "break_even_keep": break_even_keep(full, forward),
+                "measured_break_even_keep": measured,
+            }
+        )
+    return table
 
 
 def peak_memory_command(bench: BenchmarkArguments, strategy: str, keep: float) -> list[str]:
@@ -53,6 +133,8 @@ def peak_memory_command(bench: BenchmarkArguments, strategy: str, keep: float) -
         "--memory_strategy",
         strategy,
     ]
+    if bench.peft != "none":
+        command += ["--peft", bench.peft, "--lora_r", str(bench.lora_r)]
     if bench.strategy_modules:
         command += ["--sbp_strategy_modules", ",".join(bench.strategy_modules)]
     if bench.train_file:
@@ -117,8 +199,10 @@ def measure_peak_memory(bench: BenchmarkArguments, scratch_dir: str) -> None:
     data = Data(spec, tokenizer, bench.seq_len, limit=4 * bench.batch_size)
     batches = fixed_batches(data.splits["train"], tokenizer, bench.batch_size, bench.seq_len, 2, bench.device)
     model = load_model(model_path, data.num_labels, 0, bench.device)
+    if bench.peft == LORA:
+        model = lora_model(model, bench.lora_r)
     trainer = make_trainer(model, strategy, keep, bench.batch_size, bench.device, scratch_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(batch) -> None:
         trainer.training_step(model, batch)
@@ -145,9 +229,14 @@ def measure_peak_memory(bench: BenchmarkArguments, scratch_dir: str) -> None:
 
 def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
     """Median step time per strategy and keep, all interleaved in one process, with the peak memory of each
-    (rows of ``throughput.json``)."""
+    (rows of ``throughput.json``). With ``--peft lora`` the model is LoRA-wrapped (:func:`lora_model`) and every row
+    has ``"peft": "lora"``; the ideal ratio is then ``(1 + 2 keep) / 2`` (a backward costs about one forward when
+    the base weights are frozen) instead of ``(1 + 3 keep) / 3``."""
     bench = ctx.bench
     model = load_model(ctx.model_path, data.num_labels, 0, bench.device)
+    lora = bench.peft == LORA
+    if lora:
+        model = lora_model(model, bench.lora_r)
     batches = fixed_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, bench.seq_len, 4, bench.device)
     grid = strategy_grid(bench.strategy_names, bench.keep_values)
     trainers = {
@@ -156,7 +245,7 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
     }
     # SGD with a zero learning rate keeps the model fixed, so every strategy times the same model;
     # the optimizer step's cost is the same for all and small next to forward and backward.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     times: dict[tuple[str, float], list[float]] = defaultdict(list)
 
     def timed_step(trainer, batch) -> float:
@@ -196,6 +285,8 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
             "full_step_s": full,
             "peak_mem_mb": None,
         }
+        if lora:
+            row.update(peft=LORA, lora_r=bench.lora_r)
         if strategy != SCORING_FORWARD:
             row["peak_mem_mb"] = peak_memory_mb(bench, strategy, keep)
         rows.append(row)
@@ -204,13 +295,15 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
         row["ratio_to_full"] = row["step_s"] / full
         trainer = trainers.get((row["strategy"], row["keep"]))
         if trainer is not None and trainer.strategy.selective and trainer.runs_scoring_pass:
-            # Scoring forward (a third of a step) plus forward and backward on the subset.
-            row["ideal_ratio"] = (1 + 3 * row["keep"]) / 3
+            # Scoring forward (a third of a full step; half with LoRA) plus forward and backward on the subset.
+            passes = 2 if lora else 3
+            row["ideal_ratio"] = (1 + passes * row["keep"]) / passes
             random_times = times.get((BUDGET_STRATEGY, row["keep"]))
             if random_times:  # the floor needs the random subset's step at the same keep
                 row["floor_s"] = scoring_s + statistics.median(random_times)
                 row["ratio_to_floor"] = row["step_s"] / row["floor_s"]
         ctx.progress(
-            f"throughput {row['strategy']}@{row['keep']}: {row['step_s']:.3f} s ({row['ratio_to_full']:.3f} x full)"
+            f"throughput{' lora' if lora else ''} {row['strategy']}@{row['keep']}: {row['step_s']:.3f} s "
+            f"({row['ratio_to_full']:.3f} x full)"
         )
     return rows
