@@ -32,8 +32,7 @@ from typing import Any
 import yaml
 
 from . import selection_metrics as sm
-from ._utils import format_number, markdown_table
-from ._utils import is_number as _is_number
+from ._utils import format_number, is_number, markdown_table
 from .data import BUNDLED_DATASETS, BUNDLED_MODELS, bundled_model_path
 from .strategies import registered_strategies, strategy_class
 
@@ -73,7 +72,7 @@ def load_baseline_results(path: str) -> dict[str, Any]:
             results = json.load(handle)
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"baseline_results={path!r} is invalid; it is not readable JSON ({error}).") from error
-    if not isinstance(results, dict) or not any(_is_number(v) for v in results.values()):
+    if not isinstance(results, dict) or not any(is_number(v) for v in results.values()):
         raise ValueError(f"baseline_results={path!r} is invalid; it must be a JSON object of metrics.")
     return results
 
@@ -101,9 +100,6 @@ def model_card_info(trainer) -> dict[str, Any]:
 
 # ---- formatting helpers ----------------------------------------------------------------------
 
-
-_fmt = format_number
-_table = markdown_table
 
 # ---- what the run did --------------------------------------------------------------------------
 
@@ -134,11 +130,11 @@ def selection_statistics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, 
         steps += weight
         for key in means:
             value = entry.get(key)
-            if _is_number(value) and math.isfinite(value):
+            if is_number(value) and math.isfinite(value):
                 sums[key] += weight * value
                 weights[key] += weight
         for key in totals:
-            if _is_number(entry.get(key)):
+            if is_number(entry.get(key)):
                 totals[key] += entry[key]
     stats: dict[str, Any] = {"logged_intervals": intervals, "logged_steps": steps}
     for key, name in means.items():
@@ -151,9 +147,9 @@ def selection_statistics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, 
         stats["logged_steps"] = int(summary.get("step", steps))
         for key, name in means.items():
             value = summary.get(sm.run_key(key))
-            stats[name] = value if _is_number(value) and math.isfinite(value) else stats[name]
+            stats[name] = value if is_number(value) and math.isfinite(value) else stats[name]
         for key in totals:
-            if _is_number(summary.get(sm.run_key(key))):
+            if is_number(summary.get(sm.run_key(key))):
                 totals[key] = summary[sm.run_key(key)]
     scoring, selection = stats["mean_scoring_time_share"], stats["mean_selection_time_share"]
     stats["mean_selecting_time_share"] = (
@@ -180,7 +176,7 @@ def _metric_rows(results: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
     rows = []
     for prefix, split in (("eval_", "evaluation"), ("predict_", "test"), ("test_", "test")):
         for key, value in results.items():
-            if not key.startswith(prefix) or not _is_number(value) or key.endswith(_SKIPPED_RESULT_SUFFIXES):
+            if not key.startswith(prefix) or not is_number(value) or key.endswith(_SKIPPED_RESULT_SUFFIXES):
                 continue
             rows.append((split, key[len(prefix) :], value))
     return rows
@@ -261,15 +257,17 @@ def _settings_section(
     strategy = args.sbp_strategy
     selective = ", ".join(name for name in registered_strategies() if strategy_class(name).selective)
     interrupt = args.sbp_interrupt
-    schedule = f"selection active for training fractions [{_fmt(args.sbp_start)}, {_fmt(args.sbp_end)})"
+    schedule = (
+        f"selection active for training fractions [{format_number(args.sbp_start)}, {format_number(args.sbp_end)})"
+    )
     schedule += f"; every {interrupt}-th step on the full batch" if interrupt else "; never interrupted"
     if not label_noise:
         noise = "none"
     else:
-        noise = f"symmetric, rate {_fmt(float(label_noise))}"
+        noise = f"symmetric, rate {format_number(float(label_noise))}"
         if label_noise_flipped is not None:
             noise += f": {label_noise_flipped} training labels flipped"
-            if _is_number(n_train):
+            if is_number(n_train):
                 noise += f" of {int(n_train)}"
         noise += " (seeded by `seed`; evaluation labels untouched)"
     shown = {"sbp_head_module": head_name or "auto", "sbp_loss_beta": args.sbp_effective_loss_beta}
@@ -287,7 +285,7 @@ def _settings_section(
         ("selection seed (`sbp_seed`)", args.sbp_seed if args.sbp_seed is not None else seed, "all"),
         ("label noise injected (`--label_noise`)", noise, "training data"),
     ]
-    return _table(["setting", "value", "applies to"], rows)
+    return markdown_table(["setting", "value", "applies to"], rows)
 
 
 def _how_trained(args) -> str:
@@ -327,7 +325,7 @@ def _statistics_section(args, log_history, backprop_examples: Any) -> str:
         ("selective steps", stats["selective_steps"]),
         ("steps that fell back to the full batch (non-finite scores)", stats["fallback_steps"]),
     ]
-    table = _table(["statistic", "value"], rows)
+    table = markdown_table(["statistic", "value"], rows)
     if stats.get("whole_run"):
         scope = f"Over all {stats['logged_steps']} training steps of the run:"
     else:
@@ -351,8 +349,8 @@ def _baseline_section(args, current: Mapping[str, Any], baseline: Mapping[str, A
     keys = [
         key
         for key, value in baseline.items()
-        if _is_number(value)
-        and _is_number(current.get(key))
+        if is_number(value)
+        and is_number(current.get(key))
         and (key.startswith(("eval_", "predict_", "test_")) and not key.endswith(_SKIPPED_RESULT_SUFFIXES))
     ]
     keys += [
@@ -361,7 +359,7 @@ def _baseline_section(args, current: Mapping[str, Any], baseline: Mapping[str, A
     rows = []
     for key in keys:
         mine, theirs = current[key], baseline[key]
-        if not (_is_number(mine) and _is_number(theirs)):
+        if not (is_number(mine) and is_number(theirs)):
             continue
         rows.append((key, mine, theirs, mine - theirs))
     where = f" (`{os.path.basename(source)}`)" if source else ""
@@ -370,7 +368,7 @@ def _baseline_section(args, current: Mapping[str, Any], baseline: Mapping[str, A
     return (
         text
         + f"\n\nMeasured against the random-subset baseline run{where}:\n\n"
-        + _table(["metric", f"this run ({args.sbp_strategy})", "random baseline", "difference"], rows)
+        + markdown_table(["metric", f"this run ({args.sbp_strategy})", "random baseline", "difference"], rows)
     )
 
 
@@ -475,11 +473,11 @@ def render_model_card(
 
     rows = _metric_rows(current)
     if rows:
-        results_text = _table(["split", "metric", "value"], rows)
+        results_text = markdown_table(["split", "metric", "value"], rows)
     else:
         results_text = "No evaluation results were recorded for this run."
-    if _is_number(current.get("train_loss")):
-        results_text += f"\n\nFinal training loss: {_fmt(current['train_loss'])}"
+    if is_number(current.get("train_loss")):
+        results_text += f"\n\nFinal training loss: {format_number(current['train_loss'])}"
         if label_noise:
             results_text += " (on the noisy training labels)"
         results_text += "."

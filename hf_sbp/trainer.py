@@ -214,8 +214,9 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         """``Trainer.train``. The ``sbp_*`` settings are validated again (a new strategy if ``sbp_strategy`` changed),
         and the selection statistics start afresh, or from the checkpoint resumed."""
         if self.sbp_args.sbp_strategy != self._strategy.name:
-            self._new_strategy()
-        self.sbp_args.validate_sbp(self.args.per_device_train_batch_size)
+            self._new_strategy()  # validates the settings too
+        else:
+            self.sbp_args.validate_sbp(self.args.per_device_train_batch_size)
         setup_checks.check_training_set(self.train_dataset)
         self._metrics.reset()
         self.sbp_backprop_examples = 0
@@ -252,8 +253,8 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             num_items_in_batch = subset_num_items(num_items_in_batch, subset[self.label_key], labels)
         record.selection_s += time.perf_counter() - index_start
         uniform = bool((weights == 1).all())
-        self._step = SubsetStep(subset[self.label_key], record.problem_type, None if uniform else weights)
-        self._step.verify = self.needs_example_losses and not self._loss_verified
+        verify = self.needs_example_losses and not self._loss_verified
+        self._step = SubsetStep(subset[self.label_key], record.problem_type, None if uniform else weights, verify)
         capture = HeadCapture(self._head_modules(model) if self._strategy.observes() else [])
         try:
             with capture.capturing():

@@ -18,6 +18,7 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PrinterCallback,
     set_seed,
 )
 
@@ -434,6 +435,56 @@ def make_trainer(
     )
     trainer = SelectiveBackpropTrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def evaluating_trainer(
+    model: PreTrainedModel,
+    *,
+    strategy: str,
+    keep: float,
+    seed: int,
+    steps: int,
+    warmup_steps: int,
+    batch_size: int,
+    eval_batch_size: int,
+    learning_rate: float,
+    device: str,
+    train: Any,
+    validation: Any,
+    tokenizer: Any,
+    output_dir: str,
+    **extra: Any,
+) -> SelectiveBackpropTrainer:
+    """A trainer of one seeded benchmark run: ``steps`` steps of ``strategy`` at ``keep`` with a linear schedule
+    warming up over ``warmup_steps``, dynamic padding, accuracy on ``validation``, nothing saved and no log lines
+    (``extra``: more ``SelectiveBackpropConfig`` fields). The training and time-to-accuracy parts train through it."""
+    args = SelectiveBackpropConfig(
+        output_dir=output_dir,
+        sbp_strategy=strategy,
+        sbp_keep=keep,
+        seed=seed,
+        sbp_seed=seed,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=eval_batch_size,
+        learning_rate=learning_rate,
+        max_steps=steps,
+        warmup_steps=warmup_steps,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        **extra,
+    )
+    trainer = SelectiveBackpropTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy,
+    )
+    trainer.remove_callback(PrinterCallback)
     return trainer
 
 

@@ -77,14 +77,12 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 from transformers import (
-    DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PrinterCallback,
     TrainerCallback,
 )
 
-from .. import SelectiveBackpropConfig, SelectiveBackpropTrainer
+from .. import SelectiveBackpropTrainer
 from ..glue import apply_label_noise
 from .common import (
     BUDGET_STRATEGY,
@@ -92,7 +90,7 @@ from .common import (
     BenchmarkArguments,
     BenchmarkContext,
     Data,
-    accuracy,
+    evaluating_trainer,
     load_model,
     load_rows,
     strategy_grid,
@@ -348,33 +346,23 @@ def build_trainer(
     """A trainer of ``strategy`` at ``keep`` for ``steps`` steps on the cell's data, seeded with the cell's seed
     (same batch order for every strategy), warm-up over :data:`WARMUP_FRACTION` of the steps then linear decay, that
     evaluates accuracy on the cell's validation sample and saves nothing."""
-    args = SelectiveBackpropConfig(
-        output_dir=output_dir,
-        sbp_strategy=strategy,
-        sbp_keep=keep,
+    return evaluating_trainer(
+        model,
+        strategy=strategy,
+        keep=keep,
         seed=cell.seed,
-        sbp_seed=cell.seed,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.eval_batch_size,
-        learning_rate=settings.learning_rate,
-        max_steps=steps,
+        steps=steps,
         warmup_steps=warmup_steps(steps),
+        batch_size=settings.batch_size,
+        eval_batch_size=settings.eval_batch_size,
+        learning_rate=settings.learning_rate,
+        device=settings.device,
+        train=cell.train,
+        validation=cell.validation,
+        tokenizer=tokenizer,
+        output_dir=output_dir,
         lr_scheduler_type="linear",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=settings.device == "cpu",
-        disable_tqdm=True,
     )
-    trainer = SelectiveBackpropTrainer(
-        model=model,
-        args=args,
-        train_dataset=cell.train,
-        eval_dataset=cell.validation,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy,
-    )
-    trainer.remove_callback(PrinterCallback)
-    return trainer
 
 
 @dataclass

@@ -16,14 +16,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 from transformers import (
-    DataCollatorWithPadding,
     PreTrainedTokenizerBase,
-    PrinterCallback,
     ProgressCallback,
     TrainerCallback,
 )
 
-from .. import SelectiveBackpropConfig, SelectiveBackpropTrainer
+from .. import SelectiveBackpropTrainer
 from ..glue import apply_label_noise
 from ..selection_metrics import (
     BACKPROP_FRACTION,
@@ -37,7 +35,7 @@ from .common import (
     FULL_BATCH,
     BenchmarkContext,
     Data,
-    accuracy,
+    evaluating_trainer,
     load_model,
     strategy_grid,
     strategy_order,
@@ -143,32 +141,23 @@ def train_run(
     validation = splits["validation"].select(range(min(len(splits["validation"]), run.eval_samples)))
     test = splits[data.test_split].select(range(min(len(splits[data.test_split]), run.test_samples)))
     model = load_model(model_path, data.num_labels, run.seed, run.device)
-    args = SelectiveBackpropConfig(
-        output_dir=output_dir,
-        sbp_strategy=run.strategy,
-        sbp_keep=run.keep,
+    trainer = evaluating_trainer(
+        model,
+        strategy=run.strategy,
+        keep=run.keep,
         seed=run.seed,
-        sbp_seed=run.seed,
-        per_device_train_batch_size=run.batch_size,
-        per_device_eval_batch_size=run.eval_batch_size,
-        learning_rate=run.learning_rate,
-        max_steps=run.steps,
+        steps=run.steps,
         warmup_steps=run.steps // 10,
+        batch_size=run.batch_size,
+        eval_batch_size=run.eval_batch_size,
+        learning_rate=run.learning_rate,
+        device=run.device,
+        train=train,
+        validation=validation,
+        tokenizer=tokenizer,
+        output_dir=output_dir,
         logging_steps=run.eval_every,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=run.device == "cpu",
-        disable_tqdm=True,
     )
-    trainer = SelectiveBackpropTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=validation,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy,
-    )
-    trainer.remove_callback(PrinterCallback)
     if progress_bar:
         label = run.strategy if run.strategy == FULL_BATCH else f"{run.strategy}@{run.keep}"
         trainer.add_callback(RunProgressBar(label))
