@@ -78,12 +78,14 @@ class SelectiveBackpropArguments:
         },
     )
     sbp_weight_normalization: str = field(
-        default="subset_size",
+        default="none",
         metadata={
-            "help": "Scaling of gradmatch's OMP weights: 'subset_size' (Balles et al. 2023's: they sum to the subset "
-            "size, so the loss is a weighted mean), 'none' (OMP's raw estimate of the mean gradient, magnitude "
-            "included), or 'sum_constrained' (OMP fits the mean gradient with weights whose sum is held near 1, then "
-            "they are scaled to sum to the subset size, so the rescaling does not inflate a shrunken fit).",
+            "help": "Scaling of gradmatch's OMP weights: 'none' (the default: OMP's raw estimate of the mean "
+            "gradient, magnitude included; its trained gradient matched the batch mean best in grad_match.json), "
+            "'subset_size' (Balles et al. 2023's: they sum to the subset size, so the loss is a weighted mean; this "
+            "inflates the gradient when OMP picks rows with large gradients and gives them small weights, as on "
+            "regression), or 'sum_constrained' (OMP fits the mean gradient with weights whose sum is held near 1, "
+            "then they are scaled to sum to the subset size).",
             "choices": list(WEIGHT_NORMALIZATIONS),
         },
     )
@@ -140,6 +142,37 @@ class SelectiveBackpropArguments:
             "gradient-match error. It costs the very forward pass that 'random' saves, so it is off by default."
         },
     )
+    sbp_trim_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "After the subset is gathered, drop the padding columns that none of its rows needs (the right "
+            "padding of right-padded batches), so a subset of short rows costs what short rows cost. The rows' "
+            "outputs do not change (padding is masked); left-padded batches are not trimmed."
+        },
+    )
+    sbp_scoring_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "If set (>= 1), the scoring forward sees only the first L tokens of each row (the gradient "
+            "forward still sees them all): a cheaper scoring pass whose scores approximate the full rows'."
+        },
+    )
+    sbp_max_staleness: float = field(
+        default=2.0,
+        metadata={
+            "help": "For the stale-* strategies: cached statistics of an example (loss, head residual and input, "
+            "written by every forward the trainer runs on it) are used instead of scoring it again while they are "
+            "younger than this many epochs; older or missing ones are scored. > 0."
+        },
+    )
+    sbp_cache_projection_dim: int = field(
+        default=0,
+        metadata={
+            "help": "For the stale-* strategies: store each example's head input projected to this many dimensions "
+            "by a fixed random Gaussian projection (inner products, so the Gram matrix, are kept approximately), "
+            "in half precision; 0 stores the head input whole (half precision). >= 0."
+        },
+    )
     sbp_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the selection's random draws (offset by the process index); defaults to --seed."},
@@ -188,6 +221,14 @@ class SelectiveBackpropArguments:
         check_int_at_least("sbp_loss_history_size", self.sbp_loss_history_size, 1)
         if not is_number(self.sbp_loss_min_prob) or not (0.0 <= self.sbp_loss_min_prob <= 1.0):
             raise ValueError(f"sbp_loss_min_prob={self.sbp_loss_min_prob!r} is invalid; it must be a number in [0, 1].")
+        if self.sbp_scoring_max_length is not None:
+            check_int_at_least("sbp_scoring_max_length", self.sbp_scoring_max_length, 1)
+        staleness = self.sbp_max_staleness
+        if not is_number(staleness) or not (staleness > 0 and math.isfinite(staleness)):
+            raise ValueError(
+                f"sbp_max_staleness={self.sbp_max_staleness!r} is invalid; it must be a finite number > 0."
+            )
+        check_int_at_least("sbp_cache_projection_dim", self.sbp_cache_projection_dim, 0)
         if self.sbp_seed is not None and not (is_int_at_least(self.sbp_seed, 0) and self.sbp_seed < 2**63):
             raise ValueError(f"sbp_seed={self.sbp_seed!r} is invalid; it must be an integer in [0, 2**63) or None.")
         batch = per_device_train_batch_size or getattr(self, "per_device_train_batch_size", None)

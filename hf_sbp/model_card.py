@@ -238,6 +238,10 @@ SETTING_TITLES = {
     "sbp_loss_min_prob": "Jiang's p_min",
     "sbp_head_module": "head module",
     "sbp_diagnostic_scoring": "diagnostic scoring",
+    "sbp_trim_padding": "padding columns trimmed from the subset",
+    "sbp_scoring_max_length": "tokens per row in the scoring pass",
+    "sbp_max_staleness": "cached statistics used while younger than (epochs)",
+    "sbp_cache_projection_dim": "cached head inputs projected to (0: whole)",
 }
 """Readable names of the ``sbp_*`` settings in the card; a setting without one is shown by its field name."""
 
@@ -245,9 +249,19 @@ SETTING_TITLES = {
 _OWN_ROWS = ("sbp_strategy", "sbp_start", "sbp_end", "sbp_interrupt", "sbp_seed", "sbp_strategy_modules")
 
 
+_TRAINER_SETTINGS = {
+    "sbp_keep": lambda strategy: strategy.selective,
+    "sbp_trim_padding": lambda strategy: strategy.selective,
+    "sbp_scoring_max_length": lambda strategy: strategy.needs_scoring,
+}
+"""Settings the trainer applies for every strategy that selects (or scores), rather than ones strategies read."""
+
+
 def _applies_to(setting: str) -> str:
-    """The registered strategies that read ``setting`` (their ``settings`` declare it)."""
-    names = [name for name in registered_strategies() if setting in strategy_class(name).settings]
+    """The registered strategies that read ``setting`` (their ``settings`` declare it), or that the trainer applies
+    it to."""
+    applies = _TRAINER_SETTINGS.get(setting, lambda strategy: setting in strategy.settings)
+    names = [name for name in registered_strategies() if applies(strategy_class(name))]
     return ", ".join(names) or "-"
 
 
@@ -279,7 +293,7 @@ def _settings_section(
         if setting in _OWN_ROWS:
             continue
         value = shown.get(setting, getattr(args, setting))
-        applies = selective if setting == "sbp_keep" else _applies_to(setting)
+        applies = _applies_to(setting)
         rows.append((f"{SETTING_TITLES.get(setting, setting)} (`{setting}`)", value, applies))
     rows += [
         ("selection seed (`sbp_seed`)", args.sbp_seed if args.sbp_seed is not None else seed, "all"),
@@ -294,6 +308,13 @@ def _how_trained(args) -> str:
     if not strategy.selective:
         name = args.sbp_strategy
         return f"with `sbp_strategy {name}`, every training batch was backpropagated in full, as with `Trainer`."
+    if strategy.uses_example_cache:
+        return (
+            "the rows of each training batch whose statistics, cached from the last forward pass that saw them, "
+            f"were missing or older than `sbp_max_staleness` epochs were scored with a cheap forward pass without "
+            "autograd (every row in the first epoch, none in a step whose rows were all fresh), and only a subset "
+            f"of the batch chosen by `{args.sbp_strategy}` from all the rows' statistics was backpropagated."
+        )
     if strategy.needs_scoring:
         return (
             "each training batch was scored with a cheap forward pass without autograd, and only a subset of it "

@@ -11,15 +11,23 @@ Notation: a batch of ``n`` examples; the model ends in a linear head ``z_i = W h
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.linalg.lapack import dtrtrs
+from scipy.linalg import qr_delete
+from scipy.linalg.blas import dtpsv
 
 from ._utils import check_int_at_least
+
+try:  # a dependency of scikit-learn, so normally present
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover
+    ThreadpoolController = None
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -186,38 +194,189 @@ class OMPResult(NamedTuple):
     residuals: list[float]
 
 
-def _solve_lower(L: np.ndarray, b: np.ndarray, transpose: bool = False) -> np.ndarray:
-    """Solve ``L x = b`` (or ``L^T x = b``) for a lower-triangular ``L``: LAPACK directly, as scipy's
-    wrapper costs ten times the solve at these sizes."""
-    x, info = dtrtrs(L, b, lower=1, trans=1 if transpose else 0)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"triangular solve failed (LAPACK info {info})")
-    return x
+@functools.cache
+def _blas_threads() -> ThreadpoolController | None:
+    """The thread pools of the BLAS libraries loaded in this process (NumPy's and SciPy's), found once."""
+    return None if ThreadpoolController is None else ThreadpoolController()
 
 
-def _cholesky_delete(L: np.ndarray, size: int, j: int) -> None:
+def _single_threaded_blas() -> contextlib.AbstractContextManager:
+    """A context in which NumPy's and SciPy's BLAS use one thread.
+
+    OMP's loop calls BLAS hundreds of times on operands of a few megabytes at most. Threads barely pay for their
+    wake-up there, and when the cores are busy (the training's own threads, other processes) a multi-threaded call
+    waits for a descheduled thread: measured on 2 busy cores, OMP over 1024 to 2048 rows ran 3 to 5 times slower.
+    """
+    controller = _blas_threads()
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
+
+
+def _packed_solve(packed: np.ndarray, size: int, b: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """Solve ``L x = b`` (or ``L^T x = b``) for the ``size x size`` lower-triangular ``L`` whose rows lie one after
+    another in ``packed`` (row ``i`` at offset ``i (i + 1) / 2``: BLAS's packed storage of the upper triangle ``L^T``).
+
+    A factor that grows by one row per step stays a contiguous prefix of ``packed``, so BLAS reads it in place:
+    LAPACK's ``dtrtrs`` on the top-left block of a larger buffer first copied (and transposed) the whole block,
+    which cost 40 times the solve itself at a few hundred atoms."""
+    return dtpsv(size, packed, b, lower=0, trans=0 if transpose else 1)
+
+
+def _cholesky_delete(L: np.ndarray, size: int, j: int, scratch: np.ndarray | None = None) -> None:
     """In place: turn the lower Cholesky factor of an ``size x size`` matrix ``A`` (in ``L[:size, :size]``) into that
-    of ``A`` without row and column ``j`` (in ``L[:size - 1, :size - 1]``), by a rank-one update of the trailing
-    block: ``L33' L33'^T = L33 L33^T + l32 l32^T``."""
-    x = L[j + 1 : size, j].copy()
-    L[j : size - 1, :j] = L[j + 1 : size, :j].copy()
-    L[j : size - 1, j : size - 1] = L[j + 1 : size, j + 1 : size].copy()
+    of ``A`` without row and column ``j`` (in ``L[:size - 1, :size - 1]``).
+
+    Rows above ``j`` stay; rows below move up one, keeping their first ``j`` entries; their trailing block gets the
+    rank-one update ``L33' L33'^T = L33 L33^T + l32 l32^T``. That update is a QR column deletion: ``R = L[j:, j:]^T``
+    is upper triangular with ``R^T R`` the trailing block of ``A``, and Givens rotations make ``R`` without its first
+    column triangular again. scipy's ``qr_delete`` applies them in compiled code (a Python loop over the columns cost
+    several times more). ``scratch``, at least ``2 (size - j)^2`` finite numbers (zeros when ``None``), holds ``R`` and
+    the ``Q`` that ``qr_delete`` also rotates and that is not needed here (the rotations depend on ``R`` alone, so any
+    finite values do). Reused across calls, it spares fresh blocks of a few hundred kilobytes, which cost more than
+    the rotations.
+    """
+    m = size - j
+    if scratch is None:
+        scratch = np.zeros(2 * m * m)
+    R = scratch[m * m : 2 * m * m].reshape((m, m), order="F")
+    np.copyto(R, L[j:size, j:size].T)
+    L[j : size - 1, :j] = L[j + 1 : size, :j]
     L[size - 1, :size] = 0.0
     L[:size, size - 1] = 0.0
-    for k in range(j, size - 1):
-        i = k - j
-        diagonal = L[k, k]
-        r = math.hypot(diagonal, x[i])
-        c, s = r / diagonal, x[i] / diagonal
-        L[k, k] = r
-        if k + 1 < size - 1:
-            L[k + 1 : size - 1, k] = (L[k + 1 : size - 1, k] + s * x[i + 1 :]) / c
-            x[i + 1 :] = c * x[i + 1 :] - s * L[k + 1 : size - 1, k]
+    if m > 1:
+        Q = scratch[: m * m].reshape((m, m), order="F")
+        _, R = qr_delete(Q, R, 0, 1, which="col", overwrite_qr=True, check_finite=False)
+        # A rotation can leave a pivot negative: flip that row of R (column of L) as it is written back.
+        signs = np.where(np.diagonal(R) < 0, -1.0, 1.0)
+        np.multiply(R[: m - 1].T, signs, out=L[j : size - 1, j : size - 1])
 
 
-def _cho_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve ``L L^T x = b`` for a lower-triangular ``L``."""
-    return _solve_lower(L, _solve_lower(L, b), transpose=True)
+def _omp_loop(
+    K: np.ndarray, corr: np.ndarray, target_sq: float, k: int, ridge: float, nonnegative: bool, tol: float | None
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """:func:`omp_gram`'s loop, on its checked float64 arrays: ``(support, weights, residuals)``."""
+    n = K.shape[0]
+    diag = np.diagonal(K).copy()
+    # Thresholds relative to the problem's own scale, so that rank-deficient, duplicated, tiny or
+    # huge Gram matrices behave alike: an atom needs a correlation that is not round-off, and a
+    # Cholesky pivot that is not numerically zero (a duplicate or a combination of chosen atoms).
+    scale = float(diag.max()) if n else 0.0
+    corr_floor = 1e-12 * math.sqrt(max(scale, 0.0) * max(abs(target_sq), 0.0)) if math.isfinite(target_sq) else 0.0
+    corr_floor = max(corr_floor, 1e-300)
+    pivot_floor = 1e-10
+
+    # The chosen atoms in the order of L's rows, and each one's row of K_S (its slot), in arrays of length k whose
+    # first |S| entries are in use: fancy indexing with them is much cheaper than with Python lists.
+    support = np.zeros(k, dtype=np.intp)
+    slots = np.zeros(k, dtype=np.intp)
+    s = 0
+    weights = np.zeros(0)
+    # The Cholesky factor of K_SS + ridge I, twice: dense in the top-left |S| x |S| block of `L`, where deletions
+    # rotate it, and packed row by row for the triangular solves (see _packed_solve).
+    L = np.zeros((k, k))
+    packed = np.zeros(k * (k + 1) // 2)
+    packed_index: np.ndarray | None = None  # where each entry of `packed` lies in `L`, made at the first deletion
+    scratch: np.ndarray | None = None  # _cholesky_delete's zero buffer
+    # z = L^-1 c_S, the forward half of the refit w_S = L^-T L^-1 c_S. A new atom only appends a row to L, so it only
+    # appends an entry to z: one dot product instead of a forward solve.
+    z = np.zeros(k)
+    # The chosen atoms' columns of K, one per row: the residual update is one matrix-vector product over contiguous
+    # memory. A dropped atom leaves its row (slot) free for the next one, so deletions move no rows.
+    K_S = np.zeros((k, n))
+    free_slots: list[int] = []
+    used_slots = 0
+    blocked = np.zeros(n)  # -inf for atoms that may not enter now (chosen, or dependent on the chosen)
+    residual_corr = corr.copy()
+    objective = target_sq
+    residuals = [math.sqrt(max(objective, 0.0))] if math.isfinite(objective) else []
+    stop_at = None if (tol is None or not math.isfinite(target_sq)) else tol * tol * target_sq
+
+    # Each outer step adds an atom; Lawson-Hanson drops can remove some, so bound the loop.
+    for _ in range(2 * n + k):
+        if s >= k or (stop_at is not None and objective <= stop_at):
+            break
+        score = (residual_corr if nonnegative else np.abs(residual_corr)) + blocked
+        j = int(np.argmax(score))
+        if not score[j] > corr_floor:
+            break  # no atom can lower the objective (NNLS optimality when nonnegative)
+
+        if s:
+            v = _packed_solve(packed, s, K[j, support[:s]])
+            pivot_sq = diag[j] + ridge - v @ v
+        else:
+            v = np.zeros(0)
+            pivot_sq = diag[j] + ridge
+        if not pivot_sq > pivot_floor * (diag[j] + ridge):
+            blocked[j] = -math.inf  # linearly dependent on the chosen atoms: it cannot lower the objective
+            continue
+        pivot = math.sqrt(pivot_sq)
+        L[s, :s] = v
+        L[s, s] = pivot
+        row = s * (s + 1) // 2
+        packed[row : row + s] = v
+        packed[row + s] = pivot
+        z[s] = (corr[j] - v @ z[:s]) / pivot
+        if free_slots:
+            slot = free_slots.pop()
+        else:
+            slot, used_slots = used_slots, used_slots + 1
+        K_S[slot] = K[:, j]
+        support[s], slots[s] = j, slot
+        s += 1
+        blocked[j] = -math.inf
+        previous = np.append(weights, 0.0)
+        new = _packed_solve(packed, s, z[:s], transpose=True)
+
+        if nonnegative:
+            while (new <= 0).any():
+                # Lawson-Hanson: the segment from the feasible `previous` to `new` lowers the convex
+                # objective; stop where the first weight reaches zero, drop it, and refit.
+                neg = np.flatnonzero(new <= 0)
+                denom = previous[neg] - new[neg]
+                step = np.where(denom > 0, previous[neg] / np.maximum(denom, 1e-300), 0.0)
+                alpha = min(max(float(step.min()), 0.0), 1.0)
+                previous = previous + alpha * (new - previous)
+                previous[neg[step <= alpha]] = 0.0
+                keep_mask = previous > 0
+                dropped_positions = np.flatnonzero(~keep_mask)
+                if scratch is None:
+                    scratch = np.zeros(2 * k * k)
+                # Delete the dropped atoms from the Cholesky factor, last first, each an O(|S|^2) update rather than
+                # an O(|S|^3) refactorisation (which dominated OMP at batches of 1000 rows and more).
+                for position in dropped_positions[::-1].tolist():
+                    _cholesky_delete(L, s, position, scratch)
+                    s -= 1
+                blocked[support[dropped_positions]] = 0.0  # Lawson-Hanson lets a dropped atom enter again later
+                free_slots.extend(slots[dropped_positions].tolist())
+                support[:s] = support[: s + len(dropped_positions)][keep_mask]
+                slots[:s] = slots[: s + len(dropped_positions)][keep_mask]
+                previous = previous[keep_mask]
+                if not s:
+                    new = np.zeros(0)
+                    break
+                # Rows of L above the first deleted one are unchanged, in `packed` and in z alike; the rest is redone.
+                if packed_index is None:
+                    rows, cols = np.tril_indices(k)
+                    packed_index = rows * k + cols
+                first = int(dropped_positions[0])
+                start, stop = first * (first + 1) // 2, s * (s + 1) // 2
+                np.take(L.ravel(), packed_index[start:stop], out=packed[start:stop])
+                z[:s] = _packed_solve(packed, s, corr[support[:s]])
+                new = _packed_solve(packed, s, z[:s], transpose=True)
+        weights = new
+
+        if s:
+            slot_weights = np.zeros(used_slots)  # free slots weigh nothing
+            slot_weights[slots[:s]] = weights
+            residual_corr = corr - slot_weights @ K_S[:used_slots]
+            # Objective of the exact (ridge) least-squares solution on S: ||t||^2 - w . c_S.
+            objective = target_sq - float(weights @ corr[support[:s]])
+        else:
+            residual_corr = corr.copy()
+            objective = target_sq
+        if math.isfinite(objective):
+            residuals.append(math.sqrt(max(objective, 0.0)))
+
+    return support[:s], weights, residuals
 
 
 def omp_gram(
@@ -260,8 +419,12 @@ def omp_gram(
         nonnegative: keep every weight ``>= 0``.
         tol: relative residual at which to stop early; ``None`` never stops early.
 
+    A step costs ``O(n |S|)`` for the residual correlations and ``O(|S|^2)`` for the factor's new row and the refit;
+    dropping an atom costs ``O(|S|^2)``: ``O(n k^2)`` in all.
+
     Returns:
-        An :class:`OMPResult` on ``gram``'s device. Computation is in float64 on the CPU.
+        An :class:`OMPResult` on ``gram``'s device. Computation is in float64 on the CPU, with NumPy's and SciPy's
+        BLAS limited to one thread for the duration of the call.
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square (n, n) matrix; got shape {tuple(gram.shape)}.")
@@ -271,8 +434,9 @@ def omp_gram(
         raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
     if tol is not None and not (tol >= 0.0 and math.isfinite(tol)):
         raise ValueError(f"tol must be None or a finite number >= 0; got {tol!r}.")
-    # The loop is dispatch-bound (n <= a few hundred): float64 NumPy with LAPACK triangular solves
-    # costs a few microseconds per step where small torch ops cost tens.
+    # NumPy rather than torch: at small n the loop is dispatch-bound, and a float64 NumPy or BLAS call costs a few
+    # microseconds where a small torch op costs tens. At 1000 rows and more, the memory-bound O(n |S|) residual update
+    # and the O(|S|^2) updates of the factor take most of the time.
     device = gram.device
     K = gram.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(K).all():
@@ -288,92 +452,9 @@ def omp_gram(
             raise ValueError("target_sq_norm is required with a custom target_corr when tol is set.")
         target_sq = float("nan") if target_sq_norm is None else float(target_sq_norm)
 
-    k = min(n_nonzero, n)
-    diag = np.diagonal(K).copy()
-    # Thresholds relative to the problem's own scale, so that rank-deficient, duplicated, tiny or
-    # huge Gram matrices behave alike: an atom needs a correlation that is not round-off, and a
-    # Cholesky pivot that is not numerically zero (a duplicate or a combination of chosen atoms).
-    scale = float(diag.max()) if n else 0.0
-    corr_floor = 1e-12 * math.sqrt(max(scale, 0.0) * max(abs(target_sq), 0.0)) if math.isfinite(target_sq) else 0.0
-    corr_floor = max(corr_floor, 1e-300)
-    pivot_floor = 1e-10
-
-    support: list[int] = []
-    weights = np.zeros(0)
-    L = np.zeros((k, k))  # Cholesky factor of K_SS + ridge I in its top-left |S| x |S| block
-    K_S = np.zeros((n, k))  # the chosen atoms' columns of K, in support order
-    blocked = np.zeros(n)  # -inf for atoms that may not enter now (chosen, or dependent on the chosen)
-    residual_corr = corr.copy()
-    objective = target_sq
-    residuals = [math.sqrt(max(objective, 0.0))] if math.isfinite(objective) else []
-    stop_at = None if (tol is None or not math.isfinite(target_sq)) else tol * tol * target_sq
-
-    # Each outer step adds an atom; Lawson-Hanson drops can remove some, so bound the loop.
-    for _ in range(2 * n + k):
-        s = len(support)
-        if s >= k or (stop_at is not None and objective <= stop_at):
-            break
-        score = (residual_corr if nonnegative else np.abs(residual_corr)) + blocked
-        j = int(np.argmax(score))
-        if not score[j] > corr_floor:
-            break  # no atom can lower the objective (NNLS optimality when nonnegative)
-
-        if s:
-            v = _solve_lower(L[:s, :s], K_S[j, :s])
-            pivot_sq = diag[j] + ridge - v @ v
-        else:
-            v = np.zeros(0)
-            pivot_sq = diag[j] + ridge
-        if not pivot_sq > pivot_floor * (diag[j] + ridge):
-            blocked[j] = -math.inf  # linearly dependent on the chosen atoms: it cannot lower the objective
-            continue
-        L[s, :s] = v
-        L[s, s] = math.sqrt(pivot_sq)
-        K_S[:, s] = K[:, j]
-        support.append(j)
-        blocked[j] = -math.inf
-        previous = np.append(weights, 0.0)
-        new = _cho_solve(L[: s + 1, : s + 1], corr[support])
-
-        if nonnegative:
-            while (new <= 0).any():
-                # Lawson-Hanson: the segment from the feasible `previous` to `new` lowers the convex
-                # objective; stop where the first weight reaches zero, drop it, and refit.
-                neg = np.flatnonzero(new <= 0)
-                denom = previous[neg] - new[neg]
-                step = np.where(denom > 0, previous[neg] / np.maximum(denom, 1e-300), 0.0)
-                alpha = min(max(float(step.min()), 0.0), 1.0)
-                previous = previous + alpha * (new - previous)
-                previous[neg[step <= alpha]] = 0.0
-                keep_mask = previous > 0
-                for dropped in np.asarray(support)[~keep_mask]:
-                    blocked[dropped] = 0.0  # Lawson-Hanson lets a dropped atom enter again later
-                # Delete the dropped atoms from the Cholesky factor, last first, each an O(|S|^2) update rather than
-                # an O(|S|^3) refactorisation (which dominated OMP at batches of 1000 rows and more).
-                for position in np.flatnonzero(~keep_mask)[::-1]:
-                    _cholesky_delete(L, len(keep_mask), int(position))
-                    keep_mask = np.delete(keep_mask, position)
-                support = [a for a, keep in zip(support, (previous > 0).tolist(), strict=True) if keep]
-                previous = previous[previous > 0]
-                if not support:
-                    new = np.zeros(0)
-                    break
-                m = len(support)
-                K_S[:, :m] = K[:, support]
-                new = _cho_solve(L[:m, :m], corr[support])
-        weights = new
-
-        if support:
-            residual_corr = corr - K_S[:, : len(support)] @ weights
-            # Objective of the exact (ridge) least-squares solution on S: ||t||^2 - w . c_S.
-            objective = target_sq - float(weights @ corr[support])
-        else:
-            residual_corr = corr.copy()
-            objective = target_sq
-        if math.isfinite(objective):
-            residuals.append(math.sqrt(max(objective, 0.0)))
-
-    index_tensor = torch.tensor(support, dtype=torch.long, device=device)
+    with _single_threaded_blas():
+        support, weights, residuals = _omp_loop(K, corr, target_sq, min(n_nonzero, n), ridge, nonnegative, tol)
+    index_tensor = torch.from_numpy(support.astype(np.int64)).to(device)
     weight_tensor = torch.from_numpy(np.maximum(weights, 0.0) if nonnegative else weights).to(device)
     return OMPResult(index_tensor, weight_tensor, residuals)
 

@@ -31,6 +31,8 @@ BACKPROP_FRACTION = "sbp/backprop_fraction"
 SCORING_TIME_SHARE = "sbp/scoring_time_share"
 SELECTION_TIME_SHARE = "sbp/selection_time_share"
 GRAD_MATCH_ERROR = "sbp/grad_match_error"
+SCORED_FRACTION = "sbp/scored_fraction"
+SCORING_SKIPPED = "sbp/scoring_skipped"
 SELECTIVE_STEPS = "sbp/selective_steps"
 FALLBACK_STEPS = "sbp/fallback_steps"
 
@@ -39,6 +41,8 @@ METRICS: dict[str, str] = {
     SCORING_TIME_SHARE: MEAN,  # share of the step's time in the no-grad scoring forward
     SELECTION_TIME_SHARE: MEAN,  # share in everything else selection adds (residuals, Gram, OMP, gathering)
     GRAD_MATCH_ERROR: MEAN,  # relative last-layer gradient-match error of the weighted subset (scored steps only)
+    SCORED_FRACTION: MEAN,  # rows the scoring pass covered / rows in the batch (strategies that score)
+    SCORING_SKIPPED: MEAN,  # share of steps that skipped the scoring pass on cached statistics (stale-*)
     SELECTIVE_STEPS: STEPS,  # steps inside the selection schedule
     FALLBACK_STEPS: EVENTS,  # steps that trained on the full batch because the scores were not finite
 }
@@ -65,6 +69,10 @@ class SelectionRecord:
     grad_match_error: float = math.nan
     fallback: bool = False
     problem_type: str | None = None
+    scored_rows: int | None = None
+    """Rows the scoring pass covered; ``None`` means all of them when ``scored``, none otherwise."""
+    scoring_strategy: bool = False
+    """Whether the strategy scores at all (``needs_scoring``), so that the scoring fractions are logged."""
 
     def metrics(self, step_s: float) -> dict[str, float]:
         """This step's values of the selection metrics, for a step that took ``step_s`` seconds in all."""
@@ -73,15 +81,24 @@ class SelectionRecord:
             SCORING_TIME_SHARE: self.scoring_s / step_s if step_s > 0 else math.nan,
             SELECTION_TIME_SHARE: self.selection_s / step_s if step_s > 0 else math.nan,
             GRAD_MATCH_ERROR: self.grad_match_error,
+            SCORED_FRACTION: self.scored_fraction if self.scoring_strategy else math.nan,
+            SCORING_SKIPPED: float(not self.scored) if self.scoring_strategy else math.nan,
             SELECTIVE_STEPS: float(self.selective),
             FALLBACK_STEPS: float(self.fallback),
         }
 
     @property
     def flops_factor(self) -> float:
-        """The step's forward + backward FLOPs relative to a full batch's: the scoring forward over the batch
-        (a third of a training step's) plus forward and backward over the subset."""
-        return (1.0 / 3.0 if self.scored else 0.0) + self.subset_size / self.batch_size
+        """The step's forward + backward FLOPs relative to a full batch's: the scoring forward over the rows it
+        covers (a third of a training step's per row) plus forward and backward over the subset."""
+        return self.scored_fraction / 3.0 + self.subset_size / self.batch_size
+
+    @property
+    def scored_fraction(self) -> float:
+        """The share of the batch's rows that the scoring pass covered."""
+        if not self.scored:
+            return 0.0
+        return 1.0 if self.scored_rows is None else self.scored_rows / self.batch_size
 
 
 class SelectionMetrics:

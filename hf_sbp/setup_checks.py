@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .example_cache import check_indexable
 from .head import HEAD_OVERRIDE_OPTION, HeadNotFoundError, head_candidates, named_head, no_grad_outputs
 from .selection import infer_problem_type
 from .subset_loss import example_losses, verify_model_loss
@@ -129,6 +130,8 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
             "or applies trainer.selection_weights itself, set the class attribute supports_selection_weights = True; "
             "otherwise use an unweighted strategy ('random', 'loss') or 'none'."
         )
+    if strategy.uses_example_cache and trainer.train_dataset is not None:
+        check_indexable(trainer.train_dataset)
     if not trainer.needs_example_losses:
         return  # the subset trains with the model's own loss: any model whose batches have rows will do
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)

@@ -16,8 +16,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 from . import checkpoint_state, head, setup_checks
 from ._utils import all_finite, synchronize
 from .config import SelectiveBackpropArguments
+from .example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, check_indexable, with_example_ids
 from .head import HeadCapture, HeadScores
 from .model_card import MODEL_TAGS, ModelCardMixin
+from .padding import trim_padding, truncate_for_scoring
 from .schedule import selection_active
 from .selection import gradient_match_error, index_rows, subset_size
 from .selection_metrics import SelectionMetrics, SelectionRecord, run_key
@@ -65,9 +67,19 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self._last_selection: SelectionRecord | None = None
         self._metrics = SelectionMetrics()
         self._warned_nonfinite = False
+        self._cache: ExampleStatsCache | None = None
         self.sbp_backprop_examples = 0
         """Examples this process has run forward + backward on in this run (full batches for ``none``)."""
         setup_checks.check_setup(self)
+        self._new_cache()
+
+    def _new_cache(self) -> None:
+        """An empty per-example statistics cache over the training set, for a strategy that uses one."""
+        self._cache = None
+        if self._strategy.uses_example_cache and self.train_dataset is not None:
+            check_indexable(self.train_dataset)
+            seed = self.sbp_args.sbp_seed if self.sbp_args.sbp_seed is not None else self.args.seed
+            self._cache = ExampleStatsCache(len(self.train_dataset), self.sbp_args.sbp_cache_projection_dim, seed)
 
     def _new_strategy(self) -> None:
         sbp = self.sbp_args
@@ -126,7 +138,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         """Whether the trainer computes per-example losses (to score, weight or observe rows), checked against the
         model's own loss; a random subset trains with the model's own loss and needs none."""
         s = self._strategy
-        return s.selective and (self.runs_scoring_pass or s.weighted or s.observes())
+        return s.selective and (self.runs_scoring_pass or s.weighted or s.observes() or s.uses_example_cache)
 
     # ---- scoring and selection ---------------------------------------------------------------
 
@@ -150,6 +162,8 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
     def score_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> HeadScores:
         """The scoring pass: a forward without autograd, in eval mode, over the whole batch, capturing the head's
         input. ``inputs`` are collated and on the model's device; their labels are not passed to the model."""
+        if self.sbp_args.sbp_scoring_max_length is not None:  # a cheaper pass over each row's first L tokens
+            inputs = truncate_for_scoring(inputs, self.sbp_args.sbp_scoring_max_length, label_names=[self.label_key])
         modules = self._head_modules(model)
         capture = HeadCapture(modules)
         with self.compute_loss_context_manager(), capture.capturing():
@@ -162,10 +176,28 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         """Choose the rows of one collated batch (on the model's device, with labels) to backpropagate: returns
         ``(indices, weights)``, distinct row indices (LongTensor) and their non-negative float32 loss weights, on the
         CPU, as ``training_step`` would choose them; what was done is in :attr:`last_selection`."""
-        indices, weights, self._last_selection = self._select(model, inputs)
+        inputs = dict(inputs)
+        ids = inputs.pop(EXAMPLE_ID_KEY, None)
+        indices, weights, self._last_selection = self._select(model, inputs, ids)
         return indices, weights
 
-    def _select(self, model: nn.Module, inputs: Mapping[str, Any], active: bool = True):
+    def _rows_to_score(self, batch: SelectionBatch, ids: torch.Tensor | None) -> torch.Tensor:
+        if self._strategy.uses_example_cache:
+            if self._cache is None or ids is None:
+                raise ValueError(
+                    f"sbp_strategy={self.sbp_args.sbp_strategy!r} needs each row's dataset index under "
+                    f"{EXAMPLE_ID_KEY!r} and a train_dataset to index: the trainer's training dataloader adds it; "
+                    "a batch given to select_batch or training_step by hand must carry it too."
+                )
+            batch.example_ids = ids.detach().cpu().long()
+            batch.cached = self._cache.lookup(ids, self.state.epoch or 0.0)
+        if not self.runs_scoring_pass:
+            return torch.zeros(0, dtype=torch.long)
+        if not self._strategy.needs_scoring:  # diagnostic scoring of a random subset
+            return torch.arange(batch.n)
+        return torch.as_tensor(self._strategy.rows_to_score(batch)).cpu().long().reshape(-1).unique()
+
+    def _select(self, model: nn.Module, inputs: Mapping[str, Any], ids: torch.Tensor | None, active: bool = True):
         """``(indices, weights, record)``; the whole batch when the strategy does not select or ``active`` is False."""
         labels = batch_labels(inputs, self.label_key)
         n = labels.shape[0]
@@ -175,23 +207,32 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             return torch.arange(n), torch.ones(n), record
         k = subset_size(n, self.sbp_args.sbp_keep)
         batch = self._batch(labels, problem_type)
-        record = SelectionRecord(n, k, scored=self.runs_scoring_pass, problem_type=problem_type)
+        rows = self._rows_to_score(batch, ids)
+        record = SelectionRecord(n, k, rows.numel() > 0, problem_type=problem_type, scored_rows=rows.numel())
+        record.scoring_strategy = self._strategy.needs_scoring
         usable = True
         if record.scored:
             synchronize(labels.device)
             start = time.perf_counter()
+            if rows.numel() < n:
+                inputs, batch.scored_rows = index_rows(inputs, rows, n), rows
             batch.logits, batch.features, batch.head_bias = self.score_batch(model, inputs)
             synchronize(labels.device)
             record.scoring_s = time.perf_counter() - start
             # Finite features can still overflow float32 in the Gram matrix (|h| around 1e19).
             usable = all_finite(batch.logits, batch.features) and all_finite(batch.gram)
+        if usable and self._cache is not None:
+            if record.scored:
+                scored, epoch = batch.example_ids[rows], self.state.epoch or 0.0
+                self._cache.write(scored, epoch, batch.losses, batch.residuals, batch.features, batch.head_bias)
+            batch.cached = self._cache.lookup(batch.example_ids, self.state.epoch or 0.0)
         start = time.perf_counter()
         indices = weights = None
         if usable:
             indices, weights = checked_selection(*self._strategy.select(batch, k), n, self.sbp_args.sbp_strategy)
             if not all_finite(weights):
                 indices = weights = None
-            elif record.scored:
+            elif record.scored and batch.scored_rows is None:
                 # Of the gradient actually trained, (1/m) sum_S w_i g_i: magnitude included.
                 trained = gradient_match_error(batch.gram, indices, weights / weights.numel(), normalize=False)
                 record.grad_match_error = float(trained)
@@ -210,6 +251,25 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
 
     # ---- training ----------------------------------------------------------------------------
 
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """``Trainer.get_train_dataloader``; for a strategy that ``uses_example_cache``, each row carries its dataset
+        index (:data:`~hf_sbp.example_cache.EXAMPLE_ID_KEY`) through the sampler and the collator."""
+        dataset = self.train_dataset
+        if dataset is None or not self._strategy.uses_example_cache:
+            return super().get_train_dataloader()
+        self.train_dataset = with_example_ids(dataset)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = dataset
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # `remove_unused_columns` keeps the example indices when the strategy reads them (training_step strips
+        # them before the forward); otherwise a column of that name is removed, as by Trainer.
+        super()._set_signature_columns_if_needed()
+        columns = [name for name in self._signature_columns if name != EXAMPLE_ID_KEY]
+        self._signature_columns = columns + ([EXAMPLE_ID_KEY] if self._strategy.uses_example_cache else [])
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
         """``Trainer.train``. The ``sbp_*`` settings are validated again (a new strategy if ``sbp_strategy`` changed),
         and the selection statistics start afresh, or from the checkpoint resumed."""
@@ -220,6 +280,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         setup_checks.check_training_set(self.train_dataset)
         self._metrics.reset()
         self.sbp_backprop_examples = 0
+        self._new_cache()
         last = resume_from_checkpoint is True
         checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
         if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
@@ -233,6 +294,9 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Select a subset of ``inputs`` with the strategy, then forward and backward on it."""
+        ids = inputs.get(EXAMPLE_ID_KEY)
+        if ids is not None:  # the rows' dataset indices: never passed to the model (the caller's batch is kept)
+            inputs = {key: value for key, value in inputs.items() if key != EXAMPLE_ID_KEY}
         if not self._strategy.selective:
             labels = inputs.get(self.label_key)
             self.sbp_backprop_examples += int(labels.shape[0]) if isinstance(labels, torch.Tensor) else 0
@@ -244,18 +308,21 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         active = selection_active(
             self.state.global_step, self.state.max_steps or 0, sbp.sbp_start, sbp.sbp_end, sbp.sbp_interrupt
         )
-        indices, weights, record = self._select(model, inputs, active)
+        indices, weights, record = self._select(model, inputs, ids, active)
         index_start = time.perf_counter()
         # The rows are gathered (in the order of `indices`, which the weights follow) unless they are the batch.
         unchanged = indices.numel() == n and torch.equal(indices, torch.arange(n))
         subset = inputs if unchanged else index_rows(inputs, indices, n)
+        if sbp.sbp_trim_padding and not unchanged:  # drop the padding columns that no selected row needs
+            multiple = getattr(self.data_collator, "pad_to_multiple_of", None)
+            subset = trim_padding(subset, pad_to_multiple_of=multiple, label_names=[self.label_key])
         if not unchanged:
             num_items_in_batch = subset_num_items(num_items_in_batch, subset[self.label_key], labels)
         record.selection_s += time.perf_counter() - index_start
         uniform = bool((weights == 1).all())
         verify = self.needs_example_losses and not self._loss_verified
         self._step = SubsetStep(subset[self.label_key], record.problem_type, None if uniform else weights, verify)
-        capture = HeadCapture(self._head_modules(model) if self._strategy.observes() else [])
+        capture = HeadCapture(self._head_modules(model) if self._strategy.observes() or self._cache else [])
         try:
             with capture.capturing():
                 loss = super().training_step(model, subset, num_items_in_batch)
@@ -269,13 +336,26 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             self._head_name, features, logits = head.captured_head_call(capture, subset.get("input_ids"), pad_token_id)
             bias = dict(capture.modules)[self._head_name].bias is not None
             observed = self._batch(subset[self.label_key], record.problem_type, logits, features, bias)
-            self._strategy.observe(indices, observed)
+            observed.example_ids = ids[indices].cpu() if ids is not None else None
+            if self._strategy.observes():
+                self._strategy.observe(indices, observed)
+            if self._cache is not None:
+                epoch = self.state.epoch or 0.0
+                self._cache.write(observed.example_ids, epoch, observed.losses, observed.residuals, features, bias)
+        if self._cache is not None and self.args.world_size > 1 and self._head_name is not None:
+            unwrapped_head = head.named_head(self.accelerator.unwrap_model(model), self._head_name)
+            self._cache.exchange(self._gather_rows, unwrapped_head.out_features, unwrapped_head.in_features)
 
         synchronize(labels.device)
         self._last_selection = record
         self.sbp_backprop_examples += record.subset_size
         self._metrics.add(record.metrics(time.perf_counter() - step_start))
         return loss
+
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's ``rows``, padded along dim 0 with -1 to the longest, concatenated in process order."""
+        rows = self.accelerator.pad_across_processes(rows.to(self.args.device), dim=0, pad_index=-1)
+        return self.accelerator.gather(rows)
 
     def compute_loss(
         self,
@@ -335,6 +415,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             state = dict(strategy=self.sbp_args.sbp_strategy, settings=settings, generator=self._generator.get_state())
             state.update(strategy_state=self._strategy.state_dict(), head_name=self._head_name)
             state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
+            state.update(example_cache=self._cache.state_dict() if self._cache is not None else None)
             checkpoint_state.save_selection_state(folder, self.args.process_index, state)
         super()._save_checkpoint(model, trial)
 
@@ -347,3 +428,5 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             self.sbp_backprop_examples = int(state["backprop_examples"])
             self._metrics.load_state_dict(state["metrics"])
             self._head_name = self._head_name or state["head_name"]
+            if self._cache is not None and state.get("example_cache") is not None:
+                self._cache.load_state_dict(state["example_cache"])

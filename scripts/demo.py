@@ -44,7 +44,11 @@ class DemoArguments:
 
     dataset: str = field(default="tweets", metadata={"help": f"Bundled dataset: one of {list(BUNDLED_DATASETS)}."})
     strategies: str = field(
-        default="", metadata={"help": "Comma-separated strategies to compare (default: every registered one)."}
+        default="",
+        metadata={
+            "help": "Comma-separated strategies to compare (default: every registered one but those that select from "
+            "cached statistics, the stale-* ones, which differ from their fresh versions only after an epoch)."
+        },
     )
     sbp_strategy_modules: list[str] | None = field(
         default=None,
@@ -66,7 +70,8 @@ class DemoArguments:
     def __post_init__(self) -> None:
         import_strategy_modules([name for item in self.sbp_strategy_modules or [] for name in item.split(",") if name])
         names = [name.strip() for name in self.strategies.split(",") if name.strip()]
-        self.strategy_names = list(dict.fromkeys(names)) if names else list(registered_strategies())
+        single_pass = [name for name in registered_strategies() if not strategy_class(name).uses_example_cache]
+        self.strategy_names = list(dict.fromkeys(names)) if names else single_pass
         for name in self.strategy_names:
             strategy_class(name)  # a ValueError naming the registered strategies
         for option in ("max_steps", "batch_size", "eval_samples", "test_samples"):

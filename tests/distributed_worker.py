@@ -7,6 +7,9 @@ unwrapped encoder records, for every forward pass, the rows it saw and whether a
 scoring pass runs without autograd over the local batch, the gradient pass with autograd over the
 subset), plus a digest of the final parameters and the trainer's log history.
 
+``stale-gradmatch`` trains two epochs (half the rows): the second must select from the statistics cached in the
+first, those of the rows the other rank saw included (the caches are exchanged), with no scoring pass.
+
 Rank 1 also gets NaN logits in the scoring pass of step ``NAN_STEP`` (gradmatch only), so that one
 process falls back to its full batch while the other selects: the collectives must still line up.
 """
@@ -107,10 +110,12 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         seed=7,
         **extra,
     )
+    # stale-gradmatch: two epochs of STEPS / 2 steps each.
+    examples = PER_DEVICE_BATCH * world_size * STEPS // (2 if strategy == "stale-gradmatch" else 1)
     trainer = SelectiveBackpropTrainer(
         model=model,
         args=args,
-        train_dataset=tiny_dataset(PER_DEVICE_BATCH * world_size * STEPS),
+        train_dataset=tiny_dataset(examples),
         callbacks=[marker],
     )
     wrapped_type = None
@@ -136,6 +141,12 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         "backprop_examples": trainer.sbp_backprop_examples,
         "global_step": trainer.state.global_step,
     }
+    cache = trainer._cache
+    if cache is not None:
+        result["cache_rows"] = int(torch.isfinite(cache.epochs).sum())
+        result["cache_digest"] = hashlib.sha256(
+            b"".join(t.contiguous().numpy().tobytes() for t in (cache.losses, cache.residuals, cache.features))
+        ).hexdigest()
     with open(os.path.join(out, f"{strategy}_rank{rank}.json"), "w") as handle_out:
         json.dump(result, handle_out)
 

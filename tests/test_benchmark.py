@@ -93,7 +93,10 @@ def test_report_plots_strategies_that_are_not_built_in(tmp_path):
     assert "| d | 0.0 | 0.5 | 30.0 | not-imported | 0.7000 ± 0.0000 | 1 |" in text
     grad = [{"strategy": "not-imported", "keep": 0.5, "layer": "last", "step": 0, "rel_error": 0.25}]
     common.write_json(str(tmp_path / "grad_match.json"), {}, grad)
-    assert "| last | 0.5 | not-imported | 0.250 |" in open(report.write_report(str(tmp_path))).read()
+    assert (
+        "| classification | last | 0.5 | not-imported | 0.250 | 0.250 | - |"
+        in open(report.write_report(str(tmp_path))).read()
+    )
 
 
 def test_plot_colours_come_from_the_registry():
@@ -153,3 +156,214 @@ def test_the_script_and_the_module_are_the_same_command():
     for command in ([sys.executable, script, "--help"], [sys.executable, "-m", "hf_sbp.benchmark", "-h"]):
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         assert "--strategies" in out and "about 15 minutes on 2 CPU cores" in out and "time-to-accuracy" in out
+
+
+# ---- grad-match: the measured gradient, the weight modes and the regression task ----------------------------------
+
+
+def per_example_gradients(model, batch, loss_of):
+    """Every example's gradient of its own loss, by autograd one row at a time (the reference)."""
+    rows = []
+    for i in range(batch["labels"].shape[0]):
+        model.zero_grad(set_to_none=True)
+        logits = model(
+            input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
+        ).logits
+        loss_of(logits, batch["labels"][i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_trained_gradient_is_the_weighted_subset_mean_of_per_example_gradients(task):
+    from tiny_models import collated, tiny_bert, tiny_dataset
+
+    from hf_sbp.benchmark import grad_match
+
+    regression = task == "regression"
+    model = tiny_bert(1 if regression else 3).eval()
+    data = tiny_dataset(12, labels=[0.3 * i - 1.0 for i in range(12)] if regression else None)
+    batch = collated(data, range(12))
+    if regression:
+        batch["labels"] = batch["labels"].float()
+
+        def loss_of(logits, labels):
+            return (logits.squeeze(-1) - labels) ** 2
+    else:
+
+        def loss_of(logits, labels):
+            return torch.nn.functional.cross_entropy(logits, labels)
+
+    reference = per_example_gradients(model, batch, lambda z, y: loss_of(z, y).sum())
+    indices, weights = torch.tensor([1, 4, 7, 10]), torch.tensor([0.5, 2.0, 0.25, 3.0])
+    grad_match.trained_gradient(model, batch, indices, weights, grad_match.PROBLEM_TYPES[task])
+    # (1/m) sum_S w_i g_i: the weights are not normalised by their sum, so the magnitude counts.
+    expected = (weights.double()[:, None] * reference[indices]).sum(0) / 4
+    assert torch.allclose(grad_match.flat_grad(model), expected, rtol=1e-4, atol=1e-7)
+    grad_match.trained_gradient(model, batch, torch.arange(12), torch.ones(12), grad_match.PROBLEM_TYPES[task])
+    assert torch.allclose(grad_match.flat_grad(model), reference.mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_relative_error_splits_into_cosine_and_norm_ratio():
+    from hf_sbp.benchmark import grad_match
+
+    target = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    out = grad_match.relative_error(2 * target, target)  # the right direction, twice the length
+    assert out == pytest.approx({"rel_error": 1.0, "cosine": 1.0, "norm_ratio": 2.0})
+    out = grad_match.relative_error(torch.tensor([-4.0, 3.0], dtype=torch.float64), target)
+    assert out == pytest.approx({"rel_error": math.sqrt(2), "cosine": 0.0, "norm_ratio": 1.0})
+
+
+@pytest.mark.parametrize("mode", ["subset_size", "none", "sum_constrained"])
+def test_last_layer_error_of_each_weight_mode_is_the_logged_error(tmp_path, mode):
+    """The trainer's Gram-matrix estimate of the trained gradient's error (``sbp/grad_match_error``) against the
+    last layer's autograd gradient, as the benchmark measures it, for a regression model."""
+    from tiny_models import collated, tiny_bert, tiny_dataset
+
+    from hf_sbp.benchmark import grad_match
+
+    model = tiny_bert(1, seed=1).eval()
+    model.config.problem_type = "regression"
+    data = tiny_dataset(16, labels=[1.0 + 0.2 * i for i in range(16)])
+    batch = collated(data, range(16))
+    batch["labels"] = batch["labels"].float()
+    trainer = common.make_trainer(model, "gradmatch", 0.5, 16, "cpu", str(tmp_path), sbp_weight_normalization=mode)
+    indices, weights = trainer.select_batch(model, batch)
+    model.eval()
+    head = ["classifier.weight", "classifier.bias"]
+    grad_match.trained_gradient(model, batch, torch.arange(16), torch.ones(16), "regression")
+    full = grad_match.flat_grad(model, head)
+    grad_match.trained_gradient(model, batch, indices, weights, "regression")
+    error = grad_match.relative_error(grad_match.flat_grad(model, head), full)["rel_error"]
+    assert error == pytest.approx(trainer.last_selection.grad_match_error, rel=1e-3, abs=1e-5)
+    # Only 'none' keeps OMP's magnitude; the other modes make the weights sum to the subset size.
+    if mode != "none":
+        assert float(weights.sum()) == pytest.approx(indices.numel(), rel=1e-5)
+
+
+def test_measured_strategies_expand_gradmatch_into_its_weight_modes():
+    from hf_sbp.benchmark import grad_match
+    from hf_sbp.config import WEIGHT_NORMALIZATIONS
+
+    pairs = grad_match.measured_strategies(["random", "gradmatch", "loss"])
+    assert pairs == [("random", None), *[("gradmatch", m) for m in WEIGHT_NORMALIZATIONS], ("loss", None)]
+
+
+def test_measured_strategies_leave_out_those_that_need_an_example_cache(monkeypatch):
+    from hf_sbp.benchmark import grad_match
+
+    # The held-out probe batches carry no dataset index, so a strategy that selects from cached statistics cannot run.
+    monkeypatch.setattr(grad_match, "strategy_class", lambda name: type(name, (), {"uses_example_cache": "c" in name}))
+    assert grad_match.measured_strategies(["random", "cached", "loss"]) == [("random", None), ("loss", None)]
+
+
+def test_regression_data_has_a_continuous_target_from_class_and_length():
+    from datasets import Dataset
+
+    from hf_sbp.benchmark import grad_match
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 60, (400,), generator=gen).tolist()
+    classes = torch.randint(0, 3, (400,), generator=gen).tolist()
+    split = Dataset.from_dict({"input_ids": [[5] * n for n in lengths], "labels": classes})
+    data = object.__new__(common.Data)
+    data.splits, data.num_labels, data.label_names = {"train": split, "validation": split}, 3, ["a", "b", "c"]
+    out = grad_match.regression_data(data)
+    assert out.num_labels == 1 and data.num_labels == 3  # a copy: the classification data is unchanged
+    assert out.splits["train"].features["labels"].dtype == "float32"
+    y = torch.tensor(out.splits["train"]["labels"], dtype=torch.float64)
+    assert not torch.equal(y, torch.tensor(classes, dtype=torch.float64))
+    # What is left after the class is the length term plus noise: correlated with the log length, zero-mean.
+    rest = y - torch.tensor(classes, dtype=torch.float64)
+    log_len = torch.log(torch.tensor(lengths, dtype=torch.float64))
+    assert torch.corrcoef(torch.stack([rest, log_len]))[0, 1] > 0.8
+    assert abs(float(rest.mean())) < 0.1
+    assert torch.equal(y, torch.tensor(grad_match.regression_data(data).splits["train"]["labels"], dtype=torch.float64))
+
+
+def test_report_shows_the_grad_match_tasks_and_weight_modes(tmp_path):
+    def row(task, strategy, mode, step, errors):
+        return {"task": task, "strategy": strategy, "weight_normalization": mode, "keep": 0.5, "layer": "full",
+                "step": step, "rel_error": sum(errors) / len(errors), "rel_errors": errors}  # fmt: skip
+
+    rows = [row("regression", "random", None, s, [0.4, 0.6]) for s in (0, 10)]
+    rows += [
+        row("regression", "gradmatch", m, s, [e, e]) for s in (0, 10) for m, e in (("none", 0.1), ("subset_size", 0.9))
+    ]
+    rows += [row("classification", "gradmatch", "none", 0, [0.2, 0.3, 0.7])]
+    common.write_json(str(tmp_path / "grad_match.json"), {}, rows)
+    text = open(report.write_report(str(tmp_path))).read()
+    assert "| regression | full | 0.5 | gradmatch (subset_size) | 0.900 | 0.900 | 0.900 | 0.900 |" in text
+    assert "| regression | full | 0.5 | gradmatch (none) | 0.100 | 0.100 | 0.100 | 0.100 |" in text
+    assert "| regression | full | 0.5 | random | 0.500 | 0.500 | 0.500 | 0.500 |" in text
+    assert "| classification | full | 0.5 | gradmatch (none) | 0.400 | - | 0.400 | 0.300 |" in text
+    # The modes follow sbp_weight_normalization's order, beside the other strategies in registration order.
+    assert text.index("gradmatch (subset_size)") < text.index("gradmatch (none)") < text.index("| random |")
+
+
+def test_padding_part_quick_writes_both_files(tmp_path):
+    from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    train = write_rows(str(tmp_path / "train.csv"), single_sentence_rows(64, seed=0))
+    validation = write_rows(str(tmp_path / "validation.csv"), single_sentence_rows(32, seed=1))
+    out = tmp_path / "out"
+    hf_sbp.benchmark.main(
+        ["padding", "--quick", "--model_name_or_path", model, "--train_file", train, "--validation_file", validation,
+         "--output_dir", str(out), "--batch_size", "8", "--repeats", "2", "--train_steps", "2", "--device", "cpu"]
+    )  # fmt: skip
+    padding = json.loads((out / "padding.json").read_text())["rows"]
+    assert [row["strategy"] for row in padding] == ["gradmatch", "loss", "random"]
+    for row in padding:
+        assert row["mean_pad_tokens_trimmed"] <= row["mean_pad_tokens_untrimmed"]
+        assert row["mean_columns_trimmed"] <= row["mean_columns_untrimmed"] <= row["mean_batch_columns"]
+        assert row["step_s_trimmed"] > 0 and row["step_s_untrimmed"] > 0 and row["full_step_s"] > 0
+        assert "python scripts/benchmark.py padding --quick" in row["command"]
+    scoring = json.loads((out / "scoring_length.json").read_text())["rows"]
+    assert {(row["strategy"], row["max_length"], row["step"]) for row in scoring} == {
+        *(("gradmatch", length, step) for length in (16, 32, 64, None) for step in (0, 2)),
+        ("random", None, 0), ("random", None, 2),
+    }  # fmt: skip
+    for row in scoring:
+        assert row["rel_error_full"] >= 0 and 0 <= row["overlap_with_full_length"] <= 1
+    full = [row for row in scoring if row["strategy"] == "gradmatch" and row["max_length"] is None]
+    assert all(row["overlap_with_full_length"] == 1 and row["scoring_ratio"] == 1 for row in full)
+
+
+# ---- overhead: the timing helpers ------------------------------------------------------------------------------------
+
+
+def test_overhead_reuses_the_scoring_pass_and_times_omp_without_changing_the_selection(tmp_path):
+    from tiny_models import collated, tiny_bert, tiny_dataset
+
+    from hf_sbp.benchmark import overhead
+
+    model = tiny_bert(3).eval()
+    data = tiny_dataset(24)
+    batches = [collated(data, range(12)), collated(data, range(12, 24))]
+    trainer = common.make_trainer(model, "gradmatch", 0.5, 12, "cpu", str(tmp_path))
+    expected = [trainer.select_batch(model, batch) for batch in batches]
+    calls, omp_times, scores = [], [], {}
+    score_batch = trainer.score_batch
+    trainer.score_batch = lambda m, inputs: calls.append(inputs) or score_batch(m, inputs)
+    with overhead.reused_scoring(trainer, scores), overhead.timed_omp(omp_times):
+        for _ in range(3):
+            for batch, (indices, weights) in zip(batches, expected, strict=True):
+                got = trainer.select_batch(model, batch)
+                assert torch.equal(got[0], indices) and torch.equal(got[1], weights)
+    assert len(calls) == 2, "one scoring pass per batch, then reused"
+    assert len(omp_times) == 6 and all(t > 0 for t in omp_times)
+    # Another keep's trainer shares the cache: no scoring pass at all, and its own selection.
+    other = common.make_trainer(model, "gradmatch", 0.25, 12, "cpu", str(tmp_path))
+    reference = other.select_batch(model, batches[0])
+    other.score_batch = lambda m, inputs: calls.append(inputs) or score_batch(m, inputs)
+    with overhead.reused_scoring(other, scores):
+        got = other.select_batch(model, batches[0])
+    assert len(calls) == 2 and torch.equal(got[0], reference[0]) and got[0].numel() == 3
+    # Both patches are undone: the trainer's own scoring pass and gradmatch's omp_gram again.
+    assert trainer.score_batch.__name__ == "<lambda>"
+    from hf_sbp import selection
+    from hf_sbp.strategies import gradmatch
+
+    assert gradmatch.omp_gram is selection.omp_gram
+    assert overhead.BATCH_SIZES[:3] == (16, 32, 64) and {1024, 2048} <= set(overhead.BATCH_SIZES)

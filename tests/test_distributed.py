@@ -46,7 +46,7 @@ def launch(launcher: list[str], out: Path, strategies: list[str]) -> dict[tuple[
 def results(tmp_path_factory):
     """One torchrun launch, both strategies."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
-    return launch(torchrun, tmp_path_factory.mktemp("torchrun"), ["gradmatch", "loss"])
+    return launch(torchrun, tmp_path_factory.mktemp("torchrun"), ["gradmatch", "loss", "stale-gradmatch"])
 
 
 def passes_by_step(calls: list[dict]) -> dict[int, list[dict]]:
@@ -138,6 +138,29 @@ def test_logged_selection_metrics_are_reduced_across_ranks(results, strategy):
         assert log["sbp/selective_steps"] == (0.0 if full else 1.0)  # steps, not steps x processes
         fallback = strategy == "gradmatch" and step == NAN_STEP
         assert log["sbp/fallback_steps"] == (1.0 if fallback else 0.0)
+
+
+def test_stale_statistics_are_shared_across_ranks(results):
+    """In the second epoch every row has statistics from the first, on whichever rank saw it: no scoring pass runs,
+    and both ranks hold the same cache, with every row of the data set in it."""
+    examples = WORLD * BATCH * STEPS // 2
+    seen_by_rank = []
+    for rank in range(WORLD):
+        result = results["stale-gradmatch", rank]
+        steps = passes_by_step(result["calls"])
+        scored = {step: split_passes(passes)[0] for step, passes in steps.items()}
+        assert all(scored[step] is not None and len(scored[step]) == BATCH for step in range(STEPS // 2))
+        assert all(scored[step] is None for step in range(STEPS // 2, STEPS)), "the second epoch must not score"
+        second_epoch = [row for step in range(STEPS // 2, STEPS) for row in steps[step][0]["rows"]]
+        first_epoch = [row for step in range(STEPS // 2) for row in scored[step]]
+        seen_by_rank.append((first_epoch, second_epoch))
+        assert result["cache_rows"] == examples
+    assert {results["stale-gradmatch", rank]["cache_digest"] for rank in range(WORLD)} == {
+        results["stale-gradmatch", 0]["cache_digest"]
+    }
+    # The exchange mattered: some row a rank selects from in the second epoch was scored by the other rank.
+    assert set(seen_by_rank[0][1]) - set(seen_by_rank[0][0]) or set(seen_by_rank[1][1]) - set(seen_by_rank[1][0])
+    assert len({results["stale-gradmatch", rank]["param_digest"] for rank in range(WORLD)}) == 1
 
 
 def test_accelerate_launch(tmp_path):

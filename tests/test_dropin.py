@@ -279,7 +279,9 @@ def test_a_weighted_strategy_refuses_an_override_that_may_drop_its_weights(tmp_p
             self.seen.append(self.selection_weights)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    trainer = CallsSuper(model=tiny_bert(), args=sbp_args(tmp_path, {}), train_dataset=tiny_dataset())
+    # 'subset_size' weights sum to the subset size, so the weights seen can be recognised as the selection's.
+    args = sbp_args(tmp_path, {"sbp_weight_normalization": "subset_size"})
+    trainer = CallsSuper(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
     trainer.train()
     weights = [w for w in CallsSuper.seen if w is not None]
     assert weights and all(w.shape == (4,) and abs(float(w.sum()) - 4) < 1e-4 for w in weights)

@@ -100,6 +100,9 @@ CASES = {
     "random-window-interrupt": ({"sbp_strategy": "random", "sbp_start": 0.25, "sbp_end": 0.8, "sbp_interrupt": 3}, 5),
     "gradmatch-accumulation": ({"sbp_strategy": "gradmatch", "gradient_accumulation_steps": 2}, 2),
     "none": ({"sbp_strategy": "none"}, 4),
+    # Stopped in the second epoch, where the selection reads the per-example cache of the first.
+    "stale-gradmatch": ({"sbp_strategy": "stale-gradmatch", "sbp_max_staleness": 1.5}, 8),
+    "stale-loss-accumulation": ({"sbp_strategy": "stale-loss", "gradient_accumulation_steps": 2}, 4),
 }
 
 
@@ -128,7 +131,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, case):
         assert resumed_fractions == fractions[-len(resumed_fractions) :]
 
 
-@pytest.mark.parametrize("case", ["random", "loss-jiang"])
+@pytest.mark.parametrize("case", ["random", "loss-jiang", "stale-gradmatch"])
 def test_without_selection_state_the_resumed_run_differs(tmp_path, case, caplog):
     """Negative control: the state in ``sbp_state_rank0.pt`` is what makes the resume exact. Without it
     the selection's generator restarts from its seed (and Jiang's loss history is empty), the resumed

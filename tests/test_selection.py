@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import nnls
 from sklearn.linear_model import orthogonal_mp_gram
+from threadpoolctl import threadpool_limits
 
 from hf_sbp.selection import (
     LossHistory,
@@ -222,6 +223,88 @@ def test_omp_rejects_bad_arguments():
         omp_gram(K, 1, ridge=-1.0)
     with pytest.raises(ValueError, match="NaN"):
         omp_gram(torch.full((2, 2), float("nan")), 1)
+
+
+def _reference_omp(K: np.ndarray, k: int, ridge: float, nonnegative: bool, tol: float | None):
+    """OMP as :func:`omp_gram` documents it, written for clarity: every refit solves ``(K_SS + ridge I) w = c_S`` from
+    scratch, with the same selection, pivot and Lawson-Hanson rules (thresholds included)."""
+    n = K.shape[0]
+    corr = K.mean(axis=1)
+    target_sq = float(corr.mean())
+    diag = np.diagonal(K)
+    corr_floor = max(1e-12 * math.sqrt(float(diag.max()) * abs(target_sq)), 1e-300)
+    support: list[int] = []
+    weights = np.zeros(0)
+    dependent: set[int] = set()
+    objective = target_sq
+    residuals = [math.sqrt(max(objective, 0.0))]
+
+    def refit(atoms: list[int]) -> np.ndarray:
+        return np.linalg.solve(K[np.ix_(atoms, atoms)] + ridge * np.eye(len(atoms)), corr[atoms])
+
+    for _ in range(2 * n + k):
+        if len(support) >= k or (tol is not None and objective <= tol * tol * target_sq):
+            break
+        residual = corr - K[:, support] @ weights
+        score = residual if nonnegative else np.abs(residual)
+        score[support + sorted(dependent)] = -np.inf
+        j = int(np.argmax(score))
+        if not score[j] > corr_floor:
+            break
+        explained = K[j, support] @ np.linalg.solve(K[np.ix_(support, support)] + ridge * np.eye(len(support)),
+                                                    K[support, j]) if support else 0.0  # fmt: skip
+        if not diag[j] + ridge - explained > 1e-10 * (diag[j] + ridge):
+            dependent.add(j)
+            continue
+        support.append(j)
+        previous = np.append(weights, 0.0)
+        new = refit(support)
+        while nonnegative and (new <= 0).any():
+            neg = np.flatnonzero(new <= 0)
+            steps = [previous[i] / (previous[i] - new[i]) if previous[i] - new[i] > 0 else 0.0 for i in neg]
+            alpha = min(max(min(steps), 0.0), 1.0)
+            previous = previous + alpha * (new - previous)
+            previous[[i for i, step in zip(neg, steps, strict=True) if step <= alpha]] = 0.0
+            support = [a for a, w in zip(support, previous, strict=True) if w > 0]
+            previous = previous[previous > 0]
+            new = refit(support) if support else np.zeros(0)
+        weights = new
+        objective = target_sq - float(weights @ corr[support]) if support else target_sq
+        residuals.append(math.sqrt(max(objective, 0.0)))
+    return support, weights, residuals
+
+
+def _softmax_gram(seed: int, n: int, classes: int, dim: int) -> torch.Tensor:
+    """The last-layer Gram matrix of a softmax head on random tanh features (a shared direction, as pooled features
+    have) and random logits and labels."""
+    rng = np.random.default_rng(seed)
+    features = np.tanh(rng.standard_normal(dim) + rng.standard_normal((n, dim)))
+    logits = rng.standard_normal((n, classes))
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    residuals = probabilities - np.eye(classes)[rng.integers(0, classes, n)]
+    return last_layer_gram(torch.from_numpy(residuals), torch.from_numpy(features))
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize(("seed", "classes", "dim", "k"), [(0, 4, 64, 150), (1, 4, 64, 200), (2, 3, 32, 120),
+                                                           (3, 3, 384, 150), (4, 2, 384, 75)])  # fmt: skip
+def test_omp_matches_a_reference_that_refits_from_scratch(nonnegative, seed, classes, dim, k):
+    # omp_gram extends a packed Cholesky factor, rotates atoms out of it in place and updates the residual
+    # correlations through slots; a plain implementation of the same rules must choose the same atoms in the same
+    # order, with the same weights and residuals. The low-dimensional cases are rank-deficient and drop atoms often
+    # (Lawson-Hanson), the 384-dimensional ones are like the bundled model's head.
+    K = _softmax_gram(seed, 300, classes, dim)
+    scale = float(K.diagonal().double().mean())
+    for ridge in (0.0, 1e-3 * scale):
+        result = omp_gram(K, k, ridge=ridge, nonnegative=nonnegative)
+        # Hundreds of small solves: on one thread, as a second BLAS thread on busy cores makes each one wait.
+        with threadpool_limits(1, user_api="blas"):
+            support, weights, residuals = _reference_omp(K.double().numpy(), k, ridge, nonnegative, 1e-4)
+        assert result.indices.tolist() == support
+        np.testing.assert_allclose(result.weights.numpy(), weights, rtol=1e-7, atol=1e-9 * np.abs(weights).max())
+        np.testing.assert_allclose(result.residuals, residuals, rtol=1e-7, atol=1e-7 * residuals[0])
+        if nonnegative and dim == 64:
+            assert len(residuals) - 1 > len(support), "the case must drop atoms, to test the deletions"
 
 
 def test_normalize_weights():

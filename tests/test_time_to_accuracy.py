@@ -365,3 +365,23 @@ def test_bad_time_to_accuracy_and_peft_arguments_are_rejected():
     with pytest.raises(ValueError, match="'bbc-news:5e-5' is invalid"):
         hf_sbp.benchmark.main(["time-to-accuracy", "--tta_learning_rates", "bbc-news:5e-5"])
     assert "time-to-accuracy" in common.PARTS  # `all` runs it
+
+
+def test_schedule_of_a_cached_strategy_has_a_cold_epoch_then_warm_steps():
+    # An epoch of 20 steps at 0.7 s (14 s after 1 s of start-up), then 45 s at 0.5 s: 90 steps.
+    assert tta.schedule_steps(60.0, 0.7, 1.0, warm_step_s=0.5, cold_steps=20) == 20 + 90
+    # A budget inside the cold epoch: cold steps only, as without a warm step time.
+    assert tta.schedule_steps(10.0, 0.7, 1.0, warm_step_s=0.5, cold_steps=20) == tta.schedule_steps(10.0, 0.7, 1.0)
+
+
+def test_a_cached_strategy_is_calibrated_after_its_first_epoch(tmp_path, tiny_files):
+    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "stale-loss"))
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "time_to_accuracy.json").read_text())["rows"]}
+    stale, full = rows["stale-loss"], rows["none"]
+    assert full["warm_step_s"] is None
+    assert stale["warm_step_s"] > 0
+    # 32 examples in batches of 8: a cold epoch of 4 steps, then warm steps until the budget.
+    expected = tta.schedule_steps(full["budget_s"], stale["step_s"], stale["startup_s"], stale["warm_step_s"], 4)
+    assert stale["planned_steps"] == expected
+    # After the first epoch rows are scored only when stale: fewer than one scored row per row of the batches.
+    assert stale["scoring_forward_examples"] < stale["steps"] * 8

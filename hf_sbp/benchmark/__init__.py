@@ -3,7 +3,7 @@ to accuracy.
 
     python scripts/benchmark.py all --quick          # everything, about 15 minutes on 2 CPU cores
     python scripts/benchmark.py all                  # the full run, about 2 to 2.5 hours on 2 CPU cores
-    python scripts/benchmark.py overhead|throughput|grad-match|training|time-to-accuracy [--quick]
+    python scripts/benchmark.py overhead|throughput|grad-match|training|time-to-accuracy|padding [--quick]
     python scripts/benchmark.py throughput --peft lora   # the step times with LoRA, beside full fine-tuning's
     python scripts/benchmark.py report               # tables and plots from the JSON already written
 
@@ -22,7 +22,9 @@ default).
 
 The code has one module per part: ``common`` (arguments, data, model, trainers, JSON files), ``overhead``,
 ``throughput``, ``grad_match``, ``training`` (the training runs and their statistics, which ``scripts/demo.py``
-shares), ``time_to_accuracy``, ``report`` and ``cli`` (``main``).
+shares), ``time_to_accuracy``, ``padding`` (re-padding of the subset and the shortened scoring pass: ``padding.json``
+and ``scoring_length.json``, 8 to 12 minutes for both datasets at ``--repeats`` 15 to 30, about 2 quick), ``report``
+and ``cli`` (``main``).
 """
 
 from .cli import main

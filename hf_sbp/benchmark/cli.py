@@ -16,6 +16,7 @@ from ..data import resolve_model_name
 from .common import PARTS, BenchmarkArguments, BenchmarkContext, Data, load_rows, machine_info, write_json
 from .grad_match import run_grad_match
 from .overhead import run_overhead
+from .padding import run_padding
 from .report import write_report
 from .throughput import measure_peak_memory, merge_rows, run_throughput
 from .time_to_accuracy import run_time_to_accuracy
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
             name = part.replace("-", "_")
             if part == "time-to-accuracy":  # resumable: it appends to its JSON file after every run
                 run_time_to_accuracy(ctx, machine)
+                continue
+            if part == "padding":  # two files: re-padding of the subset, and the shortened scoring pass
+                padding_rows, scoring_rows = run_padding(ctx)
+                write_json(os.path.join(bench.output_dir, "padding.json"), machine, padding_rows)
+                write_json(os.path.join(bench.output_dir, "scoring_length.json"), machine, scoring_rows)
                 continue
             if part == "overhead":
                 rows = run_overhead(ctx, timing_data)

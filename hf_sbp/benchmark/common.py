@@ -27,7 +27,7 @@ from ..config import import_strategy_modules
 from ..glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
 from ..strategies import registered_strategies, strategy_class
 
-PARTS = ("overhead", "throughput", "grad-match", "training", "time-to-accuracy")
+PARTS = ("overhead", "throughput", "grad-match", "training", "time-to-accuracy", "padding")
 """The measurements, in the order ``all`` runs them; each writes ``<part>.json`` (``-`` as ``_``)."""
 COMMANDS = (*PARTS, "all", "report")
 FULL_BATCH = "none"
@@ -419,9 +419,17 @@ def fixed_batches(
 
 
 def make_trainer(
-    model: PreTrainedModel, strategy: str, keep: float, batch_size: int, device: str, output_dir: str, **extra: Any
+    model: PreTrainedModel,
+    strategy: str,
+    keep: float,
+    batch_size: int,
+    device: str,
+    output_dir: str,
+    train_dataset: Any = None,
+    **extra: Any,
 ) -> SelectiveBackpropTrainer:
-    """A trainer whose ``training_step`` and ``select_batch`` are called by hand (no data, no accumulation)."""
+    """A trainer whose ``training_step`` and ``select_batch`` are called by hand (no accumulation). ``train_dataset``
+    only sizes the per-example cache of a strategy that uses one (batches then carry example ids)."""
     args = SelectiveBackpropConfig(
         output_dir=output_dir,
         sbp_strategy=strategy,
@@ -433,7 +441,7 @@ def make_trainer(
         disable_tqdm=True,
         **extra,
     )
-    trainer = SelectiveBackpropTrainer(model=model, args=args)
+    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=train_dataset)
     trainer.current_gradient_accumulation_steps = 1
     return trainer
 

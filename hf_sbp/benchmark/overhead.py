@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -12,7 +14,65 @@ from transformers import PreTrainedModel
 from .. import SelectiveBackpropTrainer
 from ..head import HeadCapture
 from ..selection import index_rows
+from ..strategies import gradmatch
 from .common import OVERHEAD_STRATEGY, BenchmarkContext, Data, fixed_batches, load_model, make_trainer, sync
+
+BATCH_SIZES = (16, 32, 64, 128, 256, 1024, 2048)
+"""Batch sizes of the full run (the quick one: the first three). Large per-device batches are common on GPUs, and
+OMP's cost grows faster than the forward's (``O(n k^2)`` against ``O(n)``)."""
+LARGE_BATCH = 1024
+"""Batches of this many rows or more are timed :data:`LARGE_BATCH_REPEATS` times at most: a no-grad forward over
+1024 rows of 64 tokens takes about 10 s on 2 CPU cores, over 2048 rows about 20 s."""
+LARGE_BATCH_REPEATS = 3
+
+
+@contextlib.contextmanager
+def reused_scoring(trainer: SelectiveBackpropTrainer, scores: dict | None = None) -> Iterator[None]:
+    """Within the context, the trainer's scoring pass returns its first result for each batch again.
+
+    ``select_batch`` would otherwise repeat the forward that the loop has just timed, on the same batch in eval mode
+    without gradients (the same result): at 1024 and 2048 rows that doubles a part that takes minutes. The selection
+    still runs right after a real forward over the batch, as in training. A batch is known by its tensors (the
+    trainer may pass a copy of the batch's dict), which the cache keeps, so that no other tensor can take their ids.
+    Trainers of the same model can share the cache ``scores``.
+    """
+    own = trainer.__dict__.get("score_batch")
+    score_batch = trainer.score_batch
+    scores = {} if scores is None else scores
+
+    def reused(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> Any:
+        key = tuple((name, id(value)) for name, value in inputs.items())
+        if key not in scores:
+            scores[key] = (list(inputs.values()), score_batch(model, inputs))
+        return scores[key][1]
+
+    trainer.score_batch = reused
+    try:
+        yield
+    finally:
+        if own is None:
+            del trainer.score_batch  # the instance attribute: the class's method shows again
+        else:
+            trainer.score_batch = own
+
+
+@contextlib.contextmanager
+def timed_omp(times: list[float]) -> Iterator[None]:
+    """Within the context, append the duration of every OMP call of the ``gradmatch`` strategy to ``times``."""
+    omp_gram = gradmatch.omp_gram
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return omp_gram(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - start)
+
+    gradmatch.omp_gram = timed
+    try:
+        yield
+    finally:
+        gradmatch.omp_gram = omp_gram
 
 
 def hook_cost_s(
@@ -37,32 +97,44 @@ def hook_cost_s(
 
 
 def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
-    """Median forward and selection times per batch size and keep (rows of ``overhead.json``)."""
+    """Median forward and selection times per batch size and keep (rows of ``overhead.json``).
+
+    ``selection_s`` is everything ``select_batch`` does besides its scoring forward (residuals, Gram matrix,
+    finiteness checks, OMP, match error), plus gathering the subset's rows and the capture hook's cost; ``omp_s``
+    is OMP alone (:func:`hf_sbp.selection.omp_gram`, as the ``gradmatch`` strategy calls it).
+    """
     bench = ctx.bench
     model = load_model(ctx.model_path, data.num_labels, 0, bench.device).eval()
-    batch_sizes = [16, 32, 64] if bench.quick else [16, 32, 64, 128, 256]
+    batch_sizes = BATCH_SIZES[:3] if bench.quick else BATCH_SIZES
     rows = []
     for batch_size in batch_sizes:
         batches = fixed_batches(data.splits["train"], ctx.tokenizer, batch_size, bench.seq_len, 2, bench.device)
+        repeats = bench.repeats if batch_size < LARGE_BATCH else min(bench.repeats, LARGE_BATCH_REPEATS)
+        scores: dict = {}  # the scoring pass's results, shared by the keeps' trainers
+        hook_s = None
         for keep in bench.keep_values if bench.quick else sorted({0.25, 0.5, *bench.keep_values}):
             trainer = make_trainer(model, OVERHEAD_STRATEGY, keep, batch_size, bench.device, ctx.scratch_dir)
-            trainer.select_batch(model, batches[0])  # resolve the head, warm up
-            hook_s = hook_cost_s(model, trainer, batches[0])
-            forward, selection = [], []
-            for repeat in range(bench.repeats):
-                batch = batches[repeat % 2]
-                forward_inputs = {k: v for k, v in batch.items() if k != "labels"}
-                sync(bench.device)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    model(**forward_inputs)
-                sync(bench.device)
-                forward.append(time.perf_counter() - start)
-                indices, _ = trainer.select_batch(model, batch)
-                start = time.perf_counter()
-                index_rows(batch, indices, batch_size)
-                sync(bench.device)
-                selection.append(trainer.last_selection.selection_s + time.perf_counter() - start + hook_s)
+            forward, selection, omp = [], [], []
+            with reused_scoring(trainer, scores), timed_omp(omp):
+                trainer.select_batch(model, batches[0])  # warm up (the first keep's trainer finds the head)
+                if hook_s is None:  # the same at every keep
+                    hook_s = hook_cost_s(model, trainer, batches[0])
+                omp.clear()
+                for repeat in range(repeats):
+                    batch = batches[repeat % 2]
+                    forward_inputs = {k: v for k, v in batch.items() if k != "labels"}
+                    sync(bench.device)
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        model(**forward_inputs)
+                    sync(bench.device)
+                    forward.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    indices, _ = trainer.select_batch(model, batch)
+                    index_rows(batch, indices, batch_size)
+                    sync(bench.device)
+                    elapsed = time.perf_counter() - start - trainer.last_selection.scoring_s
+                    selection.append(elapsed + hook_s)
             row = {
                 "batch_size": batch_size,
                 "seq_len": bench.seq_len,
@@ -70,10 +142,13 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
                 "device": bench.device,
                 "forward_s": statistics.median(forward),
                 "selection_s": statistics.median(selection),
+                "omp_s": statistics.median(omp) if omp else None,  # no OMP at keep 1.0: the batch is the subset
+                "repeats": repeats,
             }
             rows.append(row)
             ctx.progress(
                 f"overhead b={batch_size} keep={keep}: forward {row['forward_s'] * 1e3:.1f} ms, selection "
-                f"{row['selection_s'] * 1e3:.2f} ms ({100 * row['selection_s'] / row['forward_s']:.2f}%)"
+                f"{row['selection_s'] * 1e3:.2f} ms ({100 * row['selection_s'] / row['forward_s']:.2f}%), of which "
+                f"OMP {1e3 * (row['omp_s'] or 0.0):.2f} ms ({repeats} repeats)"
             )
     return rows

@@ -84,6 +84,7 @@ from transformers import (
 
 from .. import SelectiveBackpropTrainer
 from ..glue import apply_label_noise
+from ..strategies import strategy_class
 from .common import (
     BUDGET_STRATEGY,
     FULL_BATCH,
@@ -110,6 +111,7 @@ ROW_KEYS = (
     "final_accuracy", "steps", "backprop_examples", "scoring_forward_examples", "sitting", "machine",
     "train_s", "eval_s", "planned_steps", "warmup_steps", "step_s", "startup_s", "calibration_s", "stopped_by_budget",
     "train_examples", "epochs", "batch_size", "max_seq_length", "eval_samples", "learning_rate", "flipped_labels",
+    "warm_step_s",
 )  # fmt: skip
 """The keys of a row of ``time_to_accuracy.json``, in order."""
 
@@ -117,15 +119,28 @@ ROW_KEYS = (
 # ---- the schedule, the clock and the callbacks ------------------------------------------------------
 
 
-def schedule_steps(budget_s: float, step_s: float, startup_s: float = 0.0) -> int:
+def schedule_steps(
+    budget_s: float,
+    step_s: float,
+    startup_s: float = 0.0,
+    warm_step_s: float | None = None,
+    cold_steps: int = 0,
+) -> int:
     """The number of optimizer steps that fill a training budget: ``floor((budget_s - startup_s) / step_s)``, at
-    least 1.
+    least 1; with ``warm_step_s``, the first ``cold_steps`` at ``step_s`` and the rest at ``warm_step_s``.
 
     Args:
         budget_s: the training time allowed (seconds, evaluation excluded).
         step_s: the measured time of one step (seconds, > 0).
         startup_s: the time the run spends before its steps run at ``step_s`` (first-step overhead), >= 0.
+        warm_step_s: the step time once a strategy's per-example cache is warm (after its first epoch), if it
+            differs (the stale-* strategies skip the scoring pass then).
+        cold_steps: the steps before the cache is warm (an epoch).
     """
+    if warm_step_s is not None:
+        cold_s = startup_s + cold_steps * step_s
+        if budget_s > cold_s:
+            return cold_steps + schedule_steps(budget_s - cold_s, warm_step_s)
     if not step_s > 0 or not math.isfinite(step_s):
         raise ValueError(f"step_s={step_s!r} is invalid; a step takes a positive, finite time.")
     if not budget_s > 0:
@@ -373,6 +388,10 @@ class Calibration:
     step_s: float
     startup_s: float
     wall_s: float
+    warm_step_s: float | None = None
+    """For a strategy with a per-example cache: the step time after the first epoch (see :func:`calibrate`)."""
+    cold_steps: int = 0
+    """The steps before ``warm_step_s`` applies (an epoch)."""
 
 
 def calibrate(
@@ -386,19 +405,35 @@ def calibrate(
 ) -> Calibration:
     """Train a deep copy of ``model`` for one warm-up step and ``settings.calibration_steps`` timed steps of
     ``strategy`` on the cell's data (the run's first batches), discard it, and return the step time
-    (:func:`calibrated_step`). ``model`` itself is not touched."""
+    (:func:`calibrated_step`). ``model`` itself is not touched.
+
+    A strategy with a per-example cache (``uses_example_cache``: the stale-* ones) scores every row in its first
+    epoch and mostly skips the scoring pass after it, so one step time would undersize its schedule (it would end
+    long before the budget). Its calibration run goes on for a whole epoch plus ``calibration_steps`` steps, and
+    ``warm_step_s`` is the median of the steps after the epoch: the run's schedule is an epoch at ``step_s`` and
+    the rest of the budget at ``warm_step_s``. Steps of later epochs may still score rows whose statistics grew
+    too old, so such a run is more likely to be stopped by the budget a few steps before its schedule's end
+    (``stopped_by_budget``) than to end early."""
     started = time.perf_counter()
     copied = copy.deepcopy(model)
-    trainer = build_trainer(
-        copied, strategy, keep, 1 + settings.calibration_steps, cell, settings, tokenizer, output_dir
-    )
+    cached = strategy_class(strategy).uses_example_cache
+    epoch = math.ceil(len(cell.train) / settings.batch_size)
+    steps = 1 + settings.calibration_steps + (epoch if cached else 0)
+    trainer = build_trainer(copied, strategy, keep, steps, cell, settings, tokenizer, output_dir)
     timer = StepClock(device_clock(settings.device))
     trainer.add_callback(timer)
     trainer.train()
-    step_s, startup_s = calibrated_step(timer.begin, timer.step_ends)
+    cold_ends = timer.step_ends[: 1 + settings.calibration_steps]
+    step_s, startup_s = calibrated_step(timer.begin, cold_ends)
+    calibration = Calibration(step_s, startup_s, 0.0)
+    if cached:
+        warm_ends = timer.step_ends[epoch:]  # from the end of the first epoch's last step
+        calibration.warm_step_s = statistics.median(b - a for a, b in zip(warm_ends[:-1], warm_ends[1:], strict=True))
+        calibration.cold_steps = epoch
     del trainer, copied
     gc.collect()
-    return Calibration(step_s, startup_s, time.perf_counter() - started)
+    calibration.wall_s = time.perf_counter() - started
+    return calibration
 
 
 def train_cell_run(
@@ -425,7 +460,9 @@ def train_cell_run(
         steps = settings.full_batch_steps(len(cell.train))
     else:
         calibration = calibrate(model, strategy, keep, cell, settings, tokenizer, output_dir)
-        steps = schedule_steps(budget[0], calibration.step_s, calibration.startup_s)
+        steps = schedule_steps(
+            budget[0], calibration.step_s, calibration.startup_s, calibration.warm_step_s, calibration.cold_steps
+        )
     trainer = build_trainer(model, strategy, keep, steps, cell, settings, tokenizer, output_dir)
     scored = [0]
 
@@ -481,6 +518,7 @@ def train_cell_run(
         "eval_samples": len(cell.validation),
         "learning_rate": settings.learning_rate,
         "flipped_labels": cell.flipped_labels,
+        "warm_step_s": calibration.warm_step_s if calibration else None,
     }
     return row
 

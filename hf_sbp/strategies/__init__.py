@@ -1,7 +1,8 @@
 """Selection strategies: one registered class each.
 
 ``sbp_strategy`` accepts every name registered with :func:`register_strategy`. The built-in ones are
-``gradmatch``, ``loss``, ``random`` and ``none``; a strategy defined in user code is registered the same way and
+``gradmatch``, ``loss``, ``random``, ``none``, ``stale-gradmatch`` and ``stale-loss``; a strategy defined in user
+code is registered the same way and
 works with the trainer, ``HfArgumentParser`` flags, the scripts (``--sbp_strategy_modules``) and the model card.
 """
 
@@ -10,6 +11,7 @@ from .full_batch import FullBatch
 from .gradmatch import GradientMatching
 from .loss import LossBased
 from .random_subset import RandomSubset
+from .stale import StaleGradientMatching, StaleLossBased
 
 __all__ = [
     "FullBatch",
@@ -18,6 +20,8 @@ __all__ = [
     "RandomSubset",
     "SelectionBatch",
     "SelectionStrategy",
+    "StaleGradientMatching",
+    "StaleLossBased",
     "register_strategy",
     "registered_strategies",
     "strategy_class",

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..example_cache import CachedStats
 from ..selection import head_residuals, last_layer_gram, per_example_loss
 
 
@@ -32,13 +33,20 @@ class SelectionBatch:
             and offset by the process index, so draws made with it resume exactly and differ across processes.
         step: the trainer's ``global_step`` (optimizer steps completed before this batch).
         label_smoothing: ``label_smoothing_factor`` of the arguments (single-label classification only).
-        logits: ``(n, C)`` logits of the scoring pass; ``None`` unless the scoring pass ran.
-        features: ``(n, d)`` inputs of the classification head in the scoring pass; ``None`` without it.
+        logits: ``(s, C)`` logits of the scoring pass for its ``s`` rows (``scored_rows``); ``None`` unless the
+            scoring pass ran.
+        features: ``(s, d)`` inputs of the classification head in the scoring pass; ``None`` without it.
         head_bias: whether the head has a bias (its gradient is part of the last-layer gradient).
-        example_ids: ``(n,)`` dataset indices of the rows, where the training rows carry them; else ``None``.
+        example_ids: ``(n,)`` dataset indices of the rows (CPU), for strategies that set ``uses_example_cache``;
+            else ``None``.
+        scored_rows: the rows the scoring pass covered, in the order of ``logits``; ``None`` when it covered the
+            whole batch (always, unless the strategy's :meth:`~SelectionStrategy.rows_to_score` chose fewer) or
+            did not run.
+        cached: for strategies that set ``uses_example_cache``: every row's cached statistics (see
+            :class:`hf_sbp.example_cache.CachedStats`), the rows just scored included.
 
     ``residuals``, ``losses`` and ``gram`` are computed from ``logits`` and ``features`` on first use and then
-    kept, so a strategy that does not read them does not pay for them.
+    kept, so a strategy that does not read them does not pay for them. They describe the scored rows.
     """
 
     n: int
@@ -51,6 +59,8 @@ class SelectionBatch:
     features: torch.Tensor | None = None
     head_bias: bool = True
     example_ids: torch.Tensor | None = None
+    scored_rows: torch.Tensor | None = None
+    cached: CachedStats | None = None
 
     def _scores(self, what: str) -> None:
         if self.logits is None or self.problem_type is None or (what == "gram" and self.features is None):
@@ -59,17 +69,23 @@ class SelectionBatch:
                 "must set the class attribute needs_scoring = True."
             )
 
+    @property
+    def scored_labels(self) -> torch.Tensor:
+        """The labels of the scored rows (``labels`` itself when the scoring pass covered the batch)."""
+        rows = self.scored_rows
+        return self.labels if rows is None else self.labels.index_select(0, rows.to(self.labels.device))
+
     @cached_property
     def residuals(self) -> torch.Tensor:
         """``(n, C)`` head residuals ``r_i = dl_i/dz_i`` (float32); see :func:`hf_sbp.selection.head_residuals`."""
         self._scores("residuals")
-        return head_residuals(self.logits, self.labels, self.problem_type, self.label_smoothing)
+        return head_residuals(self.logits, self.scored_labels, self.problem_type, self.label_smoothing)
 
     @cached_property
     def losses(self) -> torch.Tensor:
         """``(n,)`` per-example losses (float32); their mean is the model's loss on the batch."""
         self._scores("losses")
-        return per_example_loss(self.logits, self.labels, self.problem_type, self.label_smoothing)
+        return per_example_loss(self.logits, self.scored_labels, self.problem_type, self.label_smoothing)
 
     @cached_property
     def gram(self) -> torch.Tensor:
@@ -101,6 +117,9 @@ class SelectionStrategy:
         description: one line for ``--help``, the README and the model card.
         settings: the ``sbp_*`` arguments the strategy reads besides ``sbp_keep``, the schedule and the seed, so
             the model card can say what applies to it.
+        uses_example_cache: whether the trainer gives every training row its dataset index (``batch.example_ids``)
+            and keeps a per-example statistics cache, written by every forward it runs (``batch.cached``; see
+            :mod:`hf_sbp.example_cache`). The training set must then be map-style (not an ``IterableDataset``).
 
     Args:
         args: the trainer's arguments (a :class:`~hf_sbp.SelectiveBackpropConfig`); read the ``sbp_*`` values
@@ -113,6 +132,7 @@ class SelectionStrategy:
     weighted: ClassVar[bool] = False
     description: ClassVar[str] = ""
     settings: ClassVar[tuple[str, ...]] = ()
+    uses_example_cache: ClassVar[bool] = False
 
     def __init__(self, args: Any) -> None:
         self.args = args
@@ -131,6 +151,12 @@ class SelectionStrategy:
             like one example of a smaller batch".
         """
         raise NotImplementedError(f"{type(self).__name__} must implement select(batch, k).")
+
+    def rows_to_score(self, batch: SelectionBatch) -> torch.Tensor:
+        """The rows of ``batch`` that the scoring pass must cover, called before it runs for a strategy that
+        ``needs_scoring``: by default all of them. A strategy with cached statistics returns fewer (an empty tensor
+        skips the scoring pass); ``batch.logits`` and ``batch.features`` then describe those rows only."""
+        return torch.arange(batch.n)
 
     def observe(self, indices: torch.Tensor, subset: SelectionBatch) -> None:
         """Receive what the subset's gradient forward computed, for strategies that learn from history.

@@ -22,7 +22,7 @@ class GradientMatching(SelectionStrategy):
     def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if k >= batch.n:  # keep 1.0: the batch is the subset, each row with weight 1 (OMP could stop early)
             return torch.arange(batch.n), torch.ones(batch.n)
-        gram = batch.gram
+        gram = self.gram(batch)
         # The ridge is relative to the gradients' mean squared norm, so it does not depend on the loss's scale.
         ridge = self.args.sbp_omp_ridge * float(torch.diagonal(gram).double().mean())
         mode = self.args.sbp_weight_normalization
@@ -35,3 +35,7 @@ class GradientMatching(SelectionStrategy):
             # The batch's mean gradient is zero (or every gradient is): any subset matches it equally well.
             return random_subset(batch.n, k, batch.generator), torch.ones(k)
         return result.indices, normalize_weights(result.weights, "subset_size" if mode == "sum_constrained" else mode)
+
+    def gram(self, batch: SelectionBatch) -> torch.Tensor:
+        """The ``(n, n)`` Gram matrix OMP works on: the scoring pass's (``batch.gram``)."""
+        return batch.gram

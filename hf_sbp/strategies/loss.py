@@ -29,19 +29,24 @@ class LossBased(SelectionStrategy):
         self.history = LossHistory(args.sbp_loss_history_size)
 
     def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = self.losses(batch)
         if self.args.sbp_loss_variant == "composer":
-            indices = loss_rank_sample(batch.losses, k, batch.generator)
+            indices = loss_rank_sample(losses, k, batch.generator)
         else:
             # Jiang et al.: the current batch enters the history before its CDF is read.
-            self.history.push(batch.losses)
+            self.history.push(losses)
             indices = loss_cdf_sample(
-                batch.losses,
+                losses,
                 self.history.values(),
                 self.args.sbp_effective_loss_beta,
                 self.args.sbp_loss_min_prob,
                 batch.generator,
             )
         return indices, torch.ones(indices.numel())
+
+    def losses(self, batch: SelectionBatch) -> torch.Tensor:
+        """The ``(n,)`` losses the rule ranks: the scoring pass's (``batch.losses``)."""
+        return batch.losses
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history.state_dict()}

@@ -1,0 +1,348 @@
+"""Part ``padding``: what length-aware re-padding (``sbp_trim_padding``) and a shortened scoring pass
+(``sbp_scoring_max_length``) save, on real batches with dynamic padding (``DataCollatorWithPadding``, rows truncated
+to ``--seq_len``), per dataset of ``--datasets``. It writes two files:
+
+``padding.json``, one row per dataset and strategy (``random``, ``gradmatch``, ``loss`` at keep 0.5, where
+registered and in ``--strategies``): the mean padding tokens per subset without and with trimming (and the
+subset's columns), counted over the selections of ``--repeats`` batches; and the training step's median time with
+``sbp_trim_padding`` False and True, timed side by side: per repeat, every strategy's step without and with trimming
+(the order alternating between repeats) on the same batch and the same model (SGD with learning rate 0 keeps it
+fixed), after one warm-up round. The full batch's step (``none``) is timed in the same rounds, as the reference.
+Each step is timed in wall-clock seconds and in this process's CPU seconds (``time.process_time``, all threads): on a
+machine shared with other work the CPU time is the steadier of the two; ``load_average_1min`` (before and after the
+timing rounds) says how busy the machine was. The ratios ``*_paired_*`` are medians of per-batch ratios.
+
+``scoring_length.json``, one row per dataset, ``sbp_scoring_max_length`` (16, 32, 64 and ``None``, the whole row)
+and model state (the pretrained encoder with a fresh head, and after ``--train_steps`` full-batch AdamW steps): the
+scoring pass's median time (``score_batch``, interleaved over the lengths), and the gradient-match error of the
+gradmatch subset it leads to, with autograd: ``||g_S - g|| / ||g||`` with ``g`` the batch's mean-loss gradient and
+``g_S`` the gradient of the loss the selective step trains, ``(1/m) sum_S w_i l_i``, over the whole model
+(``rel_error_full``) and the head (``rel_error_last``), mean over held-out batches, in eval mode; with the overlap
+of the subset with the full-length scoring's subset. A random subset's error on the same batches (``max_length``
+``None``, ``strategy`` ``random``) is the reference. With ``--seq_len 64`` (the default), 64 is the whole row.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorWithPadding, PreTrainedModel
+
+from ..padding import trim_padding
+from ..selection import index_rows
+from .common import FULL_BATCH, BenchmarkContext, Data, load_model, make_trainer, sync
+from .grad_match import flat_grad
+
+PADDING_STRATEGIES = ("random", "gradmatch", "loss")
+"""The strategies whose subsets are trimmed, when they are registered and in ``--strategies``."""
+PADDING_KEEP = 0.5
+SCORING_LENGTHS = (16, 32, 64, None)
+"""The ``sbp_scoring_max_length`` values measured; ``None`` scores the whole row."""
+SCORING_STRATEGY = "gradmatch"
+REFERENCE_STRATEGY = "random"
+
+
+def command_line(ctx: BenchmarkContext) -> str:
+    """The command that reproduces this part's numbers (the options it depends on, spelled out)."""
+    bench = ctx.bench
+    threads = os.environ.get("OMP_NUM_THREADS")  # torch's thread count, when the command line set it
+    parts = [f"OMP_NUM_THREADS={threads}"] if threads else []
+    parts += ["python scripts/benchmark.py padding"] + (["--quick"] if bench.quick else [])
+    if bench.train_file:
+        parts += ["--train_file", bench.train_file]
+    else:
+        parts += ["--datasets", bench.datasets]
+    parts += ["--model_name_or_path", bench.model_name_or_path, "--seq_len", str(bench.seq_len)]
+    parts += ["--batch_size", str(bench.batch_size), "--repeats", str(bench.repeats)]
+    parts += ["--train_steps", str(bench.train_steps), "--device", bench.device]
+    return " ".join(parts)
+
+
+def dynamic_batches(
+    split, tokenizer, batch_size: int, count: int, device: str, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of ``batch_size`` shuffled rows of ``split``, padded by ``DataCollatorWithPadding`` to their
+    longest row (as the trainer's dataloader pads them), on ``device``."""
+    collate = DataCollatorWithPadding(tokenizer)
+    rows = split.shuffle(seed=seed).select(range(min(len(split), batch_size * count)))
+    batches = []
+    for start in range(0, batch_size * count, batch_size):
+        chunk = [rows[i % len(rows)] for i in range(start, start + batch_size)]
+        batches.append({k: v.to(device) for k, v in collate(chunk).items()})
+    return batches
+
+
+def padding_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(padding tokens, columns)`` of a batch: the masked positions, and the width every row is padded to."""
+    mask = batch["attention_mask"]
+    return int((mask == 0).sum()), int(mask.shape[1])
+
+
+def _subset_tokens(ctx: BenchmarkContext, model: PreTrainedModel, strategy: str, batches: list) -> dict[str, float]:
+    """Mean padding tokens and columns of the subsets ``strategy`` selects from ``batches``, untrimmed and trimmed."""
+    bench = ctx.bench
+    trainer = make_trainer(model, strategy, PADDING_KEEP, bench.batch_size, bench.device, ctx.scratch_dir)
+    counts = defaultdict(list)
+    for batch in batches:
+        n = batch["labels"].shape[0]
+        indices, _ = trainer.select_batch(model, batch)
+        subset = index_rows(batch, indices, n)
+        for name, rows in (("untrimmed", subset), ("trimmed", trim_padding(subset))):
+            padding, columns = padding_tokens(rows)
+            counts[f"pad_tokens_{name}"].append(padding)
+            counts[f"columns_{name}"].append(columns)
+        counts["real_tokens"].append(int(subset["attention_mask"].sum()))
+        counts["batch_pad_tokens"].append(padding_tokens(batch)[0])
+        counts["batch_columns"].append(padding_tokens(batch)[1])
+    return {f"mean_{key}": float(np.mean(values)) for key, values in counts.items()}
+
+
+def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) -> list[dict[str, Any]]:
+    """The rows of ``padding.json`` for one dataset."""
+    bench = ctx.bench
+    strategies = [s for s in bench.strategy_names if s in PADDING_STRATEGIES]  # registration order
+    model = load_model(ctx.model_path, data.num_labels, 0, bench.device)
+    batches = dynamic_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, bench.repeats, bench.device)
+    tokens = {strategy: _subset_tokens(ctx, model, strategy, batches) for strategy in strategies}
+    trainers = {
+        (strategy, trim): make_trainer(
+            model, strategy, PADDING_KEEP, bench.batch_size, bench.device, ctx.scratch_dir, sbp_trim_padding=trim
+        )
+        for strategy in strategies
+        for trim in (False, True)
+    }
+    full = make_trainer(model, FULL_BATCH, 1.0, bench.batch_size, bench.device, ctx.scratch_dir)
+    # SGD with a zero learning rate keeps the model fixed, so that both settings time the same model.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    load = [os.getloadavg()[0]]
+    times: dict[Any, list[float]] = defaultdict(list)  # wall-clock seconds
+    cpu: dict[Any, list[float]] = defaultdict(list)  # this process's CPU seconds (all threads)
+
+    def timed_step(key, trainer, batch, keep: bool) -> None:
+        sync(bench.device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        trainer.training_step(model, batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(bench.device)
+        if keep:
+            times[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - start_cpu)
+
+    for repeat in range(bench.repeats + 1):  # the first round warms up and is dropped
+        batch = batches[(repeat - 1) % len(batches)]
+        order = (False, True) if repeat % 2 == 0 else (True, False)
+        for strategy in strategies:
+            for trim in order:
+                timed_step((strategy, trim), trainers[(strategy, trim)], batch, repeat > 0)
+        timed_step(FULL_BATCH, full, batch, repeat > 0)
+        if repeat % 5 == 0:
+            ctx.progress(f"padding {name} round {repeat}/{bench.repeats}")
+    load.append(os.getloadavg()[0])
+    full_s = statistics.median(times[FULL_BATCH])
+    rows = []
+    for strategy in strategies:
+        off, on = (strategy, False), (strategy, True)
+        untrimmed, trimmed = statistics.median(times[off]), statistics.median(times[on])
+        # Paired per batch: both settings ran on the same batch, one right after the other.
+        paired = [t / u for u, t in zip(times[off], times[on], strict=True)]
+        paired_cpu = [t / u for u, t in zip(cpu[off], cpu[on], strict=True)]
+        row = {
+            "dataset": name,
+            "strategy": strategy,
+            "keep": PADDING_KEEP,
+            "batch_size": bench.batch_size,
+            "seq_len": bench.seq_len,
+            "device": bench.device,
+            "batches": len(batches),
+            **tokens[strategy],
+            "step_s_untrimmed": untrimmed,
+            "step_s_trimmed": trimmed,
+            "step_ratio_trimmed": trimmed / untrimmed,
+            "step_ratio_paired_median": statistics.median(paired),
+            "step_ratio_paired_quartiles": [float(q) for q in np.percentile(paired, [25, 75])],
+            "step_cpu_s_untrimmed": statistics.median(cpu[off]),
+            "step_cpu_s_trimmed": statistics.median(cpu[on]),
+            "step_cpu_ratio_paired_median": statistics.median(paired_cpu),
+            "step_cpu_ratio_paired_quartiles": [float(q) for q in np.percentile(paired_cpu, [25, 75])],
+            "full_step_s": full_s,
+            "full_step_cpu_s": statistics.median(cpu[FULL_BATCH]),
+            "repeats": bench.repeats,
+            "load_average_1min": load,
+            "command": command,
+        }
+        row["pad_tokens_saved"] = row["mean_pad_tokens_untrimmed"] - row["mean_pad_tokens_trimmed"]
+        rows.append(row)
+        ctx.progress(
+            f"padding {name} {strategy}@{PADDING_KEEP}: padding tokens per subset "
+            f"{row['mean_pad_tokens_untrimmed']:.0f} -> {row['mean_pad_tokens_trimmed']:.0f} "
+            f"(of {row['mean_real_tokens']:.0f} real), step "
+            f"{untrimmed:.3f} -> {trimmed:.3f} s (paired {row['step_ratio_paired_median']:.3f} x, CPU time "
+            f"{row['step_cpu_ratio_paired_median']:.3f} x; load {load[0]:.1f}, {load[1]:.1f})"
+        )
+    return rows
+
+
+def trained_gradient(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], indices: torch.Tensor, weights: torch.Tensor
+) -> None:
+    """The gradient of ``(1/m) sum_S w_i l_i`` (the cross-entropy a selective step trains, ``m = |S|``) into
+    ``.grad``; every row with weight 1 gives the gradient of the batch's mean loss."""
+    model.zero_grad(set_to_none=True)
+    rows = index_rows(batch, indices, batch["labels"].shape[0])
+    labels = rows.pop("labels")
+    losses = F.cross_entropy(model(**rows).logits.float(), labels, reduction="none")
+    ((weights.to(losses.device, losses.dtype) * losses).sum() / losses.numel()).backward()
+
+
+def _grad_errors(
+    model: PreTrainedModel, probes: list, trainers: dict, head_params: list[str]
+) -> dict[Any, list[float]]:
+    """Per probe batch and trainer: the relative errors of the subset gradient (whole model, head) against the
+    batch's mean gradient, and the subset's overlap (Jaccard) with the full-length scoring's subset."""
+    errors: dict[Any, list[float]] = defaultdict(list)
+    for batch in probes:
+        n = batch["labels"].shape[0]
+        model.eval()  # gradients without dropout noise
+        trained_gradient(model, batch, torch.arange(n), torch.ones(n))
+        target = {"full": flat_grad(model), "last": flat_grad(model, head_params)}
+        chosen = {}
+        for key, trainer in trainers.items():
+            indices, weights = trainer.select_batch(model, batch)
+            chosen[key] = set(indices.tolist())
+            model.eval()
+            trained_gradient(model, batch, indices, weights)
+            for layer in ("full", "last"):
+                sub = flat_grad(model, None if layer == "full" else head_params)
+                error = torch.linalg.norm(sub - target[layer]) / torch.linalg.norm(target[layer])
+                errors[(key, layer)].append(float(error))
+        reference = chosen[(SCORING_STRATEGY, None)]
+        for key, rows in chosen.items():
+            errors[(key, "overlap")].append(len(rows & reference) / len(rows | reference))
+    model.zero_grad(set_to_none=True)
+    return errors
+
+
+def run_scoring_length(ctx: BenchmarkContext, name: str, data: Data, command: str) -> list[dict[str, Any]]:
+    """The rows of ``scoring_length.json`` for one dataset."""
+    bench = ctx.bench
+    model = load_model(ctx.model_path, data.num_labels, 0, bench.device)
+    probes = dynamic_batches(
+        data.splits["validation"], ctx.tokenizer, bench.batch_size, 2 if bench.quick else 4, bench.device
+    )
+    timing = dynamic_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, 4, bench.device, seed=1)
+    trainers = {
+        (SCORING_STRATEGY, length): make_trainer(
+            model,
+            SCORING_STRATEGY,
+            PADDING_KEEP,
+            bench.batch_size,
+            bench.device,
+            ctx.scratch_dir,
+            sbp_scoring_max_length=length,
+        )  # fmt: skip
+        for length in SCORING_LENGTHS
+    }
+    trainers[(REFERENCE_STRATEGY, None)] = make_trainer(
+        model, REFERENCE_STRATEGY, PADDING_KEEP, bench.batch_size, bench.device, ctx.scratch_dir
+    )
+    scorer = trainers[(SCORING_STRATEGY, None)]
+    scorer.score_batch(model, probes[0])  # finds the head
+    head_params = [f"{scorer.head_name}.weight", f"{scorer.head_name}.bias"]
+
+    # The scoring pass's time per length, interleaved (the first round warms up and is dropped).
+    scoring: dict[Any, list[float]] = defaultdict(list)
+    scoring_cpu: dict[Any, list[float]] = defaultdict(list)
+    columns: dict[Any, list[int]] = defaultdict(list)
+    load = os.getloadavg()[0]
+    for repeat in range(bench.repeats + 1):
+        batch = timing[(repeat - 1) % len(timing)]
+        for length in SCORING_LENGTHS:
+            trainer = trainers[(SCORING_STRATEGY, length)]
+            sync(bench.device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            trainer.score_batch(model, batch)
+            sync(bench.device)
+            if repeat:
+                scoring[length].append(time.perf_counter() - start)
+                scoring_cpu[length].append(time.process_time() - start_cpu)
+                columns[length].append(min(batch["input_ids"].shape[1], length or bench.seq_len))
+    whole_s, whole_cpu_s = statistics.median(scoring[None]), statistics.median(scoring_cpu[None])
+
+    # The gradient-match error at two model states: the fresh head, and after full-batch training steps.
+    train = data.splits["train"].shuffle(seed=0)
+    collate = DataCollatorWithPadding(ctx.tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=bench.learning_rate)
+    rows = []
+    for step in range(bench.train_steps + 1):
+        if step in (0, bench.train_steps):
+            errors = _grad_errors(model, probes, trainers, head_params)
+            for key in trainers:
+                strategy, length = key
+                row = {
+                    "dataset": name,
+                    "strategy": strategy,
+                    "max_length": length,
+                    "keep": PADDING_KEEP,
+                    "step": step,
+                    "batch_size": bench.batch_size,
+                    "seq_len": bench.seq_len,
+                    "device": bench.device,
+                    "rel_error_full": float(np.mean(errors[(key, "full")])),
+                    "rel_error_full_std": float(np.std(errors[(key, "full")])),
+                    "rel_error_last": float(np.mean(errors[(key, "last")])),
+                    "overlap_with_full_length": float(np.mean(errors[(key, "overlap")])),
+                    "probe_batches": len(probes),
+                    "command": command,
+                }
+                if strategy == SCORING_STRATEGY:
+                    row.update(
+                        scoring_s=statistics.median(scoring[length]),
+                        scoring_ratio=statistics.median(scoring[length]) / whole_s,
+                        scoring_cpu_s=statistics.median(scoring_cpu[length]),
+                        scoring_cpu_ratio=statistics.median(scoring_cpu[length]) / whole_cpu_s,
+                        load_average_1min=load,
+                        mean_scored_columns=float(np.mean(columns[length])),
+                        timing_repeats=bench.repeats,
+                    )
+                rows.append(row)
+            summary = ", ".join(
+                f"{length or 'full'}: {np.mean(errors[((SCORING_STRATEGY, length), 'full')]):.3f}"
+                for length in SCORING_LENGTHS
+            )
+            random_error = np.mean(errors[((REFERENCE_STRATEGY, None), "full")])
+            ctx.progress(f"scoring length {name} step {step}: rel. error {summary}; random {random_error:.3f}")
+        if step == bench.train_steps:
+            break
+        model.train()
+        start = (step * bench.batch_size) % max(1, len(train) - bench.batch_size)
+        batch = collate([train[i] for i in range(start, start + bench.batch_size)])
+        batch = {k: v.to(bench.device) for k, v in batch.items()}
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+    for length in SCORING_LENGTHS:
+        ctx.progress(
+            f"scoring length {name} {length or 'full'}: {statistics.median(scoring[length]) * 1e3:.0f} ms "
+            f"({statistics.median(scoring[length]) / whole_s:.2f} x full; CPU time "
+            f"{statistics.median(scoring_cpu[length]) / whole_cpu_s:.2f} x)"
+        )
+    return rows
+
+
+def run_padding(ctx: BenchmarkContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of ``padding.json`` and of ``scoring_length.json``, dataset by dataset."""
+    command = command_line(ctx)
+    padding_rows, scoring_rows = [], []
+    for name, spec in ctx.bench.dataset_specs():
+        data = Data(spec, ctx.tokenizer, ctx.bench.seq_len)
+        padding_rows += run_repadding(ctx, name, data, command)
+        scoring_rows += run_scoring_length(ctx, name, data, command)
+    return padding_rows, scoring_rows
