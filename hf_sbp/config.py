@@ -145,16 +145,20 @@ class SelectiveBackpropArguments:
     sbp_trim_padding: bool = field(
         default=True,
         metadata={
-            "help": "After the subset is gathered, drop the padding columns that none of its rows needs (the right "
-            "padding of right-padded batches), so a subset of short rows costs what short rows cost. The rows' "
-            "outputs do not change (padding is masked); left-padded batches are not trimmed."
+            "help": "After the subset is gathered, drop the padding columns (mask 0 in every selected row) from every "
+            "per-token tensor, keeping the collator's pad_to_multiple_of, so a subset of short rows costs what short "
+            "rows cost. Outputs do not change (padding is masked). Trailing padding is trimmed; leading padding "
+            "(left-padded decoders) only when the batch carries position_ids, since without them the model numbers "
+            "positions from the first column."
         },
     )
     sbp_scoring_max_length: int | None = field(
         default=None,
         metadata={
-            "help": "If set (>= 1), the scoring forward sees only the first L tokens of each row (the gradient "
-            "forward still sees them all): a cheaper scoring pass whose scores approximate the full rows'."
+            "help": "If set (>= 1), the scoring forward sees each row as if tokenized with max_length=L (the first L "
+            "columns when right-padded, each row's first L tokens when left-padded; a closing special token shared "
+            "by all rows is kept), while the gradient forward sees whole rows: a cheaper scoring pass whose scores "
+            "approximate the full rows'. Saves nothing on rows no longer than L."
         },
     )
     sbp_max_staleness: float = field(

@@ -8,9 +8,11 @@ to accuracy.
     python scripts/benchmark.py report               # tables and plots from the JSON already written
 
 The other quick parts take about 8 minutes together, time-to-accuracy --quick about 5 (one cell: tweets, no noise,
-seed 0); in the full run the training part takes about 55 minutes and time-to-accuracy 55 to 80 (2 datasets x noise
-0, 0.2 x 3 seeds, the full batch, random, loss and gradmatch at keep 0.5 on the full batch's wall-clock budget; it is
-resumable: a rerun skips the runs already in its JSON file, see :mod:`hf_sbp.benchmark.time_to_accuracy`).
+seed 0); in the full run the training part takes about 55 minutes, grad-match about 10 on an idle machine (two tasks,
+classification and regression, three weight modes of gradmatch; 56 minutes under load), and time-to-accuracy about a
+minute per run (2 datasets x noise 0, 0.2 x 3 seeds = 12 cells, each the full batch plus every strategy at keep 0.5
+on the full batch's wall-clock budget: 5 to 6 minutes per cell with four strategies; it is resumable: a rerun skips
+the runs already in its JSON file, see :mod:`hf_sbp.benchmark.time_to_accuracy`).
 
 (``python -m hf_sbp.benchmark`` is the same command.) Data: the bundled datasets by name
 (``--datasets tweets,bbc-news``), any ``datasets`` name that ``run_glue.py`` takes, or local CSV/JSON files

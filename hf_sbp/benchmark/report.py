@@ -444,6 +444,51 @@ def _time_to_accuracy_section(rows: list[dict[str, Any]], output_dir: str) -> st
     )
 
 
+def _padding_section(rows: list[dict[str, Any]]) -> str:
+    table = [
+        (
+            r["dataset"],
+            r["strategy"],
+            _keep_text(r["keep"]),
+            f"{r['mean_pad_tokens_untrimmed']:.0f} -> {r['mean_pad_tokens_trimmed']:.0f}",
+            f"{r['mean_columns_untrimmed']:.1f} -> {r['mean_columns_trimmed']:.1f}",
+            f"{r['step_s_untrimmed']:.3f} -> {r['step_s_trimmed']:.3f}",
+            f"{r['step_ratio_paired_median']:.3f} [{r['step_ratio_paired_quartiles'][0]:.3f}, "
+            f"{r['step_ratio_paired_quartiles'][1]:.3f}]",
+        )
+        for r in rows
+    ]
+    headers = ["dataset", "strategy", "keep", "padding tokens per subset", "columns", "step s", "paired ratio [IQR]"]
+    return (
+        "## Re-padding the subset (`padding.json`)\n\n"
+        "Dynamic padding; each selected subset with and without `sbp_trim_padding`, step times measured side by side "
+        f"(`{rows[0].get('command', '')}`).\n\n" + markdown_table(headers, table)
+    )
+
+
+def _scoring_length_section(rows: list[dict[str, Any]]) -> str:
+    table = [
+        (
+            r["dataset"],
+            r["strategy"],
+            r["max_length"] if r["max_length"] is not None else "full",
+            r["step"],
+            "-" if r.get("scoring_ratio") is None else f"{r['scoring_ratio']:.2f}",
+            f"{r['rel_error_full']:.3f}",
+            "-" if r.get("overlap_with_full_length") is None else f"{r['overlap_with_full_length']:.2f}",
+        )
+        for r in rows
+    ]
+    headers = ["dataset", "strategy", "scoring max length", "step", "scoring time x full", "full-model error",
+               "overlap with full-length subset"]  # fmt: skip
+    return (
+        "## A shorter scoring pass (`scoring_length.json`)\n\n"
+        "Gradmatch's subset scored on the first L tokens: the relative error of its trained gradient against the "
+        f"batch mean (autograd, whole model) and the scoring pass's time (`{rows[0].get('command', '')}`).\n\n"
+        + markdown_table(headers, table)
+    )
+
+
 def _machines_section(machines: dict[str, dict[str, Any]], tta_rows: list[dict[str, Any]]) -> str:
     lines = [f"- `{name}`: {json.dumps(m)}" for name, m in machines.items()]
     by_sitting = {r.get("sitting"): r.get("machine") for r in tta_rows if r.get("sitting")}
@@ -476,6 +521,8 @@ def write_report(output_dir: str) -> str:
         ("grad_match", _grad_match_section),
         ("training", lambda rows: _training_section(rows, output_dir)),
         (TIME_TO_ACCURACY, lambda rows: _time_to_accuracy_section(rows, output_dir)),
+        ("padding", _padding_section),
+        ("scoring_length", _scoring_length_section),
     ):
         machine, rows = load_rows(output_dir, name)
         if rows:
