@@ -8,22 +8,13 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 from glue_fixtures import FILLER, NEGATIVE, POSITIVE, save_tiny_model
-from tiny_models import tiny_bert, tiny_dataset
+from tiny_models import make_args, tiny_bert, tiny_dataset
 from transformers import BertForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerFast
 
-from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
+from hf_sbp import SelectiveBackpropTrainer
 from hf_sbp.padding import token_span, trim_padding, truncate_for_scoring
 
 ATOL = 1e-5
-
-
-def make_args(tmp_path, **overrides) -> SelectiveBackpropConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-    )  # fmt: skip
-    values.update(overrides)
-    return SelectiveBackpropConfig(**values)
 
 
 def logits(model, batch) -> torch.Tensor:

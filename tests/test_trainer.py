@@ -5,19 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import collated, tiny_bert, tiny_dataset
+from tiny_models import collated, make_args, tiny_bert, tiny_dataset
 from transformers import Trainer, TrainingArguments
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
-
-
-def make_args(tmp_path, **overrides) -> SelectiveBackpropConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-    )  # fmt: skip
-    values.update(overrides)
-    return SelectiveBackpropConfig(**values)
 
 
 def params(model) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ import torch
 from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification
 
+from hf_sbp import SelectiveBackpropConfig
+
 
 def tiny_bert_config(num_labels: int = 3, **overrides) -> BertConfig:
     values = dict(
@@ -35,3 +37,13 @@ def collated(dataset: Dataset, rows) -> dict:
     """A batch of `rows` of `dataset` as the default collator would build it."""
     part = dataset.select(list(rows))
     return {key: torch.tensor(part[key]) for key in part.column_names}
+
+
+def make_args(tmp_path, **overrides) -> SelectiveBackpropConfig:
+    """Arguments of a short CPU run into ``tmp_path / "out"`` (3 steps of 8, logging every step, saving nothing)."""
+    values = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    values.update(overrides)
+    return SelectiveBackpropConfig(**values)

@@ -22,7 +22,7 @@ from transformers import DataCollatorWithPadding, PreTrainedModel
 from ..config import WEIGHT_NORMALIZATIONS
 from ..selection import index_rows, per_example_loss
 from ..strategies import strategy_class
-from .common import BenchmarkContext, Data, fixed_batches, load_model, make_trainer
+from .common import BenchmarkContext, Data, fixed_batches, full_batch_step, load_model, make_trainer
 
 TASKS = ("classification", "regression")
 """The tasks of the part: the dataset's own labels, and :func:`regression_data`'s continuous target."""
@@ -214,13 +214,7 @@ def run_task(ctx: BenchmarkContext, data: Data, task: str) -> list[dict[str, Any
             ctx.progress(f"grad-match {task} step {step}/{steps} (full-model rel. error) {summary}")
         if step == steps:
             break
-        model.train()
-        start = (step * bench.batch_size) % max(1, len(train) - bench.batch_size)
-        batch = collate([train[i] for i in range(start, start + bench.batch_size)])
-        batch = {k: v.to(bench.device) for k, v in batch.items()}
-        optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        optimizer.step()
+        full_batch_step(model, train, collate, optimizer, step, bench)
     return rows
 
 

@@ -37,7 +37,7 @@ from transformers import DataCollatorWithPadding, PreTrainedModel
 
 from ..padding import trim_padding
 from ..selection import index_rows
-from .common import FULL_BATCH, BenchmarkContext, Data, load_model, make_trainer, sync
+from .common import FULL_BATCH, BenchmarkContext, Data, full_batch_step, load_model, make_trainer, sync
 from .grad_match import flat_grad
 
 PADDING_STRATEGIES = ("random", "gradmatch", "loss")
@@ -321,13 +321,7 @@ def run_scoring_length(ctx: BenchmarkContext, name: str, data: Data, command: st
             ctx.progress(f"scoring length {name} step {step}: rel. error {summary}; random {random_error:.3f}")
         if step == bench.train_steps:
             break
-        model.train()
-        start = (step * bench.batch_size) % max(1, len(train) - bench.batch_size)
-        batch = collate([train[i] for i in range(start, start + bench.batch_size)])
-        batch = {k: v.to(bench.device) for k, v in batch.items()}
-        optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        optimizer.step()
+        full_batch_step(model, train, collate, optimizer, step, bench)
     for length in SCORING_LENGTHS:
         ctx.progress(
             f"scoring length {name} {length or 'full'}: {statistics.median(scoring[length]) * 1e3:.0f} ms "
