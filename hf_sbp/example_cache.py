@@ -112,12 +112,15 @@ class ExampleStatsCache:
             scaled by ``1/sqrt(p)`` (inner products are then kept in expectation, with relative noise about
             ``1/sqrt(p)``); 0 stores them whole. Either way they are stored in float16.
         seed: the projection's seed.
+        exchanged: whether writes are kept until :meth:`exchange` shares them with the other processes (DDP); a
+            single process keeps nothing beyond the cache itself.
     """
 
-    def __init__(self, num_examples: int, projection_dim: int = 0, seed: int = 0) -> None:
+    def __init__(self, num_examples: int, projection_dim: int = 0, seed: int = 0, exchanged: bool = False) -> None:
         self.num_examples = num_examples
         self.projection_dim = projection_dim
         self.seed = seed
+        self.exchanged = exchanged
         self.projection: torch.Tensor | None = None
         self.losses = self.residuals = self.features = self.epochs = None
         self.head_bias = True
@@ -191,7 +194,8 @@ class ExampleStatsCache:
         )
         self.head_bias = head_bias
         self._apply(update)
-        self._pending.append(update)
+        if self.exchanged:  # without an exchange to empty it, the list would grow with every step
+            self._pending.append(update)
 
     def _apply(self, update: torch.Tensor) -> None:
         update = update[update[:, 0] >= 0]  # rows padded by the exchange have id -1

@@ -79,7 +79,8 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         if self._strategy.uses_example_cache and self.train_dataset is not None:
             check_indexable(self.train_dataset)
             seed = self.sbp_args.sbp_seed if self.sbp_args.sbp_seed is not None else self.args.seed
-            self._cache = ExampleStatsCache(len(self.train_dataset), self.sbp_args.sbp_cache_projection_dim, seed)
+            projection, exchanged = self.sbp_args.sbp_cache_projection_dim, self.args.world_size > 1
+            self._cache = ExampleStatsCache(len(self.train_dataset), projection, seed, exchanged)
 
     def _new_strategy(self) -> None:
         sbp = self.sbp_args

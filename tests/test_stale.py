@@ -238,6 +238,7 @@ def test_cache_unit_behaviour():
     assert stats.features[0].tolist() == [3.0, 4.0, 5.0]
     with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
         cache.write(torch.tensor([10]), 0.0, torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 3))
+    assert cache._pending == [], "a single process keeps no pending writes"
     restored = ExampleStatsCache(10)
     restored.load_state_dict(cache.state_dict())
     assert torch.equal(restored.features, cache.features) and torch.equal(
@@ -249,7 +250,7 @@ def test_cache_unit_behaviour():
 
 def test_exchange_gives_every_process_every_write():
     """Two caches as two processes: after the exchange both hold both processes' writes."""
-    caches = [ExampleStatsCache(6), ExampleStatsCache(6)]
+    caches = [ExampleStatsCache(6, exchanged=True), ExampleStatsCache(6, exchanged=True)]
     caches[0].write(torch.tensor([0, 1]), 1.0, torch.tensor([1.0, 2.0]), torch.zeros(2, 2), torch.ones(2, 3))
     caches[1].write(torch.tensor([4]), 1.0, torch.tensor([5.0]), torch.ones(1, 2), torch.zeros(1, 3))
     pending = [torch.cat(c._pending) for c in caches]
