@@ -284,3 +284,18 @@ def test_with_example_ids_keeps_a_datasets_dataset():
     indexed = with_example_ids(dataset)
     assert isinstance(indexed, Dataset) and indexed[3][EXAMPLE_ID_KEY] == 3
     assert with_example_ids(MapStyle(indexed_rows(5)))[4][EXAMPLE_ID_KEY] == 4
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("sbp_max_staleness", 0, r"sbp_max_staleness=0 is invalid; it must be a finite number > 0"),
+        ("sbp_max_staleness", float("inf"), r"sbp_max_staleness=inf is invalid"),
+        ("sbp_cache_projection_dim", -1, r"sbp_cache_projection_dim=-1 is invalid; it must be an integer >= 0"),
+        ("sbp_scoring_max_length", 0, r"sbp_scoring_max_length=0 is invalid; it must be an integer >= 1"),
+    ],
+)
+def test_bad_cache_and_scoring_settings_are_refused_before_training(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        SelectiveBackpropConfig(output_dir=str(tmp_path / "out"), sbp_strategy="stale-gradmatch", **{option: value})
+    assert not (tmp_path / "out").exists()
