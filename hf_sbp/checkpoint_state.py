@@ -46,7 +46,9 @@ def selection_settings(sbp_args: Any) -> dict[str, Any]:
     from .config import SelectiveBackpropArguments
 
     names = [f.name for f in dataclasses.fields(SelectiveBackpropArguments) if f.name != "sbp_strategy_modules"]
-    return {name: getattr(sbp_args, name) for name in names}
+    settings = {name: getattr(sbp_args, name) for name in names}
+    settings["sbp_keep"] = sbp_args.sbp_effective_keep  # unset means the strategy's default: compare what applies
+    return settings
 
 
 def check_same_settings(state: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:

@@ -52,11 +52,13 @@ class SelectiveBackpropArguments:
             "with @hf_sbp.register_strategy can be named (e.g. --sbp_strategy_modules my_strategies)."
         },
     )
-    sbp_keep: float = field(
-        default=0.5,
+    sbp_keep: float | None = field(
+        default=None,
         metadata={
             "help": "Fraction of each batch to backpropagate, in (0, 1]: k = round(keep * batch size), at least 1. "
-            "For --sbp_loss_variant jiang it is the expected fraction (beta = 1/keep - 1)."
+            "For --sbp_loss_variant jiang it is the expected fraction (beta = 1/keep - 1). Default: 0.5 for the "
+            "strategies that select within batches; the dataset-level ones (infobatch, random-prune) train whole "
+            "batches and accept only 1."
         },
     )
     sbp_start: float = field(
@@ -177,6 +179,22 @@ class SelectiveBackpropArguments:
             "in half precision; 0 stores the head input whole (half precision). >= 0."
         },
     )
+    sbp_prune_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "For infobatch: the probability with which each example whose last loss is below the mean is "
+            "left out of an epoch (the kept ones' losses are weighted 1 / (1 - ratio)); random-prune leaves out as "
+            "many, uniformly. In (0, 1)."
+        },
+    )
+    sbp_prune_anneal: float = field(
+        default=0.125,
+        metadata={
+            "help": "For infobatch and random-prune: the last fraction of training (of max_steps, or of "
+            "num_train_epochs in an epoch-based run) whose epochs visit every example; an epoch is pruned only if "
+            "it starts before it. In [0, 1)."
+        },
+    )
     sbp_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the selection's random draws (offset by the process index); defaults to --seed."},
@@ -191,8 +209,8 @@ class SelectiveBackpropArguments:
         """
         import_strategy_modules(self.sbp_strategy_modules)
         strategy = strategy_class(self.sbp_strategy)
-        if not is_number(self.sbp_keep) or not (0.0 < self.sbp_keep <= 1.0):
-            raise ValueError(f"sbp_keep={self.sbp_keep!r} is invalid; it must be a number in (0, 1].")
+        if self.sbp_keep is not None and (not is_number(self.sbp_keep) or not (0.0 < self.sbp_keep <= 1.0)):
+            raise ValueError(f"sbp_keep={self.sbp_keep!r} is invalid; it must be a number in (0, 1] or None.")
         for name in ("sbp_start", "sbp_end"):
             value = getattr(self, name)
             if not is_number(value) or not (0.0 <= value <= 1.0):
@@ -233,20 +251,53 @@ class SelectiveBackpropArguments:
                 f"sbp_max_staleness={self.sbp_max_staleness!r} is invalid; it must be a finite number > 0."
             )
         check_int_at_least("sbp_cache_projection_dim", self.sbp_cache_projection_dim, 0)
+        if not is_number(self.sbp_prune_ratio) or not (0.0 < self.sbp_prune_ratio < 1.0):
+            raise ValueError(f"sbp_prune_ratio={self.sbp_prune_ratio!r} is invalid; it must be a number in (0, 1).")
+        if not is_number(self.sbp_prune_anneal) or not (0.0 <= self.sbp_prune_anneal < 1.0):
+            raise ValueError(f"sbp_prune_anneal={self.sbp_prune_anneal!r} is invalid; it must be a number in [0, 1).")
+        if strategy.prunes_dataset:
+            self._check_dataset_level(strategy)
         if self.sbp_seed is not None and not (is_int_at_least(self.sbp_seed, 0) and self.sbp_seed < 2**63):
             raise ValueError(f"sbp_seed={self.sbp_seed!r} is invalid; it must be an integer in [0, 2**63) or None.")
         batch = per_device_train_batch_size or getattr(self, "per_device_train_batch_size", None)
         if strategy.selective and is_int_at_least(batch, 1):
-            if subset_size(batch, self.sbp_keep, minimum=0) < 1:
+            if subset_size(batch, self.sbp_effective_keep, minimum=0) < 1:
                 raise ValueError(
                     f"sbp_keep={self.sbp_keep!r} keeps no example of a batch of per_device_train_batch_size={batch} "
                     f"(k = round(keep * batch) = 0); use sbp_keep >= {0.5 / batch:.4g} or a larger batch."
                 )
 
+    def _check_dataset_level(self, strategy: type) -> None:
+        """The per-batch settings a dataset-level strategy (``prunes_dataset``) does not combine with."""
+        name = self.sbp_strategy
+        if self.sbp_keep is not None and self.sbp_keep != 1.0:
+            raise ValueError(
+                f"sbp_keep={self.sbp_keep!r} with sbp_strategy={name!r}: {name} prunes the dataset per epoch and "
+                "trains every row of each batch; it does not also select within batches (its loss weights and a "
+                "per-batch rule's would have to be composed, and a per-batch rule's scoring pass would cost what "
+                "pruning saves). "
+                "Leave sbp_keep unset (or 1.0), or choose a per-batch strategy."
+            )
+        batch_schedule = {"sbp_start": (self.sbp_start, 0.0), "sbp_end": (self.sbp_end, 1.0)}
+        batch_schedule["sbp_interrupt"] = (self.sbp_interrupt, 0)
+        for setting, (value, default) in batch_schedule.items():
+            if value != default:
+                raise ValueError(
+                    f"{setting}={value!r} with sbp_strategy={name!r}: the per-batch selection schedule does not apply "
+                    f"to {name}, which prunes whole epochs; its loss weights must hold on every step of an epoch to "
+                    f"keep the gradient unbiased. Leave {setting} at {default!r}; sbp_prune_anneal sets which part of "
+                    "training is not pruned."
+                )
+
+    @property
+    def sbp_effective_keep(self) -> float:
+        """``sbp_keep``, or the strategy's ``default_keep`` (0.5; 1.0 for a dataset-level strategy) when unset."""
+        return self.sbp_keep if self.sbp_keep is not None else self.strategy_class().default_keep
+
     @property
     def sbp_effective_loss_beta(self) -> float:
         """Jiang's beta: ``sbp_loss_beta`` or ``1/keep - 1``."""
-        return self.sbp_loss_beta if self.sbp_loss_beta is not None else 1.0 / self.sbp_keep - 1.0
+        return self.sbp_loss_beta if self.sbp_loss_beta is not None else 1.0 / self.sbp_effective_keep - 1.0
 
     def strategy_class(self) -> type:
         """The :class:`~hf_sbp.strategies.SelectionStrategy` subclass that ``sbp_strategy`` names."""

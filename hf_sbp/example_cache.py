@@ -1,4 +1,4 @@
-"""Example identity and the per-example statistics cache of the ``stale-*`` strategies.
+"""Example identity and the per-example statistics cache of the ``stale-*`` and dataset-level strategies.
 
 Every training row carries its dataset index (:data:`EXAMPLE_ID_KEY`) from the sampler through
 ``remove_unused_columns`` and the collator to the trainer, which strips it before the model sees the batch.
@@ -9,7 +9,8 @@ extra forward pass.
 
 Memory: ``4 (loss) + 4 C (residual) + 2 p (head input, float16) + 4 (epoch)`` bytes per example, with ``C`` the
 number of labels and ``p`` the head's input size (or ``sbp_cache_projection_dim``): 784 bytes for a 384-dim head
-and 2 labels, 78 MB for 100,000 examples; 80 bytes (8 MB) projected to 32 dimensions.
+and 2 labels, 78 MB for 100,000 examples; 80 bytes (8 MB) projected to 32 dimensions. The dataset-level strategies
+(``infobatch``, ``random-prune``) read losses alone: 8 bytes per example (``gradients=False``).
 """
 
 from __future__ import annotations
@@ -114,13 +115,23 @@ class ExampleStatsCache:
         seed: the projection's seed.
         exchanged: whether writes are kept until :meth:`exchange` shares them with the other processes (DDP); a
             single process keeps nothing beyond the cache itself.
+        gradients: whether to keep the head residuals and inputs; without them the cache records each example's
+            loss and epoch alone (8 bytes per example), all that a dataset-level strategy reads.
     """
 
-    def __init__(self, num_examples: int, projection_dim: int = 0, seed: int = 0, exchanged: bool = False) -> None:
+    def __init__(
+        self,
+        num_examples: int,
+        projection_dim: int = 0,
+        seed: int = 0,
+        exchanged: bool = False,
+        gradients: bool = True,
+    ) -> None:
         self.num_examples = num_examples
         self.projection_dim = projection_dim
         self.seed = seed
         self.exchanged = exchanged
+        self.gradients = gradients
         self.projection: torch.Tensor | None = None
         self.losses = self.residuals = self.features = self.epochs = None
         self.head_bias = True
@@ -138,8 +149,10 @@ class ExampleStatsCache:
         return 4 + 4 * self.residuals.shape[1] + 2 * self.features.shape[1] + 4
 
     def _allocate(self, num_outputs: int, feature_dim: int) -> None:
+        if not self.gradients:
+            num_outputs = feature_dim = 0
         stored = feature_dim
-        if self.projection_dim > 0:
+        if self.projection_dim > 0 and self.gradients:
             generator = torch.Generator().manual_seed(self.seed)
             self.projection = torch.randn(feature_dim, self.projection_dim, generator=generator) / math.sqrt(
                 self.projection_dim
@@ -180,6 +193,8 @@ class ExampleStatsCache:
         features = features.detach().float().cpu()
         if not self.allocated:
             self._allocate(residuals.shape[-1], features.shape[-1])
+        if not self.gradients:
+            residuals, features = residuals.new_zeros(ids.numel(), 0), features.new_zeros(ids.numel(), 0)
         if self.projection is not None:
             features = features @ self.projection
         update = torch.cat(
@@ -233,15 +248,27 @@ class ExampleStatsCache:
         age = torch.where(torch.isnan(age), torch.full_like(age, math.inf), age)
         return CachedStats(self.losses[ids], self.residuals[ids], self.features[ids].float(), age, self.head_bias)
 
+    def loss_record(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(losses, seen)``: every example's last recorded loss (0 where never seen) and whether it was seen."""
+        if not self.allocated:
+            return torch.zeros(self.num_examples), torch.zeros(self.num_examples, dtype=torch.bool)
+        return self.losses.clone(), ~torch.isnan(self.epochs)
+
     def state_dict(self) -> dict[str, Any]:
         """The whole cache (tensors and numbers only, for ``torch.load(weights_only=True)``)."""
         state: dict[str, Any] = {"num_examples": self.num_examples, "projection_dim": self.projection_dim}
+        state["gradients"] = self.gradients
         if self.allocated:
             state.update(losses=self.losses, residuals=self.residuals, features=self.features, epochs=self.epochs)
             state.update(head_bias=self.head_bias, projection=self.projection)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("gradients", True) != self.gradients:
+            raise ValueError(
+                f"the checkpoint's statistics cache {'keeps' if state.get('gradients', True) else 'does not keep'} "
+                "last-layer gradients and this run's does the opposite; resume with the checkpoint's strategy."
+            )
         if state["num_examples"] != self.num_examples or state["projection_dim"] != self.projection_dim:
             raise ValueError(
                 f"the checkpoint's statistics cache holds {state['num_examples']} examples (projection dim "

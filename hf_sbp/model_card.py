@@ -242,6 +242,8 @@ SETTING_TITLES = {
     "sbp_scoring_max_length": "tokens per row in the scoring pass",
     "sbp_max_staleness": "cached statistics used while younger than (epochs)",
     "sbp_cache_projection_dim": "cached head inputs projected to (0: whole)",
+    "sbp_prune_ratio": "chance an example with a below-mean loss is left out of an epoch",
+    "sbp_prune_anneal": "last fraction of training not pruned",
 }
 """Readable names of the ``sbp_*`` settings in the card; a setting without one is shown by its field name."""
 
@@ -250,8 +252,8 @@ _OWN_ROWS = ("sbp_strategy", "sbp_start", "sbp_end", "sbp_interrupt", "sbp_seed"
 
 
 _TRAINER_SETTINGS = {
-    "sbp_keep": lambda strategy: strategy.selective,
-    "sbp_trim_padding": lambda strategy: strategy.selective,
+    "sbp_keep": lambda strategy: strategy.selective and not strategy.prunes_dataset,
+    "sbp_trim_padding": lambda strategy: strategy.selective and not strategy.prunes_dataset,
     "sbp_scoring_max_length": lambda strategy: strategy.needs_scoring,
 }
 """Settings the trainer applies for every strategy that selects (or scores), rather than ones strategies read."""
@@ -269,7 +271,8 @@ def _settings_section(
     args, seed: int, head_name: str | None, label_noise: Any, label_noise_flipped: Any, n_train: Any
 ) -> str:
     strategy = args.sbp_strategy
-    selective = ", ".join(name for name in registered_strategies() if strategy_class(name).selective)
+    per_batch = [name for name in registered_strategies() if _selects_within_batches(strategy_class(name))]
+    selective = ", ".join(per_batch)
     interrupt = args.sbp_interrupt
     schedule = (
         f"selection active for training fractions [{format_number(args.sbp_start)}, {format_number(args.sbp_end)})"
@@ -285,6 +288,7 @@ def _settings_section(
                 noise += f" of {int(n_train)}"
         noise += " (seeded by `seed`; evaluation labels untouched)"
     shown = {"sbp_head_module": head_name or "auto", "sbp_loss_beta": args.sbp_effective_loss_beta}
+    shown["sbp_keep"] = args.sbp_effective_keep
     rows = [
         ("strategy (`sbp_strategy`)", strategy, "all"),
         ("schedule (`sbp_start`, `sbp_end`, `sbp_interrupt`)", schedule, selective),
@@ -308,6 +312,13 @@ def _how_trained(args) -> str:
     if not strategy.selective:
         name = args.sbp_strategy
         return f"with `sbp_strategy {name}`, every training batch was backpropagated in full, as with `Trainer`."
+    if strategy.prunes_dataset:
+        return (
+            f"`{args.sbp_strategy}` pruned the training set per epoch, from each example's loss as recorded by the "
+            "last forward pass that saw it: every epoch before the last `sbp_prune_anneal` of training left out part "
+            "of the examples (none in the first epoch, before any loss was recorded), and every row of each batch it "
+            "visited was backpropagated, with the epoch's loss weights."
+        )
     if strategy.uses_example_cache:
         return (
             "the rows of each training batch whose statistics, cached from the last forward pass that saw them, "
@@ -323,6 +334,29 @@ def _how_trained(args) -> str:
     return (
         f"only a subset of each training batch, chosen by `{args.sbp_strategy}` without a scoring pass, was "
         "backpropagated."
+    )
+
+
+def _selects_within_batches(strategy: type) -> bool:
+    return strategy.selective and not strategy.prunes_dataset
+
+
+def _pruning_section(log_history: Sequence[Mapping[str, Any]]) -> str:
+    """The epochs of a dataset-level strategy's run, from the entry each logged as it started."""
+    epochs = [entry for entry in log_history if sm.EPOCH_EXAMPLES in entry and sm.EPOCH_PRUNED in entry]
+    if not epochs:
+        return ""
+    rows = [
+        (number, entry.get("step", "-"), entry[sm.EPOCH_EXAMPLES], entry[sm.EPOCH_PRUNED], entry[sm.PRUNED_FRACTION])
+        for number, entry in enumerate(epochs, 1)
+    ]
+    visited = sum(int(entry[sm.EPOCH_EXAMPLES]) for entry in epochs)
+    total = visited + sum(int(entry[sm.EPOCH_PRUNED]) for entry in epochs)
+    return (
+        f"\n\n**Dataset pruning.** The {len(epochs)} epochs planned to visit {visited} of the {total} examples an "
+        f"unpruned run would visit ({format_number(1 - visited / total)} left out; a run that stops at `max_steps` "
+        "may end part-way through its last epoch):\n\n"
+        + markdown_table(["epoch", "started at step", "examples visited", "left out", "share left out"], rows)
     )
 
 
@@ -357,7 +391,7 @@ def _statistics_section(args, log_history, backprop_examples: Any) -> str:
     return (
         scope + "\n\n" + table + "\n\nThe gradient-match error is the relative error "
         "of the subset's weighted last-layer gradient against the batch's mean gradient "
-        "(`||sum_S w_i g_i / sum_S w_i - mean g|| / ||mean g||`)."
+        "(`||sum_S w_i g_i / sum_S w_i - mean g|| / ||mean g||`)." + _pruning_section(log_history)
     )
 
 
@@ -514,7 +548,7 @@ def render_model_card(
 
     hyperparameters = extract_hyperparameters_from_trainer(trainer)
     hyper_text = "\n".join(f"- {key}: {value}" for key, value in hyperparameters.items())
-    hyper_text += f"\n- sbp_strategy: {sbp.sbp_strategy}\n- sbp_keep: {sbp.sbp_keep}"
+    hyper_text += f"\n- sbp_strategy: {sbp.sbp_strategy}\n- sbp_keep: {sbp.sbp_effective_keep}"
     _, eval_lines, _ = parse_log_history(log_history)
     training_results = make_markdown_table(eval_lines).strip() if eval_lines else "No evaluation during training."
 

@@ -50,6 +50,14 @@ METRICS: dict[str, str] = {
 
 KEYS = tuple(METRICS)
 
+PRUNED_FRACTION = "sbp/pruned_fraction"
+"""Dataset-level strategies, logged once per epoch as it starts: the share of the training set it leaves out; over
+the whole run (``train_sbp/pruned_fraction``): examples left out / (epochs x training set)."""
+EPOCH_EXAMPLES = "sbp/epoch_examples"
+"""Logged once per epoch as it starts: the examples it visits; over the whole run, the examples all epochs visited."""
+EPOCH_PRUNED = "sbp/epoch_pruned"
+"""Logged once per epoch as it starts: the examples it leaves out; over the whole run, their sum."""
+
 
 def run_key(key: str) -> str:
     """The name of ``key``'s whole-run value in the training summary (``train_sbp/...``)."""

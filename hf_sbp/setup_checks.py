@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .epoch_pruning import check_trainer_hooks
 from .example_cache import check_indexable
 from .head import HEAD_OVERRIDE_OPTION, HeadNotFoundError, head_candidates, named_head, no_grad_outputs
 from .selection import infer_problem_type
@@ -132,6 +133,8 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
         )
     if strategy.uses_example_cache and trainer.train_dataset is not None:
         check_indexable(trainer.train_dataset)
+    if strategy.prunes_dataset:
+        check_epoch_pruning(trainer)
     if not trainer.needs_example_losses:
         return  # the subset trains with the model's own loss: any model whose batches have rows will do
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -141,10 +144,11 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
             f"label_smoothing_factor={args.label_smoothing_factor} applies to single-label classification "
             f"only, but the model's problem_type is {config.problem_type!r}."
         )
-    if trainer.runs_scoring_pass and args.n_gpu > 1:
+    if (trainer.runs_scoring_pass or strategy.uses_example_cache) and args.n_gpu > 1:
         raise ValueError(
             f"sbp_strategy={sbp.sbp_strategy!r} does not support single-process multi-GPU training "
-            f"(torch.nn.DataParallel over n_gpu={args.n_gpu} GPUs): the scoring pass's head capture needs "
+            f"(torch.nn.DataParallel over n_gpu={args.n_gpu} GPUs): the head capture (of the scoring pass, or of the "
+            "training forward that records per-example statistics) needs "
             "one replica per process. Launch one process per GPU with `torchrun` or `accelerate launch`, or "
             "make one GPU visible (CUDA_VISIBLE_DEVICES)."
         )
@@ -166,6 +170,33 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
             )
     check_label_column(trainer.train_dataset, config)
     probe_first_batch(trainer, config)
+
+
+def check_epoch_pruning(trainer: SelectiveBackpropTrainer) -> None:
+    """Raise, when the trainer is built, for set-ups that a dataset-level strategy (``prunes_dataset``) cannot serve:
+    a ``transformers`` without the loop hooks it needs, another training sampler, or a user-given learning-rate
+    scheduler that cannot follow epochs of varying length."""
+    args, name = trainer.args, trainer.sbp_args.sbp_strategy
+    check_trainer_hooks(name)
+    sampling = getattr(args, "train_sampling_strategy", None)
+    if sampling not in (None, "random") or getattr(args, "group_by_length", False):
+        value = f"train_sampling_strategy={sampling!r}" if sampling not in (None, "random") else "group_by_length=True"
+        raise ValueError(
+            f"{value} with sbp_strategy={name!r}: {name} chooses each epoch's examples and order with its own "
+            "sampler, so it cannot also group or rebalance batches by length. Use the default random sampling."
+        )
+    scheduler = trainer.lr_scheduler
+    step_based = scheduler is not None and not isinstance(
+        scheduler, (torch.optim.lr_scheduler.LambdaLR, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    )
+    if step_based and args.max_steps <= 0:
+        raise ValueError(
+            f"the learning-rate scheduler given to the trainer ({type(scheduler).__name__}) counts optimizer steps, "
+            f"and with sbp_strategy={name!r} an epoch-based run (num_train_epochs={args.num_train_epochs}, max_steps "
+            "<= 0) has epochs of varying, not yet known length, so its schedule would not end with training. Give a "
+            "LambdaLR (the trainer makes it follow the epochs), let the trainer build the scheduler "
+            "(lr_scheduler_type), or set max_steps."
+        )
 
 
 def check_label_column(dataset: Any, config) -> None:

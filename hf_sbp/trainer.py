@@ -16,13 +16,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 from . import checkpoint_state, head, setup_checks
 from ._utils import all_finite, synchronize
 from .config import SelectiveBackpropArguments
+from .epoch_pruning import EpochPruningMixin
 from .example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, check_indexable, with_example_ids
 from .head import HeadCapture, HeadScores
 from .model_card import MODEL_TAGS, ModelCardMixin
 from .padding import trim_padding, truncate_for_scoring
 from .schedule import selection_active
 from .selection import gradient_match_error, index_rows, subset_size
-from .selection_metrics import SelectionMetrics, SelectionRecord, run_key
+from .selection_metrics import EPOCH_EXAMPLES, EPOCH_PRUNED, PRUNED_FRACTION, SelectionMetrics, SelectionRecord, run_key
 from .setup_checks import batch_labels, checked_selection
 from .strategies import SelectionBatch, SelectionStrategy
 from .subset_loss import SubsetStep, example_losses, subset_num_items, verify_model_loss, weighted_subset_loss
@@ -30,14 +31,16 @@ from .subset_loss import SubsetStep, example_losses, subset_num_items, verify_mo
 logger = logging.getLogger(__name__)
 
 
-class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgumentsMixin, Trainer):
+class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgumentsMixin, EpochPruningMixin, Trainer):
     """A ``transformers.Trainer`` that runs forward + backward on a selected subset of each batch.
 
     Per training batch, for a strategy that ``needs_scoring`` (``gradmatch``, ``loss``): one forward pass without
     autograd over the whole batch (the scoring pass, in eval mode so dropout does not perturb the scores) captures
     the classification head's input with a hook; the strategy picks rows and weights; the ordinary forward and
     backward run on those rows only. ``random`` skips the scoring pass: exactly the cost of a smaller batch.
-    ``none`` is the plain ``Trainer``. Any strategy registered with :func:`hf_sbp.register_strategy` can be named.
+    ``none`` is the plain ``Trainer``. A dataset-level strategy (``infobatch``, ``random-prune``) instead plans each
+    epoch, which then visits part of the training set with per-example loss weights (see
+    :mod:`hf_sbp.epoch_pruning`). Any strategy registered with :func:`hf_sbp.register_strategy` can be named.
 
     The subset's forward and backward are ``Trainer.training_step`` on the subset's rows, so its loss goes through
     ``compute_loss`` (an override, ``compute_loss_func`` and label smoothing included) and is normalised as
@@ -62,6 +65,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             self.model.add_model_tags(self._tag_names)
         self._default_sbp_args = SelectiveBackpropArguments()
         self._new_strategy()
+        self._new_pruning_history()
         self._step: SubsetStep | None = None
         self._loss_verified = False
         self._last_selection: SelectionRecord | None = None
@@ -80,7 +84,8 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             check_indexable(self.train_dataset)
             seed = self.sbp_args.sbp_seed if self.sbp_args.sbp_seed is not None else self.args.seed
             projection, exchanged = self.sbp_args.sbp_cache_projection_dim, self.args.world_size > 1
-            self._cache = ExampleStatsCache(len(self.train_dataset), projection, seed, exchanged)
+            gradients = self._strategy.caches_gradients
+            self._cache = ExampleStatsCache(len(self.train_dataset), projection, seed, exchanged, gradients)
 
     def _new_strategy(self) -> None:
         sbp = self.sbp_args
@@ -206,9 +211,11 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         if not (self._strategy.selective and active):
             record = SelectionRecord(n, n, scored=False, selective=False, problem_type=problem_type)
             return torch.arange(n), torch.ones(n), record
-        k = subset_size(n, self.sbp_args.sbp_keep)
+        k = subset_size(n, self.sbp_args.sbp_effective_keep)
         batch = self._batch(labels, problem_type)
         rows = self._rows_to_score(batch, ids)
+        if self._strategy.prunes_dataset:
+            batch.epoch_weights = self._epoch_weights(batch.example_ids)
         record = SelectionRecord(n, k, rows.numel() > 0, problem_type=problem_type, scored_rows=rows.numel())
         record.scoring_strategy = self._strategy.needs_scoring
         usable = True
@@ -282,6 +289,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self._metrics.reset()
         self.sbp_backprop_examples = 0
         self._new_cache()
+        self._new_pruning_history()
         last = resume_from_checkpoint is True
         checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
         if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
@@ -306,7 +314,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         inputs = self._prepare_inputs(inputs)
         labels = batch_labels(inputs, self.label_key)
         n, sbp = labels.shape[0], self.sbp_args
-        active = selection_active(
+        active = self._strategy.prunes_dataset or selection_active(
             self.state.global_step, self.state.max_steps or 0, sbp.sbp_start, sbp.sbp_end, sbp.sbp_interrupt
         )
         indices, weights, record = self._select(model, inputs, ids, active)
@@ -404,6 +412,10 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
                 logs = {**logs, **self._reduced_metrics()}
             elif "train_runtime" in logs:
                 logs.update({run_key(key): value for key, value in self._reduced_metrics(True).items()})
+                if self._strategy.prunes_dataset and self._pruning.epochs:
+                    history = self._pruning
+                    logs[run_key(PRUNED_FRACTION)] = history.pruned / (history.pruned + history.visited)
+                    logs[run_key(EPOCH_EXAMPLES)], logs[run_key(EPOCH_PRUNED)] = history.visited, history.pruned
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -417,6 +429,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             state.update(strategy_state=self._strategy.state_dict(), head_name=self._head_name)
             state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
             state.update(example_cache=self._cache.state_dict() if self._cache is not None else None)
+            state.update(pruning=self._pruning.state_dict() if self._strategy.prunes_dataset else None)
             checkpoint_state.save_selection_state(folder, self.args.process_index, state)
         super()._save_checkpoint(model, trial)
 
@@ -431,3 +444,5 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             self._head_name = self._head_name or state["head_name"]
             if self._cache is not None and state.get("example_cache") is not None:
                 self._cache.load_state_dict(state["example_cache"])
+            if self._strategy.prunes_dataset and state.get("pruning") is not None:
+                self._pruning.load_state_dict(state["pruning"])

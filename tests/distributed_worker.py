@@ -10,6 +10,9 @@ subset), plus a digest of the final parameters and the trainer's log history.
 ``stale-gradmatch`` trains two epochs (half the rows): the second must select from the statistics cached in the
 first, those of the rows the other rank saw included (the caches are exchanged), with no scoring pass.
 
+``infobatch`` trains three epochs (``num_train_epochs``) over ``2 x world x batch`` rows: the epochs after the first
+are pruned from losses both ranks recorded, so the ranks must agree on each epoch's plan (recorded at every step).
+
 Rank 1 also gets NaN logits in the scoring pass of step ``NAN_STEP`` (gradmatch only), so that one
 process falls back to its full batch while the other selects: the collectives must still line up.
 """
@@ -94,13 +97,15 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         model.classifier.register_forward_hook(nan_logits)
     # loss: Composer's rule, with a full-batch step every third step (the same step on every rank).
     extra = {"sbp_loss_variant": "composer", "sbp_interrupt": 3} if strategy == "loss" else {}
+    extra["max_steps"] = STEPS
+    if strategy == "infobatch":
+        extra = {"num_train_epochs": 3, "max_steps": -1}
     initial = digest(model)
     args = SelectiveBackpropConfig(
         output_dir=os.path.join(out, f"run_{strategy}"),
         sbp_strategy=strategy,
-        sbp_keep=KEEP,
+        sbp_keep=None if strategy == "infobatch" else KEEP,
         per_device_train_batch_size=PER_DEVICE_BATCH,
-        max_steps=STEPS,
         learning_rate=1e-3,
         logging_steps=1,
         save_strategy="no",
@@ -111,7 +116,7 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         **extra,
     )
     # stale-gradmatch: two epochs of STEPS / 2 steps each.
-    examples = PER_DEVICE_BATCH * world_size * STEPS // (2 if strategy == "stale-gradmatch" else 1)
+    examples = PER_DEVICE_BATCH * world_size * STEPS // (2 if strategy in ("stale-gradmatch", "infobatch") else 1)
     trainer = SelectiveBackpropTrainer(
         model=model,
         args=args,
@@ -128,6 +133,16 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         return original(model, inputs, num_items_in_batch)
 
     trainer.training_step = training_step
+    plans: list[dict] = []
+
+    class PlanRecorder(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            history = trainer.pruning_history
+            if history is not None and history.current is not None:
+                plans.append({"step": state.global_step, "epoch": history.current.epoch,
+                              "order": history.current.order.tolist()})  # fmt: skip
+
+    trainer.add_callback(PlanRecorder())
     trainer.train()
     handle.remove()
     result = {
@@ -140,6 +155,7 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         "log_history": trainer.state.log_history,
         "backprop_examples": trainer.sbp_backprop_examples,
         "global_step": trainer.state.global_step,
+        "plans": plans,
     }
     cache = trainer._cache
     if cache is not None:

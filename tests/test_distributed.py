@@ -46,7 +46,7 @@ def launch(launcher: list[str], out: Path, strategies: list[str]) -> dict[tuple[
 def results(tmp_path_factory):
     """One torchrun launch, both strategies."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
-    return launch(torchrun, tmp_path_factory.mktemp("torchrun"), ["gradmatch", "loss", "stale-gradmatch"])
+    return launch(torchrun, tmp_path_factory.mktemp("torchrun"), ["gradmatch", "loss", "stale-gradmatch", "infobatch"])
 
 
 def passes_by_step(calls: list[dict]) -> dict[int, list[dict]]:
@@ -161,6 +161,28 @@ def test_stale_statistics_are_shared_across_ranks(results):
     # The exchange mattered: some row a rank selects from in the second epoch was scored by the other rank.
     assert set(seen_by_rank[0][1]) - set(seen_by_rank[0][0]) or set(seen_by_rank[1][1]) - set(seen_by_rank[1][0])
     assert len({results["stale-gradmatch", rank]["param_digest"] for rank in range(WORLD)}) == 1
+
+
+def test_ranks_agree_on_each_pruned_epoch_and_visit_it_together(results):
+    """infobatch under DDP: both ranks hold the same plan at every step (drawn from losses both recorded, with a
+    generator that depends only on the seed and the epoch), the rows they train on in an epoch are that plan's
+    examples, and the pruned epochs are shorter."""
+    plans = [results["infobatch", rank]["plans"] for rank in range(WORLD)]
+    assert plans[0] == plans[1] and plans[0]
+    orders = {plan["epoch"]: plan["order"] for plan in plans[0]}
+    assert sorted(orders) == [0, 1, 2]
+    examples = WORLD * BATCH * STEPS // 2
+    assert sorted(orders[0]) == list(range(examples))
+    assert len(orders[1]) < examples or len(orders[2]) < examples, "nothing was pruned"
+    epoch_of_step = {plan["step"]: plan["epoch"] for plan in plans[0]}
+    trained: dict[int, set[int]] = {0: set(), 1: set(), 2: set()}
+    for rank in range(WORLD):
+        for step, passes in passes_by_step(results["infobatch", rank]["calls"]).items():
+            _, rows = split_passes(passes)
+            trained[epoch_of_step[step]].update(row - 1 for row in rows)
+    for epoch, order in orders.items():
+        assert trained[epoch] == set(order)
+    assert len({results["infobatch", rank]["param_digest"] for rank in range(WORLD)}) == 1
 
 
 def test_accelerate_launch(tmp_path):

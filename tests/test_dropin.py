@@ -163,7 +163,7 @@ def test_training_arguments_subclasses_are_kept_and_train_like_trainer(tmp_path,
         assert trainer.args is args
         if trainer_cls is SelectiveBackpropTrainer:
             # Without sbp_* fields the arguments mean the documented defaults: gradmatch at keep 0.5.
-            assert trainer.sbp_args.sbp_strategy == "gradmatch" and trainer.sbp_args.sbp_keep == 0.5
+            assert trainer.sbp_args.sbp_strategy == "gradmatch" and trainer.sbp_args.sbp_effective_keep == 0.5
             trainer.sbp_args.sbp_strategy = "none"
         trainer.train()
         results.append(state(trainer.model))

@@ -103,6 +103,12 @@ CASES = {
     # Stopped in the second epoch, where the selection reads the per-example cache of the first.
     "stale-gradmatch": ({"sbp_strategy": "stale-gradmatch", "sbp_max_staleness": 1.5}, 8),
     "stale-loss-accumulation": ({"sbp_strategy": "stale-loss", "gradient_accumulation_steps": 2}, 4),
+    # Dataset-level pruning: stopped inside the pruned second epoch (its plan must be the saved one, since the losses
+    # changed after it was drawn), at the first epoch's end, with accumulation, and in a max_steps run of 3 epochs.
+    "infobatch": ({"sbp_strategy": "infobatch"}, 8),
+    "infobatch-epoch-boundary": ({"sbp_strategy": "infobatch"}, 6),
+    "random-prune-accumulation": ({"sbp_strategy": "random-prune", "gradient_accumulation_steps": 4}, 3),
+    "infobatch-max-steps": ({"sbp_strategy": "infobatch", "max_steps": 14}, 11),
 }
 
 
@@ -120,6 +126,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, case):
     assert resumed.sbp_backprop_examples == reference.sbp_backprop_examples
     assert torch.equal(resumed.selection_generator.get_state(), reference.selection_generator.get_state())
     assert resumed.strategy.state_dict() == reference.strategy.state_dict()
+    if reference.pruning_history is not None:
+        assert resumed.pruning_history.epochs == reference.pruning_history.epochs
+        assert len(reference.pruning_history.epochs) >= 2 and reference.pruning_history.pruned > 0
     if options["sbp_strategy"] != "none":
         # The selection metrics of the steps after the interruption match the reference's.
         fractions = [
@@ -131,7 +140,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, case):
         assert resumed_fractions == fractions[-len(resumed_fractions) :]
 
 
-@pytest.mark.parametrize("case", ["random", "loss-jiang", "stale-gradmatch"])
+@pytest.mark.parametrize("case", ["random", "loss-jiang", "stale-gradmatch", "infobatch"])
 def test_without_selection_state_the_resumed_run_differs(tmp_path, case, caplog):
     """Negative control: the state in ``sbp_state_rank0.pt`` is what makes the resume exact. Without it
     the selection's generator restarts from its seed (and Jiang's loss history is empty), the resumed

@@ -385,3 +385,48 @@ def test_a_cached_strategy_is_calibrated_after_its_first_epoch(tmp_path, tiny_fi
     assert stale["planned_steps"] == expected
     # After the first epoch rows are scored only when stale: fewer than one scored row per row of the batches.
     assert stale["scoring_forward_examples"] < stale["steps"] * 8
+
+
+# ---- dataset-level strategies -----------------------------------------------------------------------
+
+
+def test_runs_to_make_brings_every_keeps_random_subset_and_random_prune_beside_a_pruning_run():
+    cell = ("d", 0.0, 0)
+    grid = common.strategy_grid(["random", "gradmatch", "infobatch", "random-prune"], [0.5, 0.25])
+    assert grid[-2:] == [("infobatch", 1.0), ("random-prune", 1.0)]  # whole batches, once
+    everything = recorded(*grid)
+    assert tta.runs_to_make(everything, cell, grid) == []
+    without_infobatch = [r for r in everything if r["strategy"] != "infobatch"]
+    assert tta.runs_to_make(without_infobatch, cell, grid) == [
+        ("none", 1.0), ("random", 0.5), ("random", 0.25), ("infobatch", 1.0), ("random-prune", 1.0),
+    ]  # fmt: skip
+
+
+def test_report_compares_a_pruning_strategy_with_every_baseline_of_its_sitting(tmp_path):
+    rows = []
+    for seed, (full, random, infobatch, prune) in enumerate([(50, 30, 20, 40), (60, 40, 25, 45), (55, 35, 22, None)]):
+        rows += [tta_row("none", seed, full, "A"), tta_row("random", seed, random, "A")]
+        rows.append(tta_row("infobatch", seed, infobatch, "A", keep=1.0))
+        rows.append(tta_row("random-prune", seed, prune, "A", keep=1.0))
+    table = {e["strategy"]: e for e in tta.comparison_table(rows)}
+    assert set(table) == {"none", "random", "infobatch", "random-prune"} and table["infobatch"]["keep"] == 0.5
+    assert table["infobatch"]["vs_random"] == pytest.approx(22 / 35)
+    assert table["infobatch"]["vs_full_batch"] == pytest.approx(22 / 55)
+    assert table["infobatch"]["vs_random_prune"] == pytest.approx(22 / 45)  # random-prune: 40, 45, never
+    assert math.isnan(table["random"]["vs_random_prune"])
+    common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, rows)
+    text = open(report.write_report(str(tmp_path))).read()
+    assert "| d | 0.0 | 0.5 | infobatch | 3/3 | 22.0 | 0.63x | 0.40x | 0.49x |" in text
+    assert "- **d, noise 0.0, keep 0.5**: infobatch (0.63x, 0.40x, 0.49x)" in text
+
+
+def test_a_pruning_strategy_runs_the_full_batchs_epochs_without_calibration(tmp_path, tiny_files):
+    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "infobatch"))
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "time_to_accuracy.json").read_text())["rows"]}
+    infobatch, full = rows["infobatch"], rows["none"]
+    assert (infobatch["keep"], infobatch["schedule"], full["schedule"]) == (1.0, "epochs", "steps")
+    assert infobatch["calibration_s"] == 0.0 and infobatch["warmup_steps"] == full["warmup_steps"]
+    # 3 epochs of 32 examples, the first whole (4 steps), the others pruned: fewer steps than the full batch's 12.
+    assert infobatch["steps"] == infobatch["planned_steps"] and 4 + 2 <= infobatch["steps"] <= 12
+    assert infobatch["backprop_examples"] == round(96 * (1 - infobatch["pruned_fraction"]))
+    assert full["pruned_fraction"] is None

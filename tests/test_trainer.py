@@ -39,7 +39,7 @@ def test_plain_training_arguments_mean_the_selective_backprop_defaults(tmp_path)
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, report_to="none", use_cpu=True)
     trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
     assert trainer.args is args  # kept, as Trainer keeps it
-    assert trainer.sbp_args.sbp_strategy == "gradmatch" and trainer.sbp_args.sbp_keep == 0.5
+    assert trainer.sbp_args.sbp_strategy == "gradmatch" and trainer.sbp_args.sbp_effective_keep == 0.5
     assert trainer.args.learning_rate == 3e-4
     assert {"hf_sbp", "selective-backprop"} <= set(trainer.model.model_tags)
 

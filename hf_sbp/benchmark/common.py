@@ -35,6 +35,8 @@ FULL_BATCH = "none"
 BUDGET_STRATEGY = "random"
 """The uniformly random subset: a smaller batch at no selection cost, whose training time sets the equal
 wall-clock budget of the training comparison."""
+PRUNING_BASELINE = "random-prune"
+"""The baseline of the dataset-level strategies: as many examples left out per epoch, uniformly at random."""
 OVERHEAD_STRATEGY = "gradmatch"
 PEFT_MODES = ("none", "lora")
 """``--peft`` values: full fine-tuning, or LoRA on the attention projections (throughput part only)."""
@@ -67,6 +69,18 @@ def parse_strategies(text: str, option: str = "--strategies") -> list[str]:
     return names
 
 
+def prunes_dataset(name: str) -> bool:
+    """Whether ``name`` is a dataset-level strategy (``infobatch``, ``random-prune``); ``False`` for a name that is not
+    registered (results of a strategy whose module is not imported)."""
+    return name in registered_strategies() and strategy_class(name).prunes_dataset
+
+
+def per_batch(names: Iterable[str]) -> list[str]:
+    """The strategies of ``names`` that select within batches: the ones the per-step parts (throughput, grad-match,
+    training, padding) measure; a dataset-level strategy's step is the full batch's."""
+    return [name for name in names if not prunes_dataset(name)]
+
+
 def strategy_order(names: Iterable[str]) -> list[str]:
     """``names`` without repeats, in registration order; names not registered (results of a strategy whose module
     is not imported) follow, alphabetically."""
@@ -75,8 +89,10 @@ def strategy_order(names: Iterable[str]) -> list[str]:
 
 
 def strategy_grid(strategies: list[str], keeps: list[float]) -> list[tuple[str, float]]:
-    """The full-batch baseline, then every (strategy, keep) pair, keep by keep."""
-    return [(FULL_BATCH, 1.0)] + [(strategy, keep) for keep in keeps for strategy in strategies]
+    """The full-batch baseline, then every (strategy, keep) pair of the per-batch strategies, keep by keep, then the
+    dataset-level strategies at keep 1.0 (they train whole batches)."""
+    batch = [(strategy, keep) for keep in keeps for strategy in per_batch(strategies)]
+    return [(FULL_BATCH, 1.0)] + batch + [(strategy, 1.0) for strategy in strategies if prunes_dataset(strategy)]
 
 
 def _split_list(text: str) -> list[str]:

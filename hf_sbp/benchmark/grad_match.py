@@ -22,7 +22,7 @@ from transformers import DataCollatorWithPadding, PreTrainedModel
 from ..config import WEIGHT_NORMALIZATIONS
 from ..selection import index_rows, per_example_loss
 from ..strategies import strategy_class
-from .common import BenchmarkContext, Data, fixed_batches, full_batch_step, load_model, make_trainer
+from .common import BenchmarkContext, Data, fixed_batches, full_batch_step, load_model, make_trainer, per_batch
 
 TASKS = ("classification", "regression")
 """The tasks of the part: the dataset's own labels, and :func:`regression_data`'s continuous target."""
@@ -149,7 +149,7 @@ def run_task(ctx: BenchmarkContext, data: Data, task: str) -> list[dict[str, Any
     )
     collate = DataCollatorWithPadding(ctx.tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bench.learning_rate)
-    pairs = measured_strategies(bench.strategy_names)
+    pairs = measured_strategies(per_batch(bench.strategy_names))
     trainers = {}
     for keep in bench.keep_values:
         for strategy, mode in pairs:

@@ -31,6 +31,7 @@ from .common import (
     fixed_batches,
     load_model,
     make_trainer,
+    per_batch,
     strategy_grid,
     sync,
 )
@@ -273,7 +274,7 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
         model = lora_model(model, bench.lora_r)
     batches = fixed_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, bench.seq_len, 4, bench.device)
     batches = indexed(batches)
-    grid = strategy_grid(bench.strategy_names, bench.keep_values)
+    grid = strategy_grid(per_batch(bench.strategy_names), bench.keep_values)
     trainers = {key: step_trainer(model, *key, bench, ctx.scratch_dir, batches) for key in grid}
     # SGD with a zero learning rate keeps the model fixed, so every strategy times the same model;
     # the optimizer step's cost is the same for all and small next to forward and backward.

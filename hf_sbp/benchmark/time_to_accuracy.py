@@ -21,6 +21,15 @@ Per dataset, label-noise rate and seed (a *cell*):
    end. Evaluation time is excluded from the clock. ``time_to_target_s`` is the training time of the first
    evaluation at or above the target (``null`` if none), so its resolution is the evaluation interval.
 
+**Dataset-level strategies** (``infobatch``, ``random-prune``: ``prunes_dataset``) run as InfoBatch is meant to
+run: for the full batch's ``--tta_epochs`` epochs, pruned, with the full batch's schedule (its warm-up and linear
+decay, stretched over the pruned epochs so that it ends with the last one; see :mod:`hf_sbp.epoch_pruning`),
+evaluated every ``T / 12`` seconds and stopped at ``T`` if it gets there. Their steps cost what the full batch's do;
+what pruning saves is the steps it skips, so such a run ends before ``T`` by the share of the examples it left out,
+and ``time_to_target_s`` shows whether it lost accuracy by doing so. ``random-prune`` leaves out as many examples at
+random, so the two differ only in which examples they skip. Their rows record ``schedule: "epochs"`` (the others
+``"steps"``) and the run's ``pruned_fraction``; ``planned_steps`` is the run's own step count.
+
 **Measuring the step time (calibration).** ``step_s`` must be known before the run starts, because ``Trainer``
 fixes the schedule's length when it creates the scheduler. Before each budgeted run, a calibration run trains a
 deep copy of the freshly initialised model with the same strategy, data, batch order and settings for one
@@ -84,16 +93,19 @@ from transformers import (
 
 from .. import SelectiveBackpropTrainer
 from ..glue import apply_label_noise
+from ..selection_metrics import PRUNED_FRACTION, run_key
 from ..strategies import strategy_class
 from .common import (
     BUDGET_STRATEGY,
     FULL_BATCH,
+    PRUNING_BASELINE,
     BenchmarkArguments,
     BenchmarkContext,
     Data,
     evaluating_trainer,
     load_model,
     load_rows,
+    prunes_dataset,
     strategy_grid,
     strategy_order,
     sync,
@@ -111,7 +123,7 @@ ROW_KEYS = (
     "final_accuracy", "steps", "backprop_examples", "scoring_forward_examples", "sitting", "machine",
     "train_s", "eval_s", "planned_steps", "warmup_steps", "step_s", "startup_s", "calibration_s", "stopped_by_budget",
     "train_examples", "epochs", "batch_size", "max_seq_length", "eval_samples", "learning_rate", "flipped_labels",
-    "warm_step_s",
+    "warm_step_s", "schedule", "pruned_fraction",
 )  # fmt: skip
 """The keys of a row of ``time_to_accuracy.json``, in order."""
 
@@ -352,7 +364,7 @@ def build_trainer(
     model: PreTrainedModel,
     strategy: str,
     keep: float,
-    steps: int,
+    steps: int | None,
     cell: Cell,
     settings: TimeToAccuracySettings,
     tokenizer: PreTrainedTokenizerBase,
@@ -360,14 +372,21 @@ def build_trainer(
 ) -> SelectiveBackpropTrainer:
     """A trainer of ``strategy`` at ``keep`` for ``steps`` steps on the cell's data, seeded with the cell's seed
     (same batch order for every strategy), warm-up over :data:`WARMUP_FRACTION` of the steps then linear decay, that
-    evaluates accuracy on the cell's validation sample and saves nothing."""
+    evaluates accuracy on the cell's validation sample and saves nothing. ``steps=None``: ``settings.epochs`` epochs
+    with the full batch's warm-up (a dataset-level strategy, whose pruned epochs have fewer steps)."""
+    extra = {}
+    if steps is None:
+        extra["num_train_epochs"] = settings.epochs
+        warmup = warmup_steps(settings.full_batch_steps(len(cell.train)))
+    else:
+        warmup = warmup_steps(steps)
     return evaluating_trainer(
         model,
         strategy=strategy,
         keep=keep,
         seed=cell.seed,
-        steps=steps,
-        warmup_steps=warmup_steps(steps),
+        steps=-1 if steps is None else steps,
+        warmup_steps=warmup,
         batch_size=settings.batch_size,
         eval_batch_size=settings.eval_batch_size,
         learning_rate=settings.learning_rate,
@@ -377,6 +396,7 @@ def build_trainer(
         tokenizer=tokenizer,
         output_dir=output_dir,
         lr_scheduler_type="linear",
+        **extra,
     )
 
 
@@ -416,7 +436,8 @@ def calibrate(
     (``stopped_by_budget``) than to end early."""
     started = time.perf_counter()
     copied = copy.deepcopy(model)
-    cached = strategy_class(strategy).uses_example_cache
+    chosen = strategy_class(strategy)
+    cached = chosen.needs_scoring and chosen.uses_example_cache  # steps get cheaper once the cache is warm
     epoch = math.ceil(len(cell.train) / settings.batch_size)
     steps = 1 + settings.calibration_steps + (epoch if cached else 0)
     trainer = build_trainer(copied, strategy, keep, steps, cell, settings, tokenizer, output_dir)
@@ -456,8 +477,11 @@ def train_cell_run(
     """
     model = load_model(model_path, cell.num_labels, cell.seed, settings.device)
     calibration = None
+    epochs_run = budget is not None and prunes_dataset(strategy)
     if budget is None:
         steps = settings.full_batch_steps(len(cell.train))
+    elif epochs_run:
+        steps = None  # the full batch's epochs, pruned: the step count is known at the end
     else:
         calibration = calibrate(model, strategy, keep, cell, settings, tokenizer, output_dir)
         steps = schedule_steps(
@@ -484,8 +508,10 @@ def train_cell_run(
         )
     callback.on_step = count_scoring
     trainer.add_callback(callback)
-    trainer.train()
+    metrics = trainer.train().metrics
     final = callback.curve[-1][1]
+    warmup = warmup_steps(settings.full_batch_steps(len(cell.train)) if steps is None else steps)
+    steps = trainer.state.max_steps if steps is None else steps
     budget_s, target = (callback.train_s, TARGET_FRACTION * final) if budget is None else budget
     row = {
         "dataset": cell.dataset,
@@ -506,7 +532,7 @@ def train_cell_run(
         "train_s": callback.train_s,
         "eval_s": callback.eval_s,
         "planned_steps": steps,
-        "warmup_steps": warmup_steps(steps),
+        "warmup_steps": warmup,
         "step_s": calibration.step_s if calibration else callback.train_s / max(1, trainer.state.global_step),
         "startup_s": calibration.startup_s if calibration else None,
         "calibration_s": calibration.wall_s if calibration else 0.0,
@@ -519,6 +545,8 @@ def train_cell_run(
         "learning_rate": settings.learning_rate,
         "flipped_labels": cell.flipped_labels,
         "warm_step_s": calibration.warm_step_s if calibration else None,
+        "schedule": "epochs" if epochs_run else "steps",
+        "pruned_fraction": metrics.get(run_key(PRUNED_FRACTION)),
     }
     return row
 
@@ -538,8 +566,9 @@ def runs_to_make(
 
     Nothing if every run of the grid is already recorded for the cell. Otherwise the missing runs, with the full
     batch (the budget and target come from the same sitting) and the random subset at each missing run's keep
-    (the baseline the report compares within a sitting; if it is requested or was recorded before) beside them:
-    the full batch first, then the grid's order, then recorded random runs not in the grid.
+    (the baseline the report compares within a sitting; if it is requested or was recorded before) beside them; a
+    missing dataset-level run (keep 1.0) brings the random subset at every keep of the grid and ``random-prune``, its
+    own baseline: the full batch first, then the grid's order, then recorded baseline runs not in the grid.
     """
     done = {
         _pair(r["strategy"], r["keep"])
@@ -551,10 +580,14 @@ def runs_to_make(
     if not missing:
         return []
     plan = {_pair(FULL_BATCH, 1.0), *missing}
+    batch_keeps = {keep for strategy, keep in wanted if strategy != FULL_BATCH and not prunes_dataset(strategy)}
     for strategy, keep in missing:
-        baseline = _pair(BUDGET_STRATEGY, keep)
-        if strategy != FULL_BATCH and (baseline in wanted or baseline in done):
-            plan.add(baseline)
+        if strategy == FULL_BATCH:
+            continue
+        baselines = [_pair(BUDGET_STRATEGY, keep)]
+        if prunes_dataset(strategy):
+            baselines = [_pair(BUDGET_STRATEGY, k) for k in sorted(batch_keeps)] + [_pair(PRUNING_BASELINE, 1.0)]
+        plan.update(baseline for baseline in baselines if baseline in wanted or baseline in done)
     ordered = [pair for pair in [_pair(FULL_BATCH, 1.0), *wanted] if pair in plan]
     ordered = list(dict.fromkeys(ordered))
     return ordered + sorted(plan - set(ordered))
@@ -635,12 +668,13 @@ def paired_runs(
     strategy: str,
     keep: float,
     baseline_keep: float | None = None,
+    baseline: str = BUDGET_STRATEGY,
 ) -> list[tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]]:
-    """Per seed: ``(run, random, full)``: the run of ``strategy`` at ``keep`` from the latest sitting that has it with
-    the random subset at ``baseline_keep`` (default ``keep``) and the full batch (else the latest sitting that has
-    it), and that sitting's random-subset and full-batch runs (``None`` where it has none)."""
+    """Per seed: ``(run, baseline, full)``: the run of ``strategy`` at ``keep`` from the latest sitting that has it with
+    the ``baseline`` strategy (the random subset) at ``baseline_keep`` (default ``keep``) and the full batch (else the
+    latest sitting that has it), and that sitting's baseline and full-batch runs (``None`` where it has none)."""
     baseline_keep = keep if baseline_keep is None else baseline_keep
-    target, baseline, full = _pair(strategy, keep), _pair(BUDGET_STRATEGY, baseline_keep), _pair(FULL_BATCH, 1.0)
+    target, paired, full = _pair(strategy, keep), _pair(baseline, baseline_keep), _pair(FULL_BATCH, 1.0)
     cell_rows = [r for r in rows if r["dataset"] == dataset and r["label_noise"] == noise]
     out = []
     for seed in sorted({r["seed"] for r in cell_rows}):
@@ -651,32 +685,43 @@ def paired_runs(
         sittings = sorted(s for s, runs in by_sitting.items() if target in runs)
         if not sittings:
             continue
-        complete = [s for s in sittings if baseline in by_sitting[s] and full in by_sitting[s]]
+        complete = [s for s in sittings if paired in by_sitting[s] and full in by_sitting[s]]
         runs = by_sitting[(complete or sittings)[-1]]
-        out.append((runs[target], runs.get(baseline), runs.get(full)))
+        out.append((runs[target], runs.get(paired), runs.get(full)))
     return out
 
 
+def _vs(pairs: list[tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]], median: float) -> float:
+    """``median`` over the median time to target of the pairs' baseline runs."""
+    return _ratio(median, _median([_time(b) for _, b, _ in pairs if b is not None]))
+
+
 def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per dataset, noise and keep, for the full batch and every strategy at that keep (in registration order): the
-    median over seeds of the time to target (``inf`` if most runs never reached it) and its ratios to the medians of
-    the random subset's and the full batch's runs of the same sittings (:func:`paired_runs`), how many runs reached
-    the target, and the medians of the final accuracy, budget, target, steps made and planned, and time to target as
-    a share of the budget."""
+    """Per dataset, noise and keep, for the full batch, every per-batch strategy at that keep (in registration order)
+    and every dataset-level strategy (at keep 1.0, in every keep's group): the median over seeds of the time to
+    target (``inf`` if most runs never reached it) and its ratios to the medians of the random subset's (at the
+    group's keep), the full batch's and, for dataset-level strategies, ``random-prune``'s runs of the same sittings
+    (:func:`paired_runs`; ``vs_random_prune`` is NaN for the others), how many runs reached the target, and the
+    medians of the final accuracy, budget, target, steps made and planned, and time to target as a share of the
+    budget."""
     table = []
     for dataset, noise in sorted({(r["dataset"], r["label_noise"]) for r in rows}):
         group = [r for r in rows if r["dataset"] == dataset and r["label_noise"] == noise]
-        for keep in sorted({r["keep"] for r in group if r["strategy"] != FULL_BATCH}, reverse=True):
-            names = strategy_order(r["strategy"] for r in group if r["strategy"] != FULL_BATCH and r["keep"] == keep)
-            for strategy in [FULL_BATCH, *names]:
-                at = 1.0 if strategy == FULL_BATCH else keep
+        whole = strategy_order(r["strategy"] for r in group if prunes_dataset(r["strategy"]))
+        batch_rows = [r for r in group if r["strategy"] != FULL_BATCH and not prunes_dataset(r["strategy"])]
+        keeps = sorted({r["keep"] for r in batch_rows}, reverse=True) or ([1.0] if whole else [])
+        for keep in keeps:
+            names = strategy_order(r["strategy"] for r in batch_rows if r["keep"] == keep)
+            for strategy in [FULL_BATCH, *names, *whole]:
+                at = 1.0 if strategy == FULL_BATCH or strategy in whole else keep
                 pairs = paired_runs(group, dataset, noise, strategy, at, baseline_keep=keep)
                 if not pairs:
                     continue
                 runs = [run for run, _, _ in pairs]
-                random_rows = [r for _, r, _ in pairs if r is not None]
-                full_rows = [r for _, _, r in pairs if r is not None]
                 median = _median([_time(r) for r in runs])
+                vs_prune = math.nan
+                if strategy in whole:
+                    vs_prune = _vs(paired_runs(group, dataset, noise, strategy, 1.0, 1.0, PRUNING_BASELINE), median)
                 table.append(
                     {
                         "dataset": dataset,
@@ -686,13 +731,14 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "runs": len(runs),
                         "reached": sum(r["time_to_target_s"] is not None for r in runs),
                         "median_time_to_target_s": median,
-                        "vs_random": _ratio(median, _median([_time(r) for r in random_rows])),
-                        "vs_full_batch": _ratio(median, _median([_time(r) for r in full_rows])),
+                        "vs_random": _vs(pairs, median),
+                        "vs_full_batch": _ratio(median, _median([_time(f) for _, _, f in pairs if f is not None])),
+                        "vs_random_prune": vs_prune,
                         "median_final_accuracy": _median([r["final_accuracy"] for r in runs]),
                         "median_budget_s": _median([r["budget_s"] for r in runs]),
                         "median_target": _median([r["target"] for r in runs]),
                         "median_steps": _median([r["steps"] for r in runs]),
-                        "median_planned_steps": _median([r.get("planned_steps", r["steps"]) for r in runs]),
+                        "median_planned_steps": _median([r.get("planned_steps") or r["steps"] for r in runs]),
                         "median_share_of_budget": _median([_time(r) / r["budget_s"] for r in runs]),
                     }
                 )
@@ -757,8 +803,9 @@ def selected_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     chosen = []
     for dataset, noise in sorted({(r["dataset"], r["label_noise"]) for r in rows}):
         group = [r for r in rows if (r["dataset"], r["label_noise"]) == (dataset, noise)]
-        keeps = [r["keep"] for r in group if r["strategy"] != FULL_BATCH]
+        keeps = [r["keep"] for r in group if r["strategy"] != FULL_BATCH and not prunes_dataset(r["strategy"])]
         for strategy, keep in sorted({_pair(r["strategy"], r["keep"]) for r in group}):
-            baseline_keep = max(keeps, default=1.0) if strategy == FULL_BATCH else keep
+            whole = strategy == FULL_BATCH or prunes_dataset(strategy)
+            baseline_keep = max(keeps, default=1.0) if whole else keep
             chosen += [run for run, _, _ in paired_runs(group, dataset, noise, strategy, keep, baseline_keep)]
     return chosen

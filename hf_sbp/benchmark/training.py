@@ -37,6 +37,7 @@ from .common import (
     Data,
     evaluating_trainer,
     load_model,
+    per_batch,
     strategy_grid,
     strategy_order,
 )
@@ -207,7 +208,7 @@ def run_training(ctx: BenchmarkContext) -> list[dict[str, Any]]:
         for name, spec in bench.dataset_specs()
         for noise in bench.noise_values
         for seed in bench.seed_values
-        for strategy, keep in strategy_grid(bench.strategy_names, bench.training_keep_values)
+        for strategy, keep in strategy_grid(per_batch(bench.strategy_names), bench.training_keep_values)
     ]
     data_cache: dict[str, Data] = {}
     for number, (name, spec, strategy, keep, noise, seed) in enumerate(runs, 1):

@@ -1,8 +1,8 @@
 """Selection strategies: one registered class each.
 
 ``sbp_strategy`` accepts every name registered with :func:`register_strategy`. The built-in ones are
-``gradmatch``, ``loss``, ``random``, ``none``, ``stale-gradmatch`` and ``stale-loss``; a strategy defined in user
-code is registered the same way and
+``gradmatch``, ``loss``, ``random``, ``none``, ``stale-gradmatch``, ``stale-loss`` (per batch), ``infobatch`` and
+``random-prune`` (per epoch, over the dataset); a strategy defined in user code is registered the same way and
 works with the trainer, ``HfArgumentParser`` flags, the scripts (``--sbp_strategy_modules``) and the model card.
 """
 
@@ -13,10 +13,17 @@ from .loss import LossBased
 from .random_subset import RandomSubset
 from .stale import StaleGradientMatching, StaleLossBased
 
+# Imported last: registration order is the order of --help, the README table and the plots (per-batch ones first).
+# isort: split
+from .pruning import DatasetPruning, InfoBatch, RandomPrune
+
 __all__ = [
+    "DatasetPruning",
     "FullBatch",
     "GradientMatching",
+    "InfoBatch",
     "LossBased",
+    "RandomPrune",
     "RandomSubset",
     "SelectionBatch",
     "SelectionStrategy",

@@ -44,6 +44,8 @@ class SelectionBatch:
             did not run.
         cached: for strategies that set ``uses_example_cache``: every row's cached statistics (see
             :class:`hf_sbp.example_cache.CachedStats`), the rows just scored included.
+        epoch_weights: for strategies that set ``prunes_dataset``: ``(n,)`` the loss weight the current epoch's plan
+            gives each row (see :mod:`hf_sbp.pruning`); else ``None``.
 
     ``residuals``, ``losses`` and ``gram`` are computed from ``logits`` and ``features`` on first use and then
     kept, so a strategy that does not read them does not pay for them. They describe the scored rows.
@@ -61,6 +63,7 @@ class SelectionBatch:
     example_ids: torch.Tensor | None = None
     scored_rows: torch.Tensor | None = None
     cached: CachedStats | None = None
+    epoch_weights: torch.Tensor | None = None
 
     def _scores(self, what: str) -> None:
         if self.logits is None or self.problem_type is None or (what == "gram" and self.features is None):
@@ -120,6 +123,14 @@ class SelectionStrategy:
         uses_example_cache: whether the trainer gives every training row its dataset index (``batch.example_ids``)
             and keeps a per-example statistics cache, written by every forward it runs (``batch.cached``; see
             :mod:`hf_sbp.example_cache`). The training set must then be map-style (not an ``IterableDataset``).
+        caches_gradients: with ``uses_example_cache``: whether the cache keeps each example's head residual and
+            input (the last-layer gradient, for ``stale-gradmatch``), or only its loss (a few bytes per example).
+        prunes_dataset: whether the strategy works on the dataset rather than within batches: at the start of each
+            epoch the trainer asks :meth:`keep_examples` which examples the epoch visits and with which loss
+            weights, and trains every row of each batch (``sbp_keep`` and the batch schedule ``sbp_start``,
+            ``sbp_end``, ``sbp_interrupt`` do not apply). Epochs then have fewer steps; see
+            :mod:`hf_sbp.epoch_pruning`.
+        default_keep: the keep fraction when ``sbp_keep`` is not given.
 
     Args:
         args: the trainer's arguments (a :class:`~hf_sbp.SelectiveBackpropConfig`); read the ``sbp_*`` values
@@ -133,6 +144,9 @@ class SelectionStrategy:
     description: ClassVar[str] = ""
     settings: ClassVar[tuple[str, ...]] = ()
     uses_example_cache: ClassVar[bool] = False
+    caches_gradients: ClassVar[bool] = True
+    prunes_dataset: ClassVar[bool] = False
+    default_keep: ClassVar[float] = 0.5
 
     def __init__(self, args: Any) -> None:
         self.args = args
@@ -157,6 +171,22 @@ class SelectionStrategy:
         ``needs_scoring``: by default all of them. A strategy with cached statistics returns fewer (an empty tensor
         skips the scoring pass); ``batch.logits`` and ``batch.features`` then describe those rows only."""
         return torch.arange(batch.n)
+
+    def keep_examples(
+        self, losses: torch.Tensor, seen: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a strategy that ``prunes_dataset``: the examples the next epoch visits, and their loss weights.
+
+        Args:
+            losses: ``(N,)`` every training example's loss from the last forward pass that saw it.
+            seen: ``(N,)`` bool, whether the example has been seen (its loss is meaningless otherwise).
+            generator: a generator that depends only on the seed and the epoch (every process draws the same).
+
+        Returns:
+            ``(keep, weights)``: an ``(N,)`` bool mask (at least one example kept) and ``(N,)`` non-negative loss
+            weights, applied as selection weights are, to every step of the epoch.
+        """
+        raise NotImplementedError(f"{type(self).__name__} prunes the dataset and must implement keep_examples().")
 
     def observe(self, indices: torch.Tensor, subset: SelectionBatch) -> None:
         """Receive what the subset's gradient forward computed, for strategies that learn from history.
