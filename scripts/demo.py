@@ -30,7 +30,7 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from hf_sbp.benchmark.common import BUDGET_STRATEGY, Data
+from hf_sbp.benchmark.common import BUDGET_STRATEGY, Data, run_keep
 from hf_sbp.benchmark.training import TrainingRun, equal_budget_table, selection_statistics, train_run
 from hf_sbp.config import import_strategy_modules
 from hf_sbp.data import BUNDLED_DATASETS, bundled_model_path
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         run = TrainingRun(
             dataset=demo.dataset,
             strategy=strategy,
-            keep=demo.keep if strategy_class(strategy).selective else 1.0,
+            keep=run_keep(strategy, demo.keep),
             label_noise=0.0,
             seed=demo.seed,
             steps=demo.max_steps,

@@ -119,6 +119,25 @@ def test_single_sentences_gradmatch_with_label_noise(run_glue, model_dir, tmp_pa
     assert f"{train_results['label_noise_flipped']} training labels flipped of 64" in card
 
 
+def test_infobatch_for_a_number_of_epochs_from_the_command_line(run_glue, model_dir, tmp_path):
+    """The script's own flags drive a dataset-level strategy: whole epochs, fewer steps than an unpruned run, the
+    pruning in the results and the card."""
+    train = write_rows(str(tmp_path / "train.csv"), single_sentence_rows(64, seed=0))
+    val = write_rows(str(tmp_path / "val.csv"), single_sentence_rows(40, seed=1))
+    flags = [f for f in _common_flags(model_dir, tmp_path, train, val) if f not in ("--max_steps", str(STEPS))]
+    run_glue.main([*flags, "--num_train_epochs", "3", "--sbp_strategy", "infobatch", "--sbp_prune_ratio", "0.6"])
+    out = tmp_path / "out"
+    results = _json(out / "train_results.json")
+    state = _json(out / "trainer_state.json")
+    epochs = [entry for entry in state["log_history"] if "sbp/epoch_examples" in entry]
+    assert len(epochs) == 3 and state["epoch"] == pytest.approx(3.0)
+    assert state["global_step"] == sum(-(-entry["sbp/epoch_examples"] // BATCH) for entry in epochs) < 3 * 64 // BATCH
+    assert results["sbp_backprop_examples"] == sum(entry["sbp/epoch_examples"] for entry in epochs)
+    assert 0 < results["train_sbp/pruned_fraction"] < 0.6
+    card = (out / "README.md").read_text()
+    assert "`infobatch` pruned the training set per epoch" in card and "**Dataset pruning.**" in card
+
+
 def test_sentence_pairs_multiclass_macro_f1(run_glue, model_dir, tmp_path):
     train = write_rows(str(tmp_path / "train.csv"), pair_rows(64, seed=2))
     val_rows = pair_rows(40, seed=3)

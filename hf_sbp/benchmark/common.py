@@ -75,6 +75,12 @@ def prunes_dataset(name: str) -> bool:
     return name in registered_strategies() and strategy_class(name).prunes_dataset
 
 
+def run_keep(name: str, keep: float) -> float:
+    """The ``sbp_keep`` a run of ``name`` takes: ``keep`` for a strategy that selects within batches, 1.0 for the
+    full batch and the dataset-level strategies (they train whole batches)."""
+    return keep if strategy_class(name).selective and not prunes_dataset(name) else 1.0
+
+
 def per_batch(names: Iterable[str]) -> list[str]:
     """The strategies of ``names`` that select within batches: the ones the per-step parts (throughput, grad-match,
     training, padding) measure; a dataset-level strategy's step is the full batch's."""

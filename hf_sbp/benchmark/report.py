@@ -33,9 +33,15 @@ PALETTE = (
     "tab:olive",
     "tab:cyan",
     "tab:gray",
+    "navy",
+    "darkgoldenrod",
+    "teal",
+    "magenta",
+    "lime",
+    "maroon",
 )
 """Plot colours of the selective strategies, assigned in registration order (``gradmatch``, ``loss``, ``random``
-first), then to unregistered names found in results; they repeat after ten."""
+first), then to unregistered names found in results; they repeat after sixteen."""
 KEEP_STYLES = {0.5: "-", 0.25: "--", 1.0: "-"}
 """Line styles of the keep values (other keeps are dotted)."""
 
