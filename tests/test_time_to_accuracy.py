@@ -8,11 +8,13 @@ import os
 import sys
 
 import pytest
-from transformers import TrainerControl, TrainerState
+import torch
+from transformers import AutoTokenizer, TrainerControl, TrainerState
 
 import hf_sbp.benchmark
 from hf_sbp.benchmark import common, report, throughput
 from hf_sbp.benchmark import time_to_accuracy as tta
+from hf_sbp.pruning import EpochPlan
 
 sys.path.insert(0, os.path.dirname(__file__))
 from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows  # noqa: E402
@@ -413,6 +415,11 @@ def test_report_compares_a_pruning_strategy_with_every_baseline_of_its_sitting(t
         rows += [tta_row("none", seed, full, "A"), tta_row("random", seed, random, "A")]
         rows.append(tta_row("infobatch", seed, infobatch, "A", keep=1.0))
         rows.append(tta_row("random-prune", seed, prune, "A", keep=1.0))
+    for row in rows:
+        row.update(flipped_labels=10, train_examples=100, pruned_fraction=None, flipped_share_visited=None)
+        if row["strategy"] in ("infobatch", "random-prune"):
+            infobatch = row["strategy"] == "infobatch"
+            row.update(pruned_fraction=0.3, flipped_share_visited=0.13 if infobatch else 0.1, steps=45)
     table = {e["strategy"]: e for e in tta.comparison_table(rows)}
     assert set(table) == {"none", "random", "infobatch", "random-prune"} and table["infobatch"]["keep"] == 0.5
     assert table["infobatch"]["vs_random"] == pytest.approx(22 / 35)
@@ -423,12 +430,19 @@ def test_report_compares_a_pruning_strategy_with_every_baseline_of_its_sitting(t
     text = open(report.write_report(str(tmp_path))).read()
     assert "| d | 0.0 | 0.5 | infobatch | 3/3 | 22.0 | 0.63x | 0.40x | 0.49x |" in text
     assert "- **d, noise 0.0, keep 0.5**: infobatch (0.63x, 0.40x, 0.49x)" in text
+    # 45 steps against the full batch's 60; 13% of the visited examples mislabelled against 10% of the data.
+    assert "| d | 0.0 | infobatch | 3 | 0.300 | 0.75 | 0.8500 | 0.130 | 0.100 |" in text
 
 
 def test_a_pruning_strategy_runs_the_full_batchs_epochs_without_calibration(tmp_path, tiny_files):
-    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "infobatch"))
+    arguments = tiny_args(tiny_files, tmp_path, "infobatch")
+    arguments[arguments.index("--noises") + 1] = "0.3"
+    hf_sbp.benchmark.main(arguments)
     rows = {r["strategy"]: r for r in json.loads((tmp_path / "time_to_accuracy.json").read_text())["rows"]}
     infobatch, full = rows["infobatch"], rows["none"]
+    # Under noise: the share of mislabelled rows among those the pruned epochs visited (none for the full batch).
+    assert full["flipped_share_visited"] is None and full["flipped_labels"] > 0
+    assert 0.0 <= infobatch["flipped_share_visited"] <= 1.0
     assert (infobatch["keep"], infobatch["schedule"], full["schedule"]) == (1.0, "epochs", "steps")
     assert infobatch["calibration_s"] == 0.0 and infobatch["warmup_steps"] == full["warmup_steps"]
     # 3 epochs of 32 examples, the first whole (4 steps), the others pruned: fewer steps than the full batch's 12;
@@ -438,3 +452,33 @@ def test_a_pruning_strategy_runs_the_full_batchs_epochs_without_calibration(tmp_
         assert infobatch["backprop_examples"] == round(96 * (1 - infobatch["pruned_fraction"]))
     assert infobatch["steps"] < infobatch["backprop_examples"] <= 8 * infobatch["steps"]  # a pruned epoch may end short
     assert full["pruned_fraction"] is None
+
+
+def test_cell_knows_which_labels_the_noise_flipped(tiny_files):
+    model, train, validation = tiny_files
+    bench = common.BenchmarkArguments(
+        command="time-to-accuracy", model_name_or_path=model, train_file=train, validation_file=validation
+    )
+    ((name, spec),) = bench.dataset_specs()
+    data = common.Data(spec, AutoTokenizer.from_pretrained(model), 16)
+    settings = tta.TimeToAccuracySettings(train_examples=32)
+    noisy = tta.Cell.from_data(name, data, 0.4, 3, settings)
+    clean = tta.Cell.from_data(name, data, 0.0, 3, settings)
+    differ = [i for i, (a, b) in enumerate(zip(noisy.train["labels"], clean.train["labels"], strict=True)) if a != b]
+    assert noisy.flipped == differ and len(differ) == noisy.flipped_labels > 0 and clean.flipped == []
+
+
+def test_plan_recorder_measures_the_share_of_flipped_rows_visited():
+    class History:
+        current = None
+
+    class Trainer:
+        pruning_history = History()
+
+    recorder = tta.PlanRecorder(Trainer())
+    for epoch, order, pruned in [(0, [0, 1, 2, 3], 0), (1, [0, 1], 2), (2, [2, 3, 1], 1)]:
+        Trainer.pruning_history.current = EpochPlan(epoch, torch.tensor(order), torch.ones(4), pruned, True, 0)
+        recorder.on_step_begin(None, None, None)
+        recorder.on_step_begin(None, None, None)  # a later step of the same epoch changes nothing
+    assert recorder.visited == {1: [0, 1], 2: [2, 3, 1]}  # the unpruned first epoch is left out
+    assert recorder.flipped_share([1, 3]) == pytest.approx((1 / 2 + 2 / 3) / 2)

@@ -18,7 +18,7 @@ from ..strategies import registered_strategies, strategy_class
 from .common import load_rows, prunes_dataset, strategy_order
 from .throughput import break_even_table, peft_mode
 from .time_to_accuracy import JSON_NAME as TIME_TO_ACCURACY
-from .time_to_accuracy import TARGET_FRACTION, comparison_table, first_to_target, selected_runs
+from .time_to_accuracy import TARGET_FRACTION, comparison_table, first_to_target, pruning_table, selected_runs
 from .training import accuracy_at, equal_budget_table
 
 FULL_BATCH_COLOR = "black"
@@ -389,6 +389,41 @@ def _first_line(entry: dict[str, Any]) -> str:
     return line + "."
 
 
+def _pruning_lines(rows: list[dict[str, Any]]) -> str:
+    table = pruning_table(rows)
+    if not table:
+        return ""
+    body = [
+        [
+            e["dataset"], e["label_noise"], e["strategy"], e["runs"], f"{e['median_pruned_fraction']:.3f}",
+            f"{e['median_steps_vs_full']:.2f}", f"{e['median_final_accuracy']:.4f}",
+            "-" if math.isnan(e["median_flipped_share_visited"]) else f"{e['median_flipped_share_visited']:.3f}",
+            f"{e['median_flipped_share_train']:.3f}",
+        ]
+        for e in table
+    ]  # fmt: skip
+    return (
+        "\n\n### Dataset-level pruning\n\nMedians over seeds: the share of the examples the epochs left out, the "
+        "steps made over the full batch's, the final accuracy, and, under label noise, the share of mislabelled "
+        "examples among those the pruned epochs visited beside their share of the training subset.\n\n"
+        + markdown_table(
+            [
+                "dataset",
+                "noise",
+                "strategy",
+                "runs",
+                "left out",
+                "steps / full",
+                "final acc",
+                "mislabelled visited",
+                "mislabelled in data",
+            ],
+            body,
+            fmt=str,
+        )  # fmt: skip
+    )
+
+
 GOAL_RATIO = 0.9
 """A strategy meets the goal when its median time to target is at most this fraction of each baseline's."""
 
@@ -478,6 +513,7 @@ def _time_to_accuracy_section(rows: list[dict[str, Any]], output_dir: str) -> st
         + "\n".join(_first_line(entry) for entry in first_to_target(table))
         + "\n\n### The goal: 10% sooner than every baseline\n\n"
         + _goal_lines(table)
+        + _pruning_lines(rows)
         + f"\n\n![{plot}]({plot})"
     )
 

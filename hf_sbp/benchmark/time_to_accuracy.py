@@ -28,7 +28,10 @@ evaluated every ``T / 12`` seconds and stopped at ``T`` if it gets there. Their 
 what pruning saves is the steps it skips, so such a run ends before ``T`` by the share of the examples it left out,
 and ``time_to_target_s`` shows whether it lost accuracy by doing so. ``random-prune`` leaves out as many examples at
 random, so the two differ only in which examples they skip. Their rows record ``schedule: "epochs"`` (the others
-``"steps"``) and the run's ``pruned_fraction``; ``planned_steps`` is the run's own step count.
+``"steps"``) and the run's ``pruned_fraction``; ``planned_steps`` is the run's own step count. Under label noise,
+``flipped_share_visited`` is the share of mislabelled examples among those the pruned epochs visited (mean over
+those epochs), to set beside the training subset's share (``flipped_labels / train_examples``): InfoBatch keeps
+the mislabelled examples, whose loss stays high, and ``random-prune`` keeps their share.
 
 **Measuring the step time (calibration).** ``step_s`` must be known before the run starts, because ``Trainer``
 fixes the schedule's length when it creates the scheduler. Before each budgeted run, a calibration run trains a
@@ -123,7 +126,7 @@ ROW_KEYS = (
     "final_accuracy", "steps", "backprop_examples", "scoring_forward_examples", "sitting", "machine",
     "train_s", "eval_s", "planned_steps", "warmup_steps", "step_s", "startup_s", "calibration_s", "stopped_by_budget",
     "train_examples", "epochs", "batch_size", "max_seq_length", "eval_samples", "learning_rate", "flipped_labels",
-    "warm_step_s", "schedule", "pruned_fraction",
+    "warm_step_s", "schedule", "pruned_fraction", "flipped_share_visited",
 )  # fmt: skip
 """The keys of a row of ``time_to_accuracy.json``, in order."""
 
@@ -187,6 +190,29 @@ def time_to_target(curve: list[list[float]], target: float) -> float | None:
         if value >= target - 1e-9:
             return seconds
     return None
+
+
+class PlanRecorder(TrainerCallback):
+    """For a dataset-level strategy: the examples each pruned epoch visits, read from the trainer's plan at the
+    epoch's first step."""
+
+    def __init__(self, trainer: SelectiveBackpropTrainer) -> None:
+        self.trainer = trainer
+        self.visited: dict[int, list[int]] = {}
+        """Per pruned epoch (pruning active and something left out): its examples."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        history = self.trainer.pruning_history
+        plan = history.current if history is not None else None
+        if plan is not None and plan.active and plan.pruned and plan.epoch not in self.visited:
+            self.visited[plan.epoch] = plan.order.tolist()
+
+    def flipped_share(self, flipped: list[int]) -> float | None:
+        """The mean over pruned epochs of the share of ``flipped`` rows among those the epoch visits."""
+        if not self.visited:
+            return None
+        marked = set(flipped)
+        return statistics.mean(sum(i in marked for i in rows) / len(rows) for rows in self.visited.values())
 
 
 def device_clock(device: str) -> Callable[[], float]:
@@ -342,6 +368,8 @@ class Cell:
     validation: Dataset
     flipped_labels: int
     num_labels: int
+    flipped: list[int] = dataclasses.field(default_factory=list)
+    """The training subset's rows whose label the noise flipped."""
 
     @classmethod
     def from_data(cls, name: str, data: Data, label_noise: float, seed: int, settings: TimeToAccuracySettings) -> Cell:
@@ -349,10 +377,11 @@ class Cell:
         labels noised at ``label_noise`` with ``seed``) and validation sample (the first ``eval_samples`` of the
         validation split shuffled with seed 0: the same for every seed)."""
         train_split, validation_split = data.splits["train"], data.splits["validation"]
-        train = train_split.shuffle(seed=seed).select(range(min(len(train_split), settings.train_examples)))
-        train, flipped = apply_label_noise(train, label_noise, data.num_labels, seed, label_column="labels")
+        clean = train_split.shuffle(seed=seed).select(range(min(len(train_split), settings.train_examples)))
+        train, flipped = apply_label_noise(clean, label_noise, data.num_labels, seed, label_column="labels")
+        rows = np.flatnonzero(np.asarray(train["labels"]) != np.asarray(clean["labels"])).tolist()
         validation = validation_split.shuffle(seed=0).select(range(min(len(validation_split), settings.eval_samples)))
-        return cls(name, label_noise, seed, train, validation, flipped, data.num_labels)
+        return cls(name, label_noise, seed, train, validation, flipped, data.num_labels, rows)
 
     @property
     def key(self) -> tuple[str, float, int]:
@@ -508,6 +537,8 @@ def train_cell_run(
         )
     callback.on_step = count_scoring
     trainer.add_callback(callback)
+    plans = PlanRecorder(trainer)
+    trainer.add_callback(plans)
     metrics = trainer.train().metrics
     final = callback.curve[-1][1]
     warmup = warmup_steps(settings.full_batch_steps(len(cell.train)) if steps is None else steps)
@@ -547,6 +578,7 @@ def train_cell_run(
         "warm_step_s": calibration.warm_step_s if calibration else None,
         "schedule": "epochs" if epochs_run else "steps",
         "pruned_fraction": metrics.get(run_key(PRUNED_FRACTION)),
+        "flipped_share_visited": plans.flipped_share(cell.flipped) if cell.flipped else None,
     }
     return row
 
@@ -743,6 +775,43 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     }
                 )
     return table
+
+
+def pruning_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per dataset, noise and dataset-level strategy (the runs :func:`selected_runs` picks): the medians over seeds of
+    the share of the examples its epochs left out, of the steps it made against the full batch's, of its final
+    accuracy, and, under label noise, of the share of mislabelled examples among those its pruned epochs visited
+    and in the training subset."""
+    runs = selected_runs(rows)
+    key = ("dataset", "label_noise", "seed", "sitting")
+    fulls = {tuple(r.get(k) for k in key): r for r in runs if r["strategy"] == FULL_BATCH}
+    out = []
+    for dataset, noise, strategy in sorted({(r["dataset"], r["label_noise"], r["strategy"]) for r in runs}):
+        if not prunes_dataset(strategy):
+            continue
+        group = [r for r in runs if (r["dataset"], r["label_noise"], r["strategy"]) == (dataset, noise, strategy)]
+        steps = []
+        for r in group:
+            full = fulls.get(tuple(r.get(k) for k in key))
+            if full is not None:
+                steps.append(r["steps"] / full["steps"])
+        shares = [r["flipped_share_visited"] for r in group if r.get("flipped_share_visited") is not None]
+        out.append(
+            {
+                "dataset": dataset,
+                "label_noise": noise,
+                "strategy": strategy,
+                "runs": len(group),
+                "median_pruned_fraction": _median([r["pruned_fraction"] for r in group if r.get("pruned_fraction")]),
+                "median_steps_vs_full": _median(steps),
+                "median_final_accuracy": _median([r["final_accuracy"] for r in group]),
+                "median_flipped_share_visited": _median(shares),
+                "median_flipped_share_train": _median(
+                    [r["flipped_labels"] / r["train_examples"] for r in group if r.get("train_examples")]
+                ),
+            }
+        )
+    return out
 
 
 def first_to_target(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
