@@ -116,7 +116,12 @@ class EpochPruningMixin:
         epochs_trained, steps_trained = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
-        if self.strategy.prunes_dataset and resume_from_checkpoint is not None:
+        if not self.strategy.prunes_dataset:
+            return epochs_trained, steps_trained
+        if resume_from_checkpoint is None:
+            # A fresh start (also auto_find_batch_size's retry after running out of memory): plan every epoch anew.
+            self._pruning = PruningHistory()
+        elif self._pruning.epochs:  # else no selection state was saved: Trainer's count, as the warning said
             epochs_trained, updates = self._pruning.position(self.state.global_step)
             steps_trained = 0 if self.args.ignore_data_skip else updates * self.args.gradient_accumulation_steps
         return epochs_trained, steps_trained
@@ -131,7 +136,6 @@ class EpochPruningMixin:
         """Make a ``LambdaLR`` follow the share of the epochs made rather than the step count (epoch-based runs)."""
         if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             return  # ReduceLROnPlateau and the like do not depend on the step count (refused at construction else)
-        history = self._pruning
 
         def stretched(inner):
             if getattr(inner, "_sbp_follows_epochs", False):
@@ -139,7 +143,7 @@ class EpochPruningMixin:
 
             def lr_lambda(step):  # a plain function, so that LambdaLR.state_dict does not pickle it
                 per_epoch, total = self._unpruned_update_steps, self._unpruned_max_steps
-                return inner(history.unpruned_step(step, per_epoch, total) if per_epoch else step)
+                return inner(self._pruning.unpruned_step(step, per_epoch, total) if per_epoch else step)
 
             lr_lambda._sbp_follows_epochs = True
             return lr_lambda
