@@ -256,7 +256,7 @@ class SelectiveBackpropArguments:
         if not is_number(self.sbp_prune_anneal) or not (0.0 <= self.sbp_prune_anneal < 1.0):
             raise ValueError(f"sbp_prune_anneal={self.sbp_prune_anneal!r} is invalid; it must be a number in [0, 1).")
         if strategy.prunes_dataset:
-            self._check_dataset_level(strategy)
+            self._check_dataset_level()
         if self.sbp_seed is not None and not (is_int_at_least(self.sbp_seed, 0) and self.sbp_seed < 2**63):
             raise ValueError(f"sbp_seed={self.sbp_seed!r} is invalid; it must be an integer in [0, 2**63) or None.")
         batch = per_device_train_batch_size or getattr(self, "per_device_train_batch_size", None)
@@ -267,7 +267,7 @@ class SelectiveBackpropArguments:
                     f"(k = round(keep * batch) = 0); use sbp_keep >= {0.5 / batch:.4g} or a larger batch."
                 )
 
-    def _check_dataset_level(self, strategy: type) -> None:
+    def _check_dataset_level(self) -> None:
         """The per-batch settings a dataset-level strategy (``prunes_dataset``) does not combine with."""
         name = self.sbp_strategy
         if self.sbp_keep is not None and self.sbp_keep != 1.0:

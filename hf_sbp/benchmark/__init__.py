@@ -17,8 +17,9 @@ the runs already in its JSON file, see :mod:`hf_sbp.benchmark.time_to_accuracy`)
 (``python -m hf_sbp.benchmark`` is the same command.) Data: the bundled datasets by name
 (``--datasets tweets,bbc-news``), any ``datasets`` name that ``run_glue.py`` takes, or local CSV/JSON files
 (``--train_file``, ``--validation_file``, ``--test_file``), with the text/label column rules of ``run_glue.py``.
-Strategies: ``--strategies`` picks the selective strategies that throughput, grad-match and training compare with
-the full batch (default: every registered one; ``--sbp_strategy_modules`` imports modules that register more).
+Strategies: ``--strategies`` picks the selective strategies that the parts compare with the full batch (default:
+every registered one; ``--sbp_strategy_modules`` imports modules that register more). The dataset-level ones
+(``infobatch``, ``random-prune``) run in time-to-accuracy only: the per-step parts would time a full batch's step.
 Every JSON file is ``{"machine": {...}, "rows": [...]}`` and lands in ``--output_dir`` (``docs/benchmarks`` by
 default).
 

@@ -136,7 +136,7 @@ class BenchmarkArguments:
         metadata={
             "help": "Comma-separated selective strategies that the throughput, grad-match, training and "
             "time-to-accuracy parts compare (with the full-batch baseline 'none'); default: every registered "
-            "selective strategy."
+            "selective strategy. The dataset-level ones (infobatch, random-prune) run in time-to-accuracy only."
         },
     )
     sbp_strategy_modules: list[str] | None = field(
