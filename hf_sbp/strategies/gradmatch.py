@@ -29,6 +29,8 @@ class GradientMatching(SelectionStrategy):
         target = {}
         if mode == "sum_constrained":
             gram, target["target_corr"], target["target_sq_norm"] = sum_constrained_problem(gram)
+        elif gram is batch.gram:  # the batch mean's correlations, which the trainer's match error reads too
+            target["target_corr"], target["target_sq_norm"] = batch.gram_target
         nonnegative, tol = self.args.sbp_omp_nonnegative, self.args.sbp_omp_tol or None
         result = omp_gram(gram, k, ridge=ridge, nonnegative=nonnegative, tol=tol, **target)
         if result.indices.numel() == 0:
