@@ -36,11 +36,12 @@ class GradientMatching(SelectionStrategy):
         target = {}
         if mode == "sum_constrained":
             gram, target["target_corr"], target["target_sq_norm"] = sum_constrained_problem(gram)
-        elif gram is batch.gram:  # the batch mean's correlations, which the trainer's match error reads too
+        elif batch.__dict__.get("gram") is gram:  # batch.gram (cached; a subclass may use another matrix)
+            # The batch mean's correlations, which the trainer's match error reads too.
             target["target_corr"], target["target_sq_norm"] = batch.gram_target
         nonnegative, tol = self.args.sbp_omp_nonnegative, self.args.sbp_omp_tol or None
-        batch = self.args.sbp_omp_batch
-        result = omp_gram(gram, k, ridge=ridge, nonnegative=nonnegative, tol=tol, batch=batch, **target)
+        per_step = self.args.sbp_omp_batch  # examples added per OMP step
+        result = omp_gram(gram, k, ridge=ridge, nonnegative=nonnegative, tol=tol, batch=per_step, **target)
         if result.indices.numel() == 0:
             # The batch's mean gradient is zero (or every gradient is): any subset matches it equally well.
             return random_subset(batch.n, k, batch.generator), torch.ones(k)
