@@ -22,7 +22,7 @@ from .head import HeadCapture, HeadScores
 from .model_card import MODEL_TAGS, ModelCardMixin
 from .padding import trim_padding, truncate_for_scoring
 from .schedule import selection_active
-from .selection import gradient_match_error, index_rows, subset_size
+from .selection import gradient_match_error, gram_cannot_overflow, index_rows, subset_size
 from .selection_metrics import EPOCH_EXAMPLES, EPOCH_PRUNED, PRUNED_FRACTION, SelectionMetrics, SelectionRecord, run_key
 from .setup_checks import batch_labels, checked_selection
 from .strategies import SelectionBatch, SelectionStrategy
@@ -227,8 +227,11 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             batch.logits, batch.features, batch.head_bias = self.score_batch(model, inputs)
             synchronize(labels.device)
             record.scoring_s = time.perf_counter() - start
-            # Finite features can still overflow float32 in the Gram matrix (|h| around 1e19).
-            usable = all_finite(batch.logits, batch.features) and all_finite(batch.gram)
+            # Finite features can still overflow float32 in the Gram matrix (|h| around 1e19). Bounded residuals and
+            # features rule that out without reading the n x n matrix; otherwise the matrix is checked.
+            usable = all_finite(batch.logits, batch.features) and (
+                gram_cannot_overflow(batch.residuals, batch.features, batch.head_bias) or all_finite(batch.gram)
+            )
         if usable and self._cache is not None:
             if record.scored:
                 scored, epoch = batch.example_ids[rows], self.state.epoch or 0.0
@@ -242,7 +245,9 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
                 indices = weights = None
             elif record.scored and batch.scored_rows is None:
                 # Of the gradient actually trained, (1/m) sum_S w_i g_i: magnitude included.
-                trained = gradient_match_error(batch.gram, indices, weights / weights.numel(), normalize=False)
+                trained = gradient_match_error(
+                    batch.gram, indices, weights / weights.numel(), normalize=False, target=batch.gram_target
+                )
                 record.grad_match_error = float(trained)
         if indices is None:
             if not self._warned_nonfinite:

@@ -367,3 +367,28 @@ def test_overhead_reuses_the_scoring_pass_and_times_omp_without_changing_the_sel
 
     assert gradmatch.omp_gram is selection.omp_gram
     assert overhead.BATCH_SIZES[:3] == (16, 32, 64) and {1024, 2048} <= set(overhead.BATCH_SIZES)
+
+
+def test_overhead_part_times_generalized_omp_beside_omp_at_large_batches(tmp_path, monkeypatch):
+    from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows
+
+    from hf_sbp.benchmark import overhead
+
+    # The quick run's batches are 16, 32 and 64 rows: call 32 rows "large" for the test.
+    monkeypatch.setattr(overhead, "LARGE_BATCH", 32)
+    model = save_tiny_model(str(tmp_path / "model"))
+    train = write_rows(str(tmp_path / "train.csv"), single_sentence_rows(160, seed=0))
+    validation = write_rows(str(tmp_path / "validation.csv"), single_sentence_rows(32, seed=1))
+    out = tmp_path / "out"
+    hf_sbp.benchmark.main(
+        ["overhead", "--quick", "--model_name_or_path", model, "--train_file", train, "--validation_file", validation,
+         "--output_dir", str(out), "--repeats", "2", "--keeps", "0.5", "--device", "cpu"]
+    )  # fmt: skip
+    rows = json.loads((out / "overhead.json").read_text())["rows"]
+    assert [(row["batch_size"], row["omp_batch"]) for row in rows] == [(16, 1), (32, 1), (32, 8), (64, 1), (64, 8)]
+    for row in rows:
+        assert row["forward_s"] > 0 and row["selection_s"] > 0 and row["omp_s"] > 0 and row["keep"] == 0.5
+    # Both variants of a batch size stand beside the same forwards.
+    assert rows[1]["forward_s"] == rows[2]["forward_s"] and rows[3]["forward_s"] == rows[4]["forward_s"]
+    report = (out / "README.md").read_text()
+    assert "| 32 | 64 | 0.5 | cpu |" in report and report.count("| 8 |") == 2

@@ -217,3 +217,24 @@ def test_cholesky_delete_against_refactorising(size, j_fraction, seed):
     reduced = np.delete(np.delete(A, j, axis=0), j, axis=1)
     np.testing.assert_allclose(L[: size - 1, : size - 1], np.linalg.cholesky(reduced), rtol=1e-8, atol=1e-10)
     assert not L[size - 1 :, :].any() and not L[:, size - 1 :].any()
+
+
+@FUZZ
+@given(
+    n=st.integers(1, 6),
+    scale_r=st.integers(-20, 20),
+    scale_h=st.integers(-20, 25),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gram_cannot_overflow_only_when_the_gram_is_finite(n, scale_r, scale_h, bias, seed):
+    """The trainer skips checking the Gram matrix when this bound holds: it must never hold for an overflowing one."""
+    from hf_sbp.selection import gram_cannot_overflow
+
+    rng = np.random.default_rng(seed)
+    residuals = torch.from_numpy(rng.standard_normal((n, 3)) * 10.0**scale_r).float()
+    features = torch.from_numpy(rng.standard_normal((n, 8)) * 10.0**scale_h).float()
+    if not (bool(torch.isfinite(residuals).all()) and bool(torch.isfinite(features).all())):
+        return
+    if gram_cannot_overflow(residuals, features, bias):
+        assert bool(torch.isfinite(last_layer_gram(residuals, features, bias=bias)).all())

@@ -14,11 +14,13 @@ from threadpoolctl import threadpool_limits
 from hf_sbp.selection import (
     LossHistory,
     gradient_match_error,
+    gram_cannot_overflow,
     head_residuals,
     last_layer_gram,
     loss_cdf_probabilities,
     loss_cdf_sample,
     loss_rank_sample,
+    mean_gradient_target,
     normalize_weights,
     omp_gram,
     per_example_loss,
@@ -396,3 +398,163 @@ def test_sum_constrained_problem_is_omp_on_gradients_with_a_constant_coordinate(
     plain = omp_gram(K, 3, tol=None)
     held = omp_gram(gram, 3, target_corr=corr, target_sq_norm=target_sq, tol=None)
     assert abs(float(held.weights.sum()) - 1.0) < 0.1 < abs(float(plain.weights.sum()) - 1.0)
+
+
+def _reference_generalized_omp(K: np.ndarray, k: int, batch: int, ridge: float, nonnegative: bool, tol: float | None):
+    """Generalized OMP as :func:`omp_gram` documents it for ``batch > 1``, written for clarity with from-scratch refits:
+    the ``batch`` largest residual correlations enter together, best first (lowest index among ties), each skipped if
+    dependent on the atoms before it; one refit. Non-negative: an atom of the step whose refit weight is not positive
+    leaves again (all but the step's best, if none is positive), then Lawson-Hanson as in :func:`_reference_omp`."""
+    n = K.shape[0]
+    corr = K.mean(axis=1)
+    target_sq = float(corr.mean())
+    diag = np.diagonal(K)
+    corr_floor = max(1e-12 * math.sqrt(float(diag.max()) * abs(target_sq)), 1e-300)
+    support: list[int] = []
+    weights = np.zeros(0)
+    dependent: set[int] = set()
+    objective = target_sq
+    residuals = [math.sqrt(max(objective, 0.0))]
+
+    def refit(atoms: list[int]) -> np.ndarray:
+        return np.linalg.solve(K[np.ix_(atoms, atoms)] + ridge * np.eye(len(atoms)), corr[atoms])
+
+    for _ in range(2 * n + k):
+        if len(support) >= k or (tol is not None and objective <= tol * tol * target_sq):
+            break
+        residual = corr - K[:, support] @ weights
+        score = residual if nonnegative else np.abs(residual)
+        score[support + sorted(dependent)] = -np.inf
+        eligible = [j for j in range(n) if score[j] > corr_floor]
+        chosen = sorted(eligible, key=lambda j: (-score[j], j))[: min(batch, k - len(support))]
+        if not chosen:
+            break
+        added: list[int] = []
+        for j in chosen:
+            explained = K[j, support] @ np.linalg.solve(K[np.ix_(support, support)] + ridge * np.eye(len(support)),
+                                                        K[support, j]) if support else 0.0  # fmt: skip
+            if not diag[j] + ridge - explained > 1e-10 * (diag[j] + ridge):
+                dependent.add(j)
+                continue
+            support.append(j)
+            added.append(j)
+        if not added:
+            continue
+        new = refit(support)
+        while nonnegative and len(added) > 1:
+            rejected = [a for a, w in zip(added, new[-len(added) :], strict=True) if w <= 0]
+            if not rejected:
+                break
+            if len(rejected) == len(added):
+                rejected = rejected[1:]
+            support = [a for a in support if a not in rejected]
+            added = [a for a in added if a not in rejected]
+            new = refit(support)
+        previous = np.append(weights, np.zeros(len(added)))
+        while nonnegative and (new <= 0).any():
+            neg = np.flatnonzero(new <= 0)
+            steps = [previous[i] / (previous[i] - new[i]) if previous[i] - new[i] > 0 else 0.0 for i in neg]
+            alpha = min(max(min(steps), 0.0), 1.0)
+            previous = previous + alpha * (new - previous)
+            previous[[i for i, step in zip(neg, steps, strict=True) if step <= alpha]] = 0.0
+            support = [a for a, w in zip(support, previous, strict=True) if w > 0]
+            previous = previous[previous > 0]
+            new = refit(support) if support else np.zeros(0)
+        weights = new
+        objective = target_sq - float(weights @ corr[support]) if support else target_sq
+        residuals.append(math.sqrt(max(objective, 0.0)))
+    return support, weights, residuals
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize(
+    ("seed", "classes", "dim", "k", "batch"),
+    [(0, 4, 64, 150, 2), (1, 4, 64, 200, 5), (3, 3, 384, 150, 8), (4, 2, 384, 75, 3)],
+)
+def test_generalized_omp_matches_a_reference_that_refits_from_scratch(nonnegative, seed, classes, dim, k, batch):
+    # batch > 1 adds several atoms per step through the same factor updates, deletions and slots as OMP, plus the
+    # rejection of a step's atoms that enter with a weight <= 0: a plain implementation of the rules must agree.
+    K = _softmax_gram(seed, 300, classes, dim)
+    scale = float(K.diagonal().double().mean())
+    for ridge in (0.0, 1e-3 * scale):
+        result = omp_gram(K, k, ridge=ridge, nonnegative=nonnegative, batch=batch)
+        with threadpool_limits(1, user_api="blas"):
+            support, weights, residuals = _reference_generalized_omp(
+                K.double().numpy(), k, batch, ridge, nonnegative, 1e-4
+            )
+        assert result.indices.tolist() == support
+        np.testing.assert_allclose(result.weights.numpy(), weights, rtol=1e-7, atol=1e-9 * np.abs(weights).max())
+        np.testing.assert_allclose(result.residuals, residuals, rtol=1e-7, atol=1e-7 * residuals[0])
+        assert len(residuals) - 1 < len(support), "several atoms per step: fewer steps than atoms"
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("batch", [2, 3, 7])
+def test_generalized_omp_with_k_equal_n_solves_nnls(seed, batch):
+    # It stops only when no atom has a positive residual correlation: the KKT conditions of NNLS, whatever the batch.
+    rng = np.random.default_rng(seed)
+    n, D = 10, 6
+    G = rng.standard_normal((n, D))
+    target = G.mean(0)
+    result = omp_gram(torch.from_numpy(G @ G.T), n, tol=None, batch=batch)
+    _, best = nnls(G.T, target)
+    explicit = np.linalg.norm(G[result.indices.numpy()].T @ result.weights.numpy() - target)
+    assert bool((result.weights > 0).all())
+    assert explicit == pytest.approx(best, abs=1e-9)
+
+
+def test_omp_batch_one_is_omp_and_the_batch_is_checked():
+    K = _softmax_gram(5, 120, 3, 32)
+    plain, one = omp_gram(K, 60), omp_gram(K, 60, batch=1)
+    assert plain.indices.tolist() == one.indices.tolist() and torch.equal(plain.weights, one.weights)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch"):
+            omp_gram(K, 5, batch=bad)
+
+
+def test_gradient_match_error_from_a_precomputed_target():
+    generator = torch.Generator().manual_seed(4)
+    G = torch.randn(40, 9, generator=generator, dtype=torch.float64)
+    K = (G @ G.T).float()  # as the trainer's Gram matrix
+    idx = torch.tensor([3, 17, 5, 29])
+    w = torch.tensor([0.02, 0.01, 0.05, 0.03], dtype=torch.float64)
+    mean = G.mean(0)
+    corr, target_sq = K.double() @ torch.ones(40, dtype=torch.float64) / 40, mean @ mean
+    for normalize in (True, False):
+        a = w / w.sum() if normalize else w
+        expected = torch.linalg.norm((a[:, None] * G[idx]).sum(0) - mean) / torch.linalg.norm(mean)
+        target = (corr, torch.tensor(float(corr.mean()), dtype=torch.float64))
+        with_target = gradient_match_error(K, idx, w, normalize=normalize, target=target)
+        torch.testing.assert_close(with_target, gradient_match_error(K, idx, w, normalize=normalize))
+        torch.testing.assert_close(with_target, expected, rtol=1e-5, atol=1e-6)
+    assert float(target_sq) == pytest.approx(float(corr.mean()), rel=1e-6)
+
+
+def test_mean_gradient_target_is_float64_on_every_path():
+    generator = torch.Generator().manual_seed(5)
+    G = torch.randn(30, 7, generator=generator, dtype=torch.float64)
+    K = G @ G.T
+    for gram in (K, K.float(), K.float().requires_grad_(True), K.T):
+        corr, target_sq = mean_gradient_target(gram)
+        assert corr.dtype == target_sq.dtype == torch.float64
+        torch.testing.assert_close(corr, gram.detach().double().mean(dim=1))
+        torch.testing.assert_close(target_sq, G.mean(0) @ G.mean(0), rtol=1e-6, atol=0.0)
+
+
+def test_gram_cannot_overflow_is_a_bound_not_a_guess():
+    generator = torch.Generator().manual_seed(6)
+    residuals, features = torch.randn(50, 3, generator=generator), torch.randn(50, 16, generator=generator)
+    assert gram_cannot_overflow(residuals, features)
+    huge = features.clone()
+    huge[7] *= 1e19  # h . h is about 1e40: the Gram matrix overflows float32
+    assert not bool(torch.isfinite(last_layer_gram(residuals, huge)).all())
+    assert not gram_cannot_overflow(residuals, huge)
+    nan = residuals.clone()
+    nan[3, 1] = float("nan")
+    assert not gram_cannot_overflow(nan, features)
+    # Large but orthogonal rows: the bound says nothing (False) although the matrix is finite; the caller checks it.
+    wide = torch.zeros(2, 2)
+    wide[0, 0] = wide[1, 1] = 3e19
+    assert not gram_cannot_overflow(torch.ones(2, 1), wide, bias=False)
+    assert bool(torch.isfinite(last_layer_gram(torch.ones(2, 1), torch.eye(2) * 1e15, bias=False)).all())
+    assert gram_cannot_overflow(torch.zeros(0, 3), torch.zeros(0, 16))

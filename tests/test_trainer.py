@@ -283,3 +283,23 @@ def test_logged_match_error_is_that_of_the_trained_gradient(tmp_path, normalizat
     trained = (weights.double()[:, None] * G[indices]).sum(0) / indices.numel()
     expected = float((trained - mean).norm() / mean.norm())
     assert trainer.last_selection.grad_match_error == pytest.approx(expected, rel=1e-3, abs=1e-5)
+
+
+def test_sbp_omp_batch_selects_with_generalized_omp(tmp_path):
+    from hf_sbp.selection import head_residuals, last_layer_gram, omp_gram
+
+    data = tiny_dataset(n=24)
+    batch = collated(data, range(24))
+    model = tiny_bert()
+    args = make_args(tmp_path, per_device_train_batch_size=24, sbp_omp_batch=3, sbp_omp_tol=0.0)
+    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=data)
+    indices, weights = trainer.select_batch(model, batch)
+    # The same subset as omp_gram with batch=3 on the scoring pass's Gram matrix, weights scaled by the subset size.
+    scores = trainer.score_batch(model, batch)
+    residuals = head_residuals(scores.logits, batch["labels"], "single_label_classification")
+    gram = last_layer_gram(residuals, scores.features)
+    expected = omp_gram(gram, 12, tol=None, batch=3)
+    assert indices.tolist() == expected.indices.tolist()
+    torch.testing.assert_close(weights.double(), expected.weights * expected.indices.numel(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"sbp_omp_batch=0 is invalid; it must be an integer >= 1"):
+        make_args(tmp_path, sbp_omp_batch=0)

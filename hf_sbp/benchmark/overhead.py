@@ -24,6 +24,10 @@ LARGE_BATCH = 1024
 """Batches of this many rows or more are timed :data:`LARGE_BATCH_REPEATS` times at most: a no-grad forward over
 1024 rows of 64 tokens takes about 10 s on 2 CPU cores, over 2048 rows about 20 s."""
 LARGE_BATCH_REPEATS = 3
+OMP_BATCH = 8
+"""At :data:`LARGE_BATCH` rows and more, selection is also timed with ``sbp_omp_batch`` at this value (generalized
+OMP: this many atoms per step, a method change whose match error ``docs/method.md`` measures), in rows of their own
+(``omp_batch`` says which) after the same forwards."""
 
 
 @contextlib.contextmanager
@@ -101,7 +105,9 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
 
     ``selection_s`` is everything ``select_batch`` does besides its scoring forward (residuals, Gram matrix,
     finiteness checks, OMP, match error), plus gathering the subset's rows and the capture hook's cost; ``omp_s``
-    is OMP alone (:func:`hf_sbp.selection.omp_gram`, as the ``gradmatch`` strategy calls it).
+    is OMP alone (:func:`hf_sbp.selection.omp_gram`, as the ``gradmatch`` strategy calls it); ``omp_batch`` is
+    ``sbp_omp_batch`` (1: OMP; :data:`OMP_BATCH` in the extra rows of large batches, timed right after OMP on the
+    same batches, beside the same forwards).
     """
     bench = ctx.bench
     model = load_model(ctx.model_path, data.num_labels, 0, bench.device).eval()
@@ -113,13 +119,23 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
         scores: dict = {}  # the scoring pass's results, shared by the keeps' trainers
         hook_s = None
         for keep in bench.keep_values if bench.quick else sorted({0.25, 0.5, *bench.keep_values}):
-            trainer = make_trainer(model, OVERHEAD_STRATEGY, keep, batch_size, bench.device, ctx.scratch_dir)
-            forward, selection, omp = [], [], []
-            with reused_scoring(trainer, scores), timed_omp(omp):
-                trainer.select_batch(model, batches[0])  # warm up (the first keep's trainer finds the head)
+            omp_batches = (1, OMP_BATCH) if batch_size >= LARGE_BATCH and keep < 1.0 else (1,)
+            trainers = {
+                b: make_trainer(
+                    model, OVERHEAD_STRATEGY, keep, batch_size, bench.device, ctx.scratch_dir, sbp_omp_batch=b
+                )
+                for b in omp_batches
+            }
+            forward, selection, omp = [], {b: [] for b in omp_batches}, {b: [] for b in omp_batches}
+            omp_times: list[float] = []
+            with contextlib.ExitStack() as stack:
+                for trainer in trainers.values():
+                    stack.enter_context(reused_scoring(trainer, scores))
+                stack.enter_context(timed_omp(omp_times))
+                for trainer in trainers.values():
+                    trainer.select_batch(model, batches[0])  # warm up (the first keep's trainer finds the head)
                 if hook_s is None:  # the same at every keep
-                    hook_s = hook_cost_s(model, trainer, batches[0])
-                omp.clear()
+                    hook_s = hook_cost_s(model, trainers[1], batches[0])
                 for repeat in range(repeats):
                     batch = batches[repeat % 2]
                     forward_inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -129,26 +145,32 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
                         model(**forward_inputs)
                     sync(bench.device)
                     forward.append(time.perf_counter() - start)
-                    start = time.perf_counter()
-                    indices, _ = trainer.select_batch(model, batch)
-                    index_rows(batch, indices, batch_size)
-                    sync(bench.device)
-                    elapsed = time.perf_counter() - start - trainer.last_selection.scoring_s
-                    selection.append(elapsed + hook_s)
-            row = {
-                "batch_size": batch_size,
-                "seq_len": bench.seq_len,
-                "keep": keep,
-                "device": bench.device,
-                "forward_s": statistics.median(forward),
-                "selection_s": statistics.median(selection),
-                "omp_s": statistics.median(omp) if omp else None,  # no OMP at keep 1.0: the batch is the subset
-                "repeats": repeats,
-            }
-            rows.append(row)
-            ctx.progress(
-                f"overhead b={batch_size} keep={keep}: forward {row['forward_s'] * 1e3:.1f} ms, selection "
-                f"{row['selection_s'] * 1e3:.2f} ms ({100 * row['selection_s'] / row['forward_s']:.2f}%), of which "
-                f"OMP {1e3 * (row['omp_s'] or 0.0):.2f} ms ({repeats} repeats)"
-            )
+                    for b, trainer in trainers.items():
+                        omp_times.clear()
+                        start = time.perf_counter()
+                        indices, _ = trainer.select_batch(model, batch)
+                        index_rows(batch, indices, batch_size)
+                        sync(bench.device)
+                        elapsed = time.perf_counter() - start - trainer.last_selection.scoring_s
+                        selection[b].append(elapsed + hook_s)
+                        omp[b].extend(omp_times)
+            for b in omp_batches:
+                row = {
+                    "batch_size": batch_size,
+                    "seq_len": bench.seq_len,
+                    "keep": keep,
+                    "omp_batch": b,
+                    "device": bench.device,
+                    "forward_s": statistics.median(forward),
+                    "selection_s": statistics.median(selection[b]),
+                    "omp_s": statistics.median(omp[b]) if omp[b] else None,  # no OMP at keep 1.0: the whole batch
+                    "repeats": repeats,
+                }
+                rows.append(row)
+                share = 100 * row["selection_s"] / row["forward_s"]
+                ctx.progress(
+                    f"overhead b={batch_size} keep={keep} omp_batch={b}: forward {row['forward_s'] * 1e3:.1f} ms, "
+                    f"selection {row['selection_s'] * 1e3:.2f} ms ({share:.2f}%), "
+                    f"of which OMP {1e3 * (row['omp_s'] or 0.0):.2f} ms ({repeats} repeats)"
+                )
     return rows

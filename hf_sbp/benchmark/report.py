@@ -111,9 +111,21 @@ def plot_training(rows: list[dict[str, Any]], output_dir: str) -> list[str]:
 def _overhead_section(rows: list[dict[str, Any]]) -> str:
     return (
         "## Selection overhead (`overhead.json`)\n\nMedians; selection = hook + residuals + Gram "
-        "matrix + OMP + match error + indexing, against the real checkpoint's no-grad scoring forward.\n\n"
+        "matrix + OMP + match error + indexing, against the real checkpoint's no-grad scoring forward; OMP = "
+        "`omp_gram` alone. `sbp_omp_batch` 1 is OMP; the rows with 8 (generalized OMP, 8 atoms per step, a method "
+        "change: see `docs/method.md`) were timed on the same batches, beside the same forwards.\n\n"
         + markdown_table(
-            ["batch", "seq", "keep", "device", "forward ms", "selection ms", "selection / forward"],
+            [
+                "batch",
+                "seq",
+                "keep",
+                "device",
+                "forward ms",
+                "selection ms",
+                "selection / forward",
+                "of which OMP ms",
+                "sbp_omp_batch",
+            ],
             [
                 [
                     r["batch_size"],
@@ -123,6 +135,8 @@ def _overhead_section(rows: list[dict[str, Any]]) -> str:
                     f"{1e3 * r['forward_s']:.1f}",
                     f"{1e3 * r['selection_s']:.2f}",
                     f"{100 * r['selection_s'] / r['forward_s']:.2f}%",
+                    "-" if r.get("omp_s") is None else f"{1e3 * r['omp_s']:.2f}",
+                    r.get("omp_batch", 1),
                 ]
                 for r in rows
             ],

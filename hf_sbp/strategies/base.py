@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..example_cache import CachedStats
-from ..selection import head_residuals, last_layer_gram, per_example_loss
+from ..selection import head_residuals, last_layer_gram, mean_gradient_target, per_example_loss
 
 
 @dataclass(eq=False)
@@ -47,8 +47,8 @@ class SelectionBatch:
         epoch_weights: for strategies that set ``prunes_dataset``: ``(n,)`` the loss weight the current epoch's plan
             gives each row (see :mod:`hf_sbp.pruning`); else ``None``.
 
-    ``residuals``, ``losses`` and ``gram`` are computed from ``logits`` and ``features`` on first use and then
-    kept, so a strategy that does not read them does not pay for them. They describe the scored rows.
+    ``residuals``, ``losses``, ``gram`` and ``gram_target`` are computed from ``logits`` and ``features`` on first
+    use and then kept, so a strategy that does not read them does not pay for them. They describe the scored rows.
     """
 
     n: int
@@ -95,6 +95,13 @@ class SelectionBatch:
         """``(n, n)`` Gram matrix of the last-layer gradients, ``K_ij = (r_i . r_j)(h_i . h_j + 1)`` (float32)."""
         self._scores("gram")
         return last_layer_gram(self.residuals, self.features, bias=self.head_bias)
+
+    @cached_property
+    def gram_target(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch-mean gradient ``gbar`` seen through ``gram``: ``(c, s)`` with ``c_i = <g_i, gbar>`` and
+        ``s = ||gbar||^2`` in float64 (see :func:`hf_sbp.selection.mean_gradient_target`); computed once, for OMP's
+        target and the trainer's match error alike."""
+        return mean_gradient_target(self.gram)
 
 
 class SelectionStrategy:

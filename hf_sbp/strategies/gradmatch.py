@@ -17,7 +17,14 @@ class GradientMatching(SelectionStrategy):
     needs_scoring = True
     weighted = True
     description = "OMP picks a weighted subset whose last-layer gradient matches the batch's mean gradient"
-    settings = ("sbp_weight_normalization", "sbp_omp_ridge", "sbp_omp_nonnegative", "sbp_omp_tol", "sbp_head_module")
+    settings = (
+        "sbp_weight_normalization",
+        "sbp_omp_ridge",
+        "sbp_omp_nonnegative",
+        "sbp_omp_tol",
+        "sbp_omp_batch",
+        "sbp_head_module",
+    )
 
     def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if k >= batch.n:  # keep 1.0: the batch is the subset, each row with weight 1 (OMP could stop early)
@@ -29,8 +36,12 @@ class GradientMatching(SelectionStrategy):
         target = {}
         if mode == "sum_constrained":
             gram, target["target_corr"], target["target_sq_norm"] = sum_constrained_problem(gram)
+        elif batch.__dict__.get("gram") is gram:  # batch.gram (cached; a subclass may use another matrix)
+            # The batch mean's correlations, which the trainer's match error reads too.
+            target["target_corr"], target["target_sq_norm"] = batch.gram_target
         nonnegative, tol = self.args.sbp_omp_nonnegative, self.args.sbp_omp_tol or None
-        result = omp_gram(gram, k, ridge=ridge, nonnegative=nonnegative, tol=tol, **target)
+        per_step = self.args.sbp_omp_batch  # examples added per OMP step
+        result = omp_gram(gram, k, ridge=ridge, nonnegative=nonnegative, tol=tol, batch=per_step, **target)
         if result.indices.numel() == 0:
             # The batch's mean gradient is zero (or every gradient is): any subset matches it equally well.
             return random_subset(batch.n, k, batch.generator), torch.ones(k)
