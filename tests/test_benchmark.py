@@ -392,3 +392,24 @@ def test_overhead_part_times_generalized_omp_beside_omp_at_large_batches(tmp_pat
     assert rows[1]["forward_s"] == rows[2]["forward_s"] and rows[3]["forward_s"] == rows[4]["forward_s"]
     report = (out / "README.md").read_text()
     assert "| 32 | 64 | 0.5 | cpu |" in report and report.count("| 8 |") == 2
+
+
+def test_omp_batch_probe_compares_generalized_omp_with_omp(tmp_path):
+    """The probe behind docs/method.md's sbp_omp_batch table, on a tiny model: batch 1 is OMP itself (the
+    reference), and generalized OMP's error is reported beside it for every size, keep and head."""
+    from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows
+
+    from hf_sbp.benchmark import omp_batch
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    train = write_rows(str(tmp_path / "train.csv"), single_sentence_rows(96, 0))
+    validation = write_rows(str(tmp_path / "validation.csv"), single_sentence_rows(16, 1))
+    data_args = ["--model_name_or_path", model, "--train_file", train, "--validation_file", validation]
+    outputs = omp_batch.scoring_outputs([24], str(tmp_path / "scratch"), [*data_args, "--seq_len", "16"])
+    results = omp_batch.omp_batch_quality(outputs, [1, 4], repeats=1)
+    assert set(results) == {(24, keep, steps, b) for keep in omp_batch.KEEPS for steps in omp_batch.HEAD_STEPS
+                            for b in (1, 4)}  # fmt: skip
+    for runs in results.values():  # the two batches of 24 rows
+        assert len(runs) == 2 and all(error >= 0 and seconds > 0 for error, seconds in runs)
+    table = omp_batch.quality_table(results, [24], [1, 4])
+    assert table.count("\n| 24 |") == len(omp_batch.KEEPS) * len(omp_batch.HEAD_STEPS)
