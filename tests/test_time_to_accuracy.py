@@ -482,3 +482,17 @@ def test_plan_recorder_measures_the_share_of_flipped_rows_visited():
         recorder.on_step_begin(None, None, None)  # a later step of the same epoch changes nothing
     assert recorder.visited == {1: [0, 1], 2: [2, 3, 1]}  # the unpruned first epoch is left out
     assert recorder.flipped_share([1, 3]) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_report_says_when_a_pruning_strategys_baseline_never_reached_the_target(tmp_path):
+    rows = []
+    for seed, prune in enumerate([None, None, 40]):
+        rows += [tta_row("none", seed, 50, "A"), tta_row("random", seed, 30, "A")]
+        rows += [tta_row("infobatch", seed, 25, "A", keep=1.0), tta_row("random-prune", seed, prune, "A", keep=1.0)]
+    for row in rows:
+        row.update(flipped_labels=0, train_examples=100, pruned_fraction=None, flipped_share_visited=None)
+    table = {e["strategy"]: e for e in tta.comparison_table(rows)}
+    assert table["infobatch"]["vs_random_prune"] == 0.0  # 25 s against a median of never
+    common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, rows)
+    text = open(report.write_report(str(tmp_path))).read()
+    assert "| d | 0.0 | 0.5 | infobatch | 3/3 | 25.0 | 0.83x | 0.50x | baseline not reached |" in text

@@ -2,7 +2,7 @@
 to accuracy.
 
     python scripts/benchmark.py all --quick          # everything, about 15 minutes on 2 CPU cores
-    python scripts/benchmark.py all                  # the full run, about 2 to 2.5 hours on 2 CPU cores
+    python scripts/benchmark.py all                  # the full run, about 4 hours on 2 CPU cores (sum of its parts)
     python scripts/benchmark.py overhead|throughput|grad-match|training|time-to-accuracy|padding [--quick]
     python scripts/benchmark.py throughput --peft lora   # the step times with LoRA, beside full fine-tuning's
     python scripts/benchmark.py report               # tables and plots from the JSON already written
@@ -11,7 +11,8 @@ The other quick parts take about 8 minutes together, time-to-accuracy --quick ab
 seed 0); in the full run the training part takes about 55 minutes, grad-match about 10 on an idle machine (two tasks,
 classification and regression, three weight modes of gradmatch; 56 minutes under load), and time-to-accuracy about a
 minute per run (2 datasets x noise 0, 0.2 x 3 seeds = 12 cells, each the full batch plus every strategy at keep 0.5
-on the full batch's wall-clock budget: 5 to 6 minutes per cell with four strategies; it is resumable: a rerun skips
+on the full batch's wall-clock budget: 5 to 6 minutes per cell with four strategies, 11 to 14 with every registered
+one, 2 h 25 min for that grid; it is resumable: a rerun skips
 the runs already in its JSON file, see :mod:`hf_sbp.benchmark.time_to_accuracy`).
 
 (``python -m hf_sbp.benchmark`` is the same command.) Data: the bundled datasets by name

@@ -379,6 +379,8 @@ def _times(value: float) -> str:
         return "-"
     if math.isinf(value):
         return "∞"
+    if value == 0:  # a finite time over a baseline that never reached the target
+        return "baseline not reached"
     return f"{value:.2f}x"
 
 
