@@ -57,13 +57,15 @@ on 300 validation examples (BBC news has 222), about 23 s per run on tweets and 
 about 60 s of wall clock (``T``, the evaluations, 2 to 3 s of calibration, loading the model), a cell of four
 (none, random, loss and gradmatch at keep 0.5) about 4 to 4.5 minutes, the full grid (2 datasets x noise 0, 0.2 x 3
 seeds = 12 cells) about 50 minutes here, about 75 minutes on a CPU 1.5 times slower (the AMD EPYC of
-``docs/benchmarks``); ``--quick`` (tweets, noise 0, seed 0: one cell) took 4 to 4.5 minutes. With all seven selective
-strategies (a third sitting, same machine, idle but slower that day) ``T`` was 52 to 58 s on tweets and 58 to 81 s on
-BBC news, a run 75 to 110 s of wall clock, a cell of eight runs 11 to 14 minutes, the grid 2 h 25 min. The calibrated step
-time was within 7% of the run's mean step (either way: the run's batches differ in length from the first ones, and
-the evaluations slow the steps after them a little), so a run either ended its schedule up to 6% before ``T`` or was
-stopped at ``T`` a few steps (under 5%, at under 5% of the peak learning rate) before its schedule's end; ``steps``
-and ``planned_steps`` record which.
+``docs/benchmarks``); ``--quick`` (tweets, noise 0, seed 0: one cell) took 4 to 4.5 minutes. In that sitting the
+calibrated step time was within 7% of the run's mean step (either way: the run's batches differ in length from the
+first ones, and the evaluations slow the steps after them a little), so a run either ended its schedule up to 6%
+before ``T`` or was stopped at ``T`` a few steps (under 5%, at under 5% of the peak learning rate) before its
+schedule's end; ``steps`` and ``planned_steps`` record which. With all seven selective strategies (a third sitting,
+same machine, idle but slower and drifting in speed that day) ``T`` was 52 to 58 s on tweets and 58 to 81 s on BBC
+news, a run 75 to 110 s of wall clock, a cell of eight runs 11 to 14 minutes, the grid 2 h 25 min, and the
+calibrated step time up to 1.45 times the run's own (a run then ended its schedule up to 31% before ``T``:
+``train_s`` against ``budget_s``).
 
 **Resuming.** Rows are appended to the JSON after every run, each with its ``sitting`` (an id of the invocation:
 its start time in UTC) and ``machine``. A rerun skips every (dataset, noise, seed, strategy, keep) already in the
