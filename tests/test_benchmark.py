@@ -24,6 +24,16 @@ class FirstRows(SelectionStrategy):
         return torch.arange(k), torch.ones(k)
 
 
+def tiny_data_args(folder, train_rows: int, validation_rows: int) -> list[str]:
+    """``scripts/benchmark.py`` arguments: a tiny random model and single-sentence CSV files, written to ``folder``."""
+    from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows
+
+    model = save_tiny_model(str(folder / "model"))
+    train = write_rows(str(folder / "train.csv"), single_sentence_rows(train_rows, seed=0))
+    validation = write_rows(str(folder / "validation.csv"), single_sentence_rows(validation_rows, seed=1))
+    return ["--model_name_or_path", model, "--train_file", train, "--validation_file", validation]
+
+
 def test_accuracy_at_takes_the_last_evaluation_within_the_budget():
     curve = [[10.0, 0.5], [20.0, 0.6], [30.0, 0.7]]
     assert training.accuracy_at(curve, 25.0) == 0.6
@@ -302,15 +312,10 @@ def test_report_shows_the_grad_match_tasks_and_weight_modes(tmp_path):
 
 
 def test_padding_part_quick_writes_both_files(tmp_path):
-    from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows
-
-    model = save_tiny_model(str(tmp_path / "model"))
-    train = write_rows(str(tmp_path / "train.csv"), single_sentence_rows(64, seed=0))
-    validation = write_rows(str(tmp_path / "validation.csv"), single_sentence_rows(32, seed=1))
     out = tmp_path / "out"
     hf_sbp.benchmark.main(
-        ["padding", "--quick", "--model_name_or_path", model, "--train_file", train, "--validation_file", validation,
-         "--output_dir", str(out), "--batch_size", "8", "--repeats", "2", "--train_steps", "2", "--device", "cpu"]
+        ["padding", "--quick", *tiny_data_args(tmp_path, train_rows=64, validation_rows=32), "--output_dir", str(out),
+         "--batch_size", "8", "--repeats", "2", "--train_steps", "2", "--device", "cpu"]
     )  # fmt: skip
     padding = json.loads((out / "padding.json").read_text())["rows"]
     assert [row["strategy"] for row in padding] == ["gradmatch", "loss", "random"]
@@ -370,19 +375,14 @@ def test_overhead_reuses_the_scoring_pass_and_times_omp_without_changing_the_sel
 
 
 def test_overhead_part_times_generalized_omp_beside_omp_at_large_batches(tmp_path, monkeypatch):
-    from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows
-
     from hf_sbp.benchmark import overhead
 
     # The quick run's batches are 16, 32 and 64 rows: call 32 rows "large" for the test.
     monkeypatch.setattr(overhead, "LARGE_BATCH", 32)
-    model = save_tiny_model(str(tmp_path / "model"))
-    train = write_rows(str(tmp_path / "train.csv"), single_sentence_rows(160, seed=0))
-    validation = write_rows(str(tmp_path / "validation.csv"), single_sentence_rows(32, seed=1))
     out = tmp_path / "out"
     hf_sbp.benchmark.main(
-        ["overhead", "--quick", "--model_name_or_path", model, "--train_file", train, "--validation_file", validation,
-         "--output_dir", str(out), "--repeats", "2", "--keeps", "0.5", "--device", "cpu"]
+        ["overhead", "--quick", *tiny_data_args(tmp_path, train_rows=160, validation_rows=32), "--output_dir", str(out),
+         "--repeats", "2", "--keeps", "0.5", "--device", "cpu"]
     )  # fmt: skip
     rows = json.loads((out / "overhead.json").read_text())["rows"]
     assert [(row["batch_size"], row["omp_batch"]) for row in rows] == [(16, 1), (32, 1), (32, 8), (64, 1), (64, 8)]
@@ -397,14 +397,9 @@ def test_overhead_part_times_generalized_omp_beside_omp_at_large_batches(tmp_pat
 def test_omp_batch_probe_compares_generalized_omp_with_omp(tmp_path):
     """The probe behind docs/method.md's sbp_omp_batch table, on a tiny model: batch 1 is OMP itself (the
     reference), and generalized OMP's error is reported beside it for every size, keep and head."""
-    from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows
-
     from hf_sbp.benchmark import omp_batch
 
-    model = save_tiny_model(str(tmp_path / "model"))
-    train = write_rows(str(tmp_path / "train.csv"), single_sentence_rows(96, 0))
-    validation = write_rows(str(tmp_path / "validation.csv"), single_sentence_rows(16, 1))
-    data_args = ["--model_name_or_path", model, "--train_file", train, "--validation_file", validation]
+    data_args = tiny_data_args(tmp_path, train_rows=96, validation_rows=16)
     outputs = omp_batch.scoring_outputs([24], str(tmp_path / "scratch"), [*data_args, "--seq_len", "16"])
     results = omp_batch.omp_batch_quality(outputs, [1, 4], repeats=1)
     assert set(results) == {(24, keep, steps, b) for keep in omp_batch.KEEPS for steps in omp_batch.HEAD_STEPS

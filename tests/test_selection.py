@@ -227,9 +227,12 @@ def test_omp_rejects_bad_arguments():
         omp_gram(torch.full((2, 2), float("nan")), 1)
 
 
-def _reference_omp(K: np.ndarray, k: int, ridge: float, nonnegative: bool, tol: float | None):
+def _reference_omp(K: np.ndarray, k: int, ridge: float, nonnegative: bool, tol: float | None, batch: int = 1):
     """OMP as :func:`omp_gram` documents it, written for clarity: every refit solves ``(K_SS + ridge I) w = c_S`` from
-    scratch, with the same selection, pivot and Lawson-Hanson rules (thresholds included)."""
+    scratch, with the same selection, pivot and Lawson-Hanson rules (thresholds included). With ``batch > 1``
+    (generalized OMP) the ``batch`` largest residual correlations enter together, best first (lowest index among
+    ties), each skipped if dependent on the atoms before it; one refit; non-negative, an atom of the step whose refit
+    weight is not positive leaves again (all but the step's best, if none is positive) before Lawson-Hanson."""
     n = K.shape[0]
     corr = K.mean(axis=1)
     target_sq = float(corr.mean())
@@ -250,17 +253,32 @@ def _reference_omp(K: np.ndarray, k: int, ridge: float, nonnegative: bool, tol: 
         residual = corr - K[:, support] @ weights
         score = residual if nonnegative else np.abs(residual)
         score[support + sorted(dependent)] = -np.inf
-        j = int(np.argmax(score))
-        if not score[j] > corr_floor:
+        eligible = [j for j in range(n) if score[j] > corr_floor]
+        chosen = sorted(eligible, key=lambda j: (-score[j], j))[: min(batch, k - len(support))]
+        if not chosen:
             break
-        explained = K[j, support] @ np.linalg.solve(K[np.ix_(support, support)] + ridge * np.eye(len(support)),
-                                                    K[support, j]) if support else 0.0  # fmt: skip
-        if not diag[j] + ridge - explained > 1e-10 * (diag[j] + ridge):
-            dependent.add(j)
+        added: list[int] = []
+        for j in chosen:
+            explained = K[j, support] @ np.linalg.solve(K[np.ix_(support, support)] + ridge * np.eye(len(support)),
+                                                        K[support, j]) if support else 0.0  # fmt: skip
+            if not diag[j] + ridge - explained > 1e-10 * (diag[j] + ridge):
+                dependent.add(j)
+                continue
+            support.append(j)
+            added.append(j)
+        if not added:
             continue
-        support.append(j)
-        previous = np.append(weights, 0.0)
         new = refit(support)
+        while nonnegative and len(added) > 1:
+            rejected = [a for a, w in zip(added, new[-len(added) :], strict=True) if w <= 0]
+            if not rejected:
+                break
+            if len(rejected) == len(added):
+                rejected = rejected[1:]
+            support = [a for a in support if a not in rejected]
+            added = [a for a in added if a not in rejected]
+            new = refit(support)
+        previous = np.append(weights, np.zeros(len(added)))
         while nonnegative and (new <= 0).any():
             neg = np.flatnonzero(new <= 0)
             steps = [previous[i] / (previous[i] - new[i]) if previous[i] - new[i] > 0 else 0.0 for i in neg]
@@ -400,72 +418,6 @@ def test_sum_constrained_problem_is_omp_on_gradients_with_a_constant_coordinate(
     assert abs(float(held.weights.sum()) - 1.0) < 0.1 < abs(float(plain.weights.sum()) - 1.0)
 
 
-def _reference_generalized_omp(K: np.ndarray, k: int, batch: int, ridge: float, nonnegative: bool, tol: float | None):
-    """Generalized OMP as :func:`omp_gram` documents it for ``batch > 1``, written for clarity with from-scratch refits:
-    the ``batch`` largest residual correlations enter together, best first (lowest index among ties), each skipped if
-    dependent on the atoms before it; one refit. Non-negative: an atom of the step whose refit weight is not positive
-    leaves again (all but the step's best, if none is positive), then Lawson-Hanson as in :func:`_reference_omp`."""
-    n = K.shape[0]
-    corr = K.mean(axis=1)
-    target_sq = float(corr.mean())
-    diag = np.diagonal(K)
-    corr_floor = max(1e-12 * math.sqrt(float(diag.max()) * abs(target_sq)), 1e-300)
-    support: list[int] = []
-    weights = np.zeros(0)
-    dependent: set[int] = set()
-    objective = target_sq
-    residuals = [math.sqrt(max(objective, 0.0))]
-
-    def refit(atoms: list[int]) -> np.ndarray:
-        return np.linalg.solve(K[np.ix_(atoms, atoms)] + ridge * np.eye(len(atoms)), corr[atoms])
-
-    for _ in range(2 * n + k):
-        if len(support) >= k or (tol is not None and objective <= tol * tol * target_sq):
-            break
-        residual = corr - K[:, support] @ weights
-        score = residual if nonnegative else np.abs(residual)
-        score[support + sorted(dependent)] = -np.inf
-        eligible = [j for j in range(n) if score[j] > corr_floor]
-        chosen = sorted(eligible, key=lambda j: (-score[j], j))[: min(batch, k - len(support))]
-        if not chosen:
-            break
-        added: list[int] = []
-        for j in chosen:
-            explained = K[j, support] @ np.linalg.solve(K[np.ix_(support, support)] + ridge * np.eye(len(support)),
-                                                        K[support, j]) if support else 0.0  # fmt: skip
-            if not diag[j] + ridge - explained > 1e-10 * (diag[j] + ridge):
-                dependent.add(j)
-                continue
-            support.append(j)
-            added.append(j)
-        if not added:
-            continue
-        new = refit(support)
-        while nonnegative and len(added) > 1:
-            rejected = [a for a, w in zip(added, new[-len(added) :], strict=True) if w <= 0]
-            if not rejected:
-                break
-            if len(rejected) == len(added):
-                rejected = rejected[1:]
-            support = [a for a in support if a not in rejected]
-            added = [a for a in added if a not in rejected]
-            new = refit(support)
-        previous = np.append(weights, np.zeros(len(added)))
-        while nonnegative and (new <= 0).any():
-            neg = np.flatnonzero(new <= 0)
-            steps = [previous[i] / (previous[i] - new[i]) if previous[i] - new[i] > 0 else 0.0 for i in neg]
-            alpha = min(max(min(steps), 0.0), 1.0)
-            previous = previous + alpha * (new - previous)
-            previous[[i for i, step in zip(neg, steps, strict=True) if step <= alpha]] = 0.0
-            support = [a for a, w in zip(support, previous, strict=True) if w > 0]
-            previous = previous[previous > 0]
-            new = refit(support) if support else np.zeros(0)
-        weights = new
-        objective = target_sq - float(weights @ corr[support]) if support else target_sq
-        residuals.append(math.sqrt(max(objective, 0.0)))
-    return support, weights, residuals
-
-
 @pytest.mark.parametrize("nonnegative", [True, False])
 @pytest.mark.parametrize(
     ("seed", "classes", "dim", "k", "batch"),
@@ -479,9 +431,7 @@ def test_generalized_omp_matches_a_reference_that_refits_from_scratch(nonnegativ
     for ridge in (0.0, 1e-3 * scale):
         result = omp_gram(K, k, ridge=ridge, nonnegative=nonnegative, batch=batch)
         with threadpool_limits(1, user_api="blas"):
-            support, weights, residuals = _reference_generalized_omp(
-                K.double().numpy(), k, batch, ridge, nonnegative, 1e-4
-            )
+            support, weights, residuals = _reference_omp(K.double().numpy(), k, ridge, nonnegative, 1e-4, batch)
         assert result.indices.tolist() == support
         np.testing.assert_allclose(result.weights.numpy(), weights, rtol=1e-7, atol=1e-9 * np.abs(weights).max())
         np.testing.assert_allclose(result.residuals, residuals, rtol=1e-7, atol=1e-7 * residuals[0])
