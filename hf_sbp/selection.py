@@ -11,30 +11,17 @@ Notation: a batch of ``n`` examples; the model ends in a linear head ``z_i = W h
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.linalg import qr_delete
-from scipy.linalg.blas import dtpsv
 
 from ._utils import check_int_at_least
-
-try:  # a dependency of scikit-learn, so normally present
-    from threadpoolctl import ThreadpoolController
-except ImportError:  # pragma: no cover
-    ThreadpoolController = None
+from .omp_loop import omp_loop
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
-
-# Recent scipy puts a Python wrapper that broadcasts batched inputs in front of the compiled qr_delete. OMP
-# deletes from single matrices, about a hundred times a call at 1024 rows and keep 0.5, and the wrapper's checks cost
-# about 5% of OMP's time there (measured A/B): call the compiled function when scipy exposes it.
-_qr_delete = getattr(qr_delete, "__wrapped__", qr_delete)
 
 
 def _check_problem_type(problem_type: str) -> None:
@@ -228,300 +215,6 @@ class OMPResult(NamedTuple):
     residuals: list[float]
 
 
-@functools.cache
-def _blas_threads() -> ThreadpoolController | None:
-    """The thread pools of the BLAS libraries loaded in this process (NumPy's and SciPy's), found once."""
-    return None if ThreadpoolController is None else ThreadpoolController()
-
-
-def _single_threaded_blas() -> contextlib.AbstractContextManager:
-    """A context in which NumPy's and SciPy's BLAS use one thread.
-
-    OMP's loop calls BLAS hundreds of times on operands of a few megabytes at most. Threads barely pay for their
-    wake-up there, and when the cores are busy (the training's own threads, other processes) a multi-threaded call
-    waits for a descheduled thread: measured on 2 busy cores, OMP over 1024 to 2048 rows ran 3 to 5 times slower.
-    """
-    controller = _blas_threads()
-    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
-
-
-def _packed_solve(packed: np.ndarray, size: int, b: np.ndarray, transpose: bool = False) -> np.ndarray:
-    """Solve ``L x = b`` (or ``L^T x = b``) for the ``size x size`` lower-triangular ``L`` whose rows lie one after
-    another in ``packed`` (row ``i`` at offset ``i (i + 1) / 2``: BLAS's packed storage of the upper triangle ``L^T``).
-
-    A factor that grows by one row per step stays a contiguous prefix of ``packed``, so BLAS reads it in place:
-    LAPACK's ``dtrtrs`` on the top-left block of a larger buffer first copied (and transposed) the whole block,
-    which cost 40 times the solve itself at a few hundred atoms."""
-    return dtpsv(size, packed, b, lower=0, trans=0 if transpose else 1)
-
-
-def _cholesky_delete(
-    L: np.ndarray,
-    size: int,
-    j: int,
-    scratch: np.ndarray | None = None,
-    z: np.ndarray | None = None,
-    positive: bool = True,
-) -> None:
-    """In place: turn the lower Cholesky factor of an ``size x size`` matrix ``A`` (in ``L[:size, :size]``) into that
-    of ``A`` without row and column ``j`` (in ``L[:size - 1, :size - 1]``); row ``size - 1`` becomes zero.
-
-    Rows above ``j`` stay; rows below move up one, keeping their first ``j`` entries; their trailing block gets the
-    rank-one update ``L33' L33'^T = L33 L33^T + l32 l32^T``. That update is a QR column deletion: ``R = L[j:, j:]^T``
-    is upper triangular with ``R^T R`` the trailing block of ``A``, and Givens rotations make ``R`` without its first
-    column triangular again. scipy's ``qr_delete`` applies them in compiled code (a Python loop over the columns cost
-    several times more).
-
-    ``z``, when given, is the solution of ``L z = b`` (in ``z[:size]``) and becomes that of ``L' z' = b'`` for ``b``
-    without entry ``j``: the rows of ``L`` below ``j`` say ``L31 z1 + l32 z_j + L33 z3 = b3``, so
-    ``L33' z3' = [l32 L33] [z_j; z3]``, and the rotations that make ``[l32 L33]^T`` triangular turn ``[z_j; z3]`` into
-    ``z3'`` when they rotate it as an extra column of ``R``: ``O(size - j)`` instead of a new triangular solve.
-
-    With ``positive`` False, the diagonal of the result may have negative entries: a column of ``L`` negated with the
-    entry of ``z`` it multiplies changes neither ``L L^T`` nor any solution ``w = L^-T z`` (OMP's solves do not mind,
-    and flipping them back, about half of them, cost more than the rotations). ``scratch``, at least
-    ``(size - j) (2 (size - j) + 1)`` finite numbers (zeros when ``None``), holds ``R`` and the ``Q`` that
-    ``qr_delete`` also rotates and that is not needed here (the rotations depend on ``R`` alone, so any finite values
-    do); reused across calls, it spares fresh blocks of a few hundred kilobytes.
-    """
-    m = size - j
-    if m > 1:
-        width = m + (z is not None)
-        if scratch is None:
-            scratch = np.zeros(m * (m + width))
-        # qr_delete works in place on L's memory too, but slower than on this contiguous copy.
-        R = scratch[m * m : m * (m + width)].reshape((m, width), order="F")
-        R[:, :m] = L[j:size, j:size].T  # column c of R is row j + c of L: contiguous copies
-        if z is not None:
-            R[:, m] = z[j:size]
-        Q = scratch[: m * m].reshape((m, m), order="F")
-        _, R = _qr_delete(Q, R, 0, 1, which="col", overwrite_qr=True, check_finite=False)
-        L[j : size - 1, :j] = L[j + 1 : size, :j]
-        L[j : size - 1, j : size - 1] = R[: m - 1, : m - 1].T
-        if z is not None:
-            z[j : size - 1] = R[: m - 1, m - 1]
-        if positive:  # a rotation can leave a pivot negative: flip that column of L (and entry of z)
-            flipped = j + np.flatnonzero(np.diagonal(R)[: m - 1] < 0)
-            L[j : size - 1, flipped] *= -1.0
-            if z is not None:
-                z[flipped] *= -1.0
-    L[size - 1, :size] = 0.0  # its column (above the diagonal) was zero already
-
-
-def _omp_loop(
-    K: np.ndarray,
-    corr: np.ndarray,
-    target_sq: float,
-    k: int,
-    ridge: float,
-    nonnegative: bool,
-    tol: float | None,
-    batch: int = 1,
-) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """:func:`omp_gram`'s loop on its checked arrays: ``(support, weights, residuals)``.
-
-    ``K`` is float32 or float64 (read a row at a time into float64: converting the whole matrix cost more than the
-    rows OMP reads), ``corr`` float64; all arithmetic is in float64. ``batch`` atoms enter per step (1: OMP).
-    """
-    n = K.shape[0]
-    diag = np.diagonal(K).astype(np.float64)
-    # Thresholds relative to the problem's own scale, so that rank-deficient, duplicated, tiny or
-    # huge Gram matrices behave alike: an atom needs a correlation that is not round-off, and a
-    # Cholesky pivot that is not numerically zero (a duplicate or a combination of chosen atoms).
-    scale = float(diag.max()) if n else 0.0
-    corr_floor = 1e-12 * math.sqrt(max(scale, 0.0) * max(abs(target_sq), 0.0)) if math.isfinite(target_sq) else 0.0
-    corr_floor = max(corr_floor, 1e-300)
-    pivot_floor = 1e-10
-
-    # The chosen atoms in the order of L's rows, and each one's row of K_S (its slot), in arrays of length k whose
-    # first |S| entries are in use: fancy indexing with them is much cheaper than with Python lists.
-    support = np.zeros(k, dtype=np.intp)
-    slots = np.zeros(k, dtype=np.intp)
-    s = 0
-    weights = np.zeros(0)
-    # The Cholesky factor of K_SS + ridge I, twice: dense in the top-left |S| x |S| block of `L`, where deletions
-    # rotate it, and packed row by row for the triangular solves (see _packed_solve).
-    L = np.zeros((k, k))
-    packed = np.zeros(k * (k + 1) // 2)
-    scratch: np.ndarray | None = None  # _cholesky_delete's zero buffer, made at the first deletion
-    lower: np.ndarray | None = None  # np.tri(k, k) as booleans, to repack rows of L, made with it
-    # z = L^-1 c_S, the forward half of the refit w_S = L^-T L^-1 c_S. A new atom only appends a row to L, so it only
-    # appends an entry to z (one dot product), and a deletion rotates it along with L: the refit is one backward solve.
-    z = np.zeros(k)
-
-    # Candidates: the atoms that may enter now (neither chosen nor found dependent on the chosen) hold the first
-    # `candidates` positions of a permutation of the atoms (`atom_at`, and its inverse `position`), and the residual
-    # correlations are computed for them only: at keep 0.5 that spares a third of the O(n |S|) work, and the operand
-    # fits a core's cache more often. `corr_at` and `residual_corr` are in the order of positions.
-    atom_at = np.arange(n)
-    position = np.arange(n)
-    candidates = n
-    corr_at = corr.copy()
-    residual_corr = corr.copy()
-    explained = np.zeros(n)  # K_S^T w, before it is subtracted from corr_at
-    # The chosen atoms' rows of K (in the order of positions), one per row of K_S: the residual update is one
-    # matrix-vector product over its top-left block. A dropped atom leaves its row (slot) free for the next one, so
-    # deletions move no rows; a free slot weighs nothing.
-    K_S = np.zeros((k, n))
-    slot_weights = np.zeros(k)
-    free_slots: list[int] = []
-    used_slots = 0
-
-    def swap(p: int, q: int) -> None:
-        """Exchange the atoms at positions ``p`` and ``q``: their entries, and their columns of K_S."""
-        if p == q:
-            return
-        a, b = atom_at[p], atom_at[q]
-        atom_at[p], atom_at[q] = b, a
-        position[a], position[b] = q, p
-        corr_at[p], corr_at[q] = corr_at[q], corr_at[p]
-        residual_corr[p], residual_corr[q] = residual_corr[q], residual_corr[p]
-        if used_slots:
-            column = K_S[:used_slots, p].copy()
-            K_S[:used_slots, p] = K_S[:used_slots, q]
-            K_S[:used_slots, q] = column
-
-    def remove(dropped: np.ndarray) -> None:
-        """Take the atoms at rows ``dropped`` (increasing) of the factor out of the subset: they are candidates again.
-
-        Each is deleted from the Cholesky factor (and z), last first, in ``O(|S|^2)`` rather than by an ``O(|S|^3)``
-        refactorisation (which dominated OMP at batches of 1000 rows and more). Rows of L above the first deleted one
-        are unchanged, in `packed` and in z alike; the rest is repacked (its lower triangle, row by row, is what a
-        boolean mask picks in C order)."""
-        nonlocal s, candidates, scratch, lower
-        if not len(dropped):
-            return
-        if scratch is None:
-            scratch = np.zeros(k * (2 * k + 1))
-            lower = np.tri(k, k, dtype=bool)
-        for row in dropped[::-1].tolist():
-            _cholesky_delete(L, s, row, scratch, z, positive=False)
-            s -= 1
-        for atom in support[dropped].tolist():
-            swap(int(position[atom]), candidates)
-            candidates += 1
-        slot_weights[slots[dropped]] = 0.0
-        free_slots.extend(slots[dropped].tolist())
-        keep = np.ones(s + len(dropped), dtype=bool)
-        keep[dropped] = False
-        support[:s] = support[: s + len(dropped)][keep]
-        slots[:s] = slots[: s + len(dropped)][keep]
-        first = int(dropped[0])
-        if first < s:
-            packed[first * (first + 1) // 2 : s * (s + 1) // 2] = L[first:s, :s][lower[first:s, :s]]
-
-    objective = target_sq
-    residuals = [math.sqrt(max(objective, 0.0))] if math.isfinite(objective) else []
-    stop_at = None if (tol is None or not math.isfinite(target_sq)) else tol * tol * target_sq
-
-    # Each outer step adds atoms or finds one dependent; Lawson-Hanson drops can remove some, so bound the loop.
-    for _ in range(2 * n + k):
-        if s >= k or candidates == 0 or (stop_at is not None and objective <= stop_at):
-            break
-        score = residual_corr[:candidates] if nonnegative else np.abs(residual_corr[:candidates])
-        want = min(batch, k - s)
-        if want == 1:
-            p = int(np.argmax(score))
-            best = score[p]
-            if not best > corr_floor:
-                break  # no atom can lower the objective (NNLS optimality when nonnegative)
-            ties = np.flatnonzero(score == best)
-            if len(ties) > 1:  # the lowest-numbered atom among exact ties, as an argmax over the atoms in order
-                p = int(ties[np.argmin(atom_at[ties])])
-            chosen = [int(atom_at[p])]
-        else:
-            # The `want` largest scores above the floor, best first (among exact ties, lowest-numbered atom first).
-            if want < candidates:
-                top = np.flatnonzero(score >= score[np.argpartition(score, -want)[-want:]].min())
-            else:
-                top = np.arange(candidates)
-            top = top[score[top] > corr_floor]
-            if not len(top):
-                break
-            chosen = atom_at[top[np.lexsort((atom_at[top], -score[top]))[:want]]].tolist()
-
-        added = 0
-        for j in chosen:
-            if s:
-                v = _packed_solve(packed, s, K[j, support[:s]])
-                pivot_sq = diag[j] + ridge - v @ v
-            else:
-                v = np.zeros(0)
-                pivot_sq = diag[j] + ridge
-            swap(int(position[j]), candidates - 1)  # j is chosen or dependent: no longer a candidate
-            candidates -= 1
-            if not pivot_sq > pivot_floor * (diag[j] + ridge):
-                continue  # linearly dependent on the chosen atoms: it cannot lower the objective
-            pivot = math.sqrt(pivot_sq)
-            L[s, :s] = v
-            L[s, s] = pivot
-            row = s * (s + 1) // 2
-            packed[row : row + s] = v
-            packed[row + s] = pivot
-            z[s] = (corr[j] - v @ z[:s]) / pivot
-            if free_slots:
-                slot = free_slots.pop()
-            else:
-                slot, used_slots = used_slots, used_slots + 1
-            K_S[slot] = K[j, atom_at]  # K is symmetric: j's row, contiguous, rather than its column
-            support[s], slots[s] = j, slot
-            s += 1
-            added += 1
-        if not added:
-            continue
-        new = _packed_solve(packed, s, z[:s], transpose=True)
-
-        if nonnegative and added > 1:
-            # Generalized OMP: an atom of this step whose refit weight is not positive does not enter (it has no
-            # positive weight that Lawson-Hanson could lower to zero), and the others are refitted without it. The
-            # step's best atom alone would enter with a positive weight (its residual correlation over its pivot).
-            while added > 1:
-                rejected = np.flatnonzero(new[s - added :] <= 0)
-                if not len(rejected):
-                    break
-                if len(rejected) == added:
-                    rejected = rejected[1:]
-                remove(s - added + rejected)
-                added -= len(rejected)
-                new = _packed_solve(packed, s, z[:s], transpose=True)
-
-        if nonnegative and (new <= 0).any():
-            previous = np.append(weights, np.zeros(added))
-            while True:
-                # Lawson-Hanson: the segment from the feasible `previous` to `new` lowers the convex
-                # objective; stop where the first weight reaches zero, drop it, and refit.
-                neg = np.flatnonzero(new <= 0)
-                denom = previous[neg] - new[neg]
-                step = np.where(denom > 0, previous[neg] / np.maximum(denom, 1e-300), 0.0)
-                alpha = min(max(float(step.min()), 0.0), 1.0)
-                previous = previous + alpha * (new - previous)
-                previous[neg[step <= alpha]] = 0.0
-                keep_mask = previous > 0
-                remove(np.flatnonzero(~keep_mask))  # Lawson-Hanson lets a dropped atom enter again
-                previous = previous[keep_mask]
-                if not s:
-                    new = np.zeros(0)
-                    break
-                new = _packed_solve(packed, s, z[:s], transpose=True)
-                if not (new <= 0).any():
-                    break
-        weights = new
-
-        if s:
-            slot_weights[slots[:s]] = weights
-            np.matmul(slot_weights[:used_slots], K_S[:used_slots, :candidates], out=explained[:candidates])
-            np.subtract(corr_at[:candidates], explained[:candidates], out=residual_corr[:candidates])
-            # Objective of the exact (ridge) least-squares solution on S: ||t||^2 - w . c_S.
-            objective = target_sq - float(weights @ corr[support[:s]])
-        else:
-            residual_corr[:candidates] = corr_at[:candidates]
-            objective = target_sq
-        if math.isfinite(objective):
-            residuals.append(math.sqrt(max(objective, 0.0)))
-
-    return support[:s], weights, residuals
-
-
 def omp_gram(
     gram: torch.Tensor,
     n_nonzero: int,
@@ -573,8 +266,8 @@ def omp_gram(
     dropping an atom costs ``O(|S|^2)``: ``O(n k^2)`` in all.
 
     Returns:
-        An :class:`OMPResult` on ``gram``'s device. Computation is in float64 on the CPU, with NumPy's and SciPy's
-        BLAS limited to one thread for the duration of the call.
+        An :class:`OMPResult` on ``gram``'s device. Computation is in float64 on the CPU, in one thread, compiled
+        (:mod:`hf_sbp.omp_loop`).
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square (n, n) matrix; got shape {tuple(gram.shape)}.")
@@ -585,14 +278,13 @@ def omp_gram(
         raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
     if tol is not None and not (tol >= 0.0 and math.isfinite(tol)):
         raise ValueError(f"tol must be None or a finite number >= 0; got {tol!r}.")
-    # NumPy rather than torch: at small n the loop is dispatch-bound, and a float64 NumPy or BLAS call costs a few
-    # microseconds where a small torch op costs tens. At 1000 rows and more, the memory-bound O(n |S|) residual update
-    # and the O(|S|^2) updates of the factor take most of the time.
     device = gram.device
     # float32 stays float32 (every float32 is a float64, so nothing is rounded): the loop reads rows of K into float64
-    # as it needs them, and a float64 copy of the whole matrix cost more than all the rows it reads.
+    # as it needs them, and keeps the chosen atoms' columns in K's dtype (half the memory traffic of float64).
     gram_cpu = gram.detach().to("cpu")
-    K = gram_cpu.numpy() if gram_cpu.dtype in (torch.float32, torch.float64) else gram_cpu.double().numpy()
+    if gram_cpu.dtype not in (torch.float32, torch.float64):
+        gram_cpu = gram_cpu.double()
+    K = np.ascontiguousarray(gram_cpu.numpy())
     if not np.isfinite(K).all():
         raise ValueError("gram contains NaN or infinite entries.")
     if target_corr is None:
@@ -601,16 +293,16 @@ def omp_gram(
     else:
         if target_corr.shape != (n,):
             raise ValueError(f"target_corr must have shape ({n},); got {tuple(target_corr.shape)}.")
-        corr = target_corr.detach().to("cpu", torch.float64).numpy()
+        corr = np.ascontiguousarray(target_corr.detach().to("cpu", torch.float64).numpy())
         if target_sq_norm is None and tol is not None:
             raise ValueError("target_sq_norm is required with a custom target_corr when tol is set.")
         target_sq = float("nan") if target_sq_norm is None else float(target_sq_norm)
 
-    with _single_threaded_blas():
-        support, weights, residuals = _omp_loop(K, corr, target_sq, min(n_nonzero, n), ridge, nonnegative, tol, batch)
+    stop_at = -math.inf if tol is None or not math.isfinite(target_sq) else tol * tol * target_sq
+    support, weights, residuals = omp_loop(K, corr, target_sq, min(n_nonzero, n), ridge, nonnegative, stop_at, batch)
     index_tensor = torch.from_numpy(support.astype(np.int64)).to(device)
     weight_tensor = torch.from_numpy(np.maximum(weights, 0.0) if nonnegative else weights).to(device)
-    return OMPResult(index_tensor, weight_tensor, residuals)
+    return OMPResult(index_tensor, weight_tensor, residuals.tolist())
 
 
 def sum_constrained_problem(

@@ -204,19 +204,25 @@ def test_normalize_weights_on_extreme_magnitudes(weights):
 @FUZZ
 @given(size=st.integers(2, 12), j_fraction=st.floats(0.0, 0.999), seed=st.integers(0, 2**31 - 1))
 def test_cholesky_delete_against_refactorising(size, j_fraction, seed):
-    """OMP drops atoms from its Cholesky factor in place; the result must be the factor of the reduced matrix."""
-    from hf_sbp.selection import _cholesky_delete
+    """OMP drops atoms from its Cholesky factor in place; the result must be the factor of the reduced matrix, and the
+    forward solution ``z = L^-1 b`` it carries must become that of the reduced factor and right-hand side."""
+    from hf_sbp.omp_loop import _cholesky_delete
 
     rng = np.random.default_rng(seed)
     B = rng.standard_normal((size, size + 2))
     A = B @ B.T + 1e-3 * np.eye(size)
+    b = rng.standard_normal(size)
     j = int(j_fraction * size)
-    L = np.zeros((size + 1, size + 1))  # a larger buffer, as OMP keeps one
-    L[:size, :size] = np.linalg.cholesky(A)
-    _cholesky_delete(L, size, j)
-    reduced = np.delete(np.delete(A, j, axis=0), j, axis=1)
-    np.testing.assert_allclose(L[: size - 1, : size - 1], np.linalg.cholesky(reduced), rtol=1e-8, atol=1e-10)
-    assert not L[size - 1 :, :].any() and not L[:, size - 1 :].any()
+    L = np.linalg.cholesky(A)
+    Lt = np.zeros((size + 1, size + 1))  # the factor transposed, in a larger buffer, as OMP keeps it
+    Lt[:size, :size] = L.T
+    z = np.zeros(size + 1)
+    z[:size] = np.linalg.solve(L, b)
+    _cholesky_delete(Lt, size, j, z)
+    reduced_L = np.linalg.cholesky(np.delete(np.delete(A, j, axis=0), j, axis=1))
+    np.testing.assert_allclose(Lt[: size - 1, : size - 1], reduced_L.T, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(z[: size - 1], np.linalg.solve(reduced_L, np.delete(b, j)), rtol=1e-8, atol=1e-10)
+    assert not Lt[size - 1 :, :].any() and not Lt[:, size - 1 :].any() and not z[size - 1 :].any()
 
 
 @FUZZ
