@@ -114,7 +114,7 @@ class SelectiveBackpropArguments:
         metadata={
             "help": "Examples OMP adds per step: 1 (the default) is OMP; b > 1 is generalized OMP, the b largest "
             "residual correlations at once and one refit, a method change: about b times fewer steps (at 1024 to "
-            "2048 rows, 0.4 to 0.8 times OMP's time) for a greedier subset, whose last-layer match error was up to "
+            "2048 rows, 0.34 to 0.65 times OMP's time) for a greedier subset, whose last-layer match error was up to "
             "1.35 times OMP's (docs/method.md, section 2.3)."
         },
     )

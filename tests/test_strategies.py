@@ -286,3 +286,25 @@ def test_the_readme_example_strategy_trains(tmp_path):
     )
     trainer.train()
     assert trainer.last_selection.scored and trainer.last_selection.subset_size == 4
+
+
+@pytest.mark.parametrize(("normalization", "dtype"), [("none", "float32"), ("sum_constrained", "float64")])
+def test_a_gradmatch_strategy_readies_omp_for_its_gram_dtype_when_built(tmp_path, normalization, dtype):
+    # OMP's loop is compiled (first use on a machine) or loaded from Numba's cache on first call; building the
+    # strategy must do that for the Gram matrix it will pass, so that the first training step does not pay for it.
+    # A fresh interpreter, since this one has run OMP already.
+    import subprocess
+    import sys
+
+    code = textwrap.dedent(f"""
+        from hf_sbp import SelectiveBackpropConfig
+        from hf_sbp.omp_loop import omp_loop
+        from hf_sbp.strategies import strategy_class
+        sbp = SelectiveBackpropConfig(output_dir={str(tmp_path)!r}, sbp_strategy="gradmatch",
+                                      sbp_weight_normalization={normalization!r}, report_to="none")
+        assert not omp_loop.signatures
+        strategy_class("gradmatch")(sbp)
+        print(sorted(str(signature[0].dtype) for signature in omp_loop.signatures))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    assert out.stdout.split("\n")[-2] == str([dtype])

@@ -7,7 +7,7 @@ gradients are taken at three points of training: the fresh head, and the head tr
 30 and 300 steps (gradient descent, step 0.5), so that the residuals shrink and spread as in fine-tuning. For each,
 ``omp_gram`` runs at keep 0.25 and 0.5 with each ``batch``, and the table gives the trained-gradient error with the
 default weights (``sbp_weight_normalization`` none: ``||sum_S w_i g_i - gbar|| / ||gbar||``, the trainer's
-``grad_match_error``), averaged over the two batches, and OMP's median time (3 runs, one BLAS thread).
+``grad_match_error``), averaged over the two batches, and OMP's median time (3 runs).
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ..selection import normalize_weights, omp_gram, random_subset, sum_constrained_problem
+from ..selection import normalize_weights, omp_gram, prepare_omp, random_subset, sum_constrained_problem
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 
 
@@ -25,6 +27,12 @@ class GradientMatching(SelectionStrategy):
         "sbp_omp_batch",
         "sbp_head_module",
     )
+
+    def __init__(self, args: Any) -> None:
+        super().__init__(args)
+        # OMP's compiled loop, for the dtype of the matrix select() passes it: compiled (at its first use on a
+        # machine) or loaded now, when the trainer is built, rather than within the first training step.
+        prepare_omp(torch.float64 if args.sbp_weight_normalization == "sum_constrained" else torch.float32)
 
     def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if k >= batch.n:  # keep 1.0: the batch is the subset, each row with weight 1 (OMP could stop early)
