@@ -453,6 +453,21 @@ def test_generalized_omp_with_k_equal_n_solves_nnls(seed, batch):
     assert explicit == pytest.approx(best, abs=1e-9)
 
 
+def test_omp_reads_any_layout_and_a_float32_gram_as_the_float64_numbers_it_holds():
+    # The compiled loop keeps a float32 matrix's columns in float32 and reads them into float64; a transposed
+    # (non-contiguous) or half-precision matrix is copied first. Every path must solve the same problem.
+    K32 = _softmax_gram(6, 200, 3, 48)
+    K32 = (K32 + K32.T) / 2  # exactly symmetric, so that its transpose is the same matrix
+    expected = omp_gram(K32.double(), 100)
+    assert len(expected.residuals) - 1 > expected.indices.numel(), "the case must drop atoms"
+    half = K32.half()
+    for gram, reference in ((K32, expected), (K32.T, expected), (K32.double().T, expected),
+                            (half, omp_gram(half.double(), 100))):  # fmt: skip
+        result = omp_gram(gram, 100)
+        assert result.indices.tolist() == reference.indices.tolist()
+        torch.testing.assert_close(result.weights, reference.weights, rtol=1e-10, atol=0.0)
+
+
 def test_omp_batch_one_is_omp_and_the_batch_is_checked():
     K = _softmax_gram(5, 120, 3, 32)
     plain, one = omp_gram(K, 60), omp_gram(K, 60, batch=1)
