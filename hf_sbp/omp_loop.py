@@ -17,8 +17,8 @@ import math
 import numpy as np
 from numba import njit
 
-# cache=True: compiled once per machine (into __pycache__ beside this file, or Numba's user-wide cache when that is
-# not writable), not at every process start, which takes a few seconds.
+# cache=True: compiled once per machine and dtype of K (10 to 20 s), into __pycache__ beside this file (or Numba's
+# user-wide cache when that is not writable), then loaded by each process in a fraction of a second.
 _jit = njit(cache=True, nogil=True)
 
 
