@@ -159,7 +159,7 @@ def omp_loop(
     new = np.zeros(k)  # a refit
     previous = np.zeros(k)  # Lawson-Hanson's feasible point
     v = np.zeros(k)  # a new atom's row of L
-    row_k = np.zeros(k)  # that atom's row of K_S
+    row_k = np.zeros(k)  # a row of K (or c) at the support's atoms: the new atom's K_jS, or c_S
 
     # Candidates (atoms neither chosen nor found dependent) hold the first `candidates` positions of a permutation
     # of the atoms; residual correlations are computed for them only (at keep 0.5 a third of the O(n |S|) work is
@@ -270,11 +270,7 @@ def omp_loop(
                 added -= n_dropped
                 _backward_solve(Lt, s, z, new)
 
-        negative = False
-        for i in range(s):
-            if new[i] <= 0.0:
-                negative = True
-        if nonnegative and negative:
+        if nonnegative and _any_not_positive(new, s):
             size = s - added
             previous[:size] = weights[:size]
             previous[size:s] = 0.0
@@ -284,18 +280,13 @@ def omp_loop(
                 alpha = math.inf
                 for i in range(s):
                     if new[i] <= 0.0:
-                        denom = previous[i] - new[i]
-                        step = previous[i] / denom if denom > 0 else 0.0
-                        alpha = min(alpha, step)
+                        alpha = min(alpha, _step_to_zero(previous[i], new[i]))
                 alpha = min(max(alpha, 0.0), 1.0)
                 n_dropped = 0
                 for i in range(s):
                     moved = previous[i] + alpha * (new[i] - previous[i])
-                    if new[i] <= 0.0:
-                        denom = previous[i] - new[i]
-                        step = previous[i] / denom if denom > 0 else 0.0
-                        if step <= alpha:
-                            moved = 0.0
+                    if new[i] <= 0.0 and _step_to_zero(previous[i], new[i]) <= alpha:
+                        moved = 0.0
                     if moved > 0.0:
                         previous[i - n_dropped] = moved
                     else:
@@ -308,11 +299,7 @@ def omp_loop(
                 if s == 0:
                     break
                 _backward_solve(Lt, s, z, new)
-                negative = False
-                for i in range(s):
-                    if new[i] <= 0.0:
-                        negative = True
-                if not negative:
+                if not _any_not_positive(new, s):
                     break
         weights[:s] = new[:s]
 
@@ -334,6 +321,23 @@ def omp_loop(
             n_residuals += 1
 
     return support[:s].copy(), weights[:s].copy(), residuals[:n_residuals].copy()
+
+
+@_jit
+def _any_not_positive(weights: np.ndarray, size: int) -> bool:
+    """Whether any of ``weights[:size]`` is ``<= 0``."""
+    for i in range(size):
+        if weights[i] <= 0.0:
+            return True
+    return False
+
+
+@_jit
+def _step_to_zero(previous: float, new: float) -> float:
+    """How far along the segment from ``previous`` (> 0) to ``new`` (<= 0) a weight reaches zero (0 when it does
+    not decrease)."""
+    denom = previous - new
+    return previous / denom if denom > 0 else 0.0
 
 
 @_jit

@@ -5,6 +5,8 @@ the registry's errors; the built-in strategies' declarations."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -293,9 +295,6 @@ def test_a_gradmatch_strategy_readies_omp_for_its_gram_dtype_when_built(tmp_path
     # OMP's loop is compiled (first use on a machine) or loaded from Numba's cache on first call; building the
     # strategy must do that for the Gram matrix it will pass, so that the first training step does not pay for it.
     # A fresh interpreter, since this one has run OMP already.
-    import subprocess
-    import sys
-
     code = textwrap.dedent(f"""
         from hf_sbp import SelectiveBackpropConfig
         from hf_sbp.omp_loop import omp_loop
