@@ -82,10 +82,11 @@ def test_report_writes_tables_and_plots(tmp_path):
     common.write_json(str(tmp_path / "training.json"), machine, rows)
     overhead = [{"batch_size": 64, "seq_len": 64, "keep": 0.5, "device": "cpu", "forward_s": 0.5, "selection_s": 0.002}]
     common.write_json(str(tmp_path / "overhead.json"), machine, overhead)
-    (tmp_path / "summary.md").write_text("# My summary\n\nHand-written conclusions.")
     path = report.write_report(str(tmp_path))
+    assert path == str(tmp_path / "report.md")
     text = open(path).read()
-    assert text.startswith("# My summary")
+    assert text.startswith("# Benchmark tables")
+    assert not (tmp_path / "summary.md").exists()  # no time-to-accuracy summary: no summary.md
     assert "| 64 | 64 | 0.5 | cpu | 500.0 | 2.00 | 0.40% |" in text
     assert "Accuracy at an equal wall-clock budget" in text
     for png in ("accuracy_vs_time.png", "accuracy_vs_backprop.png"):
@@ -110,11 +111,13 @@ def test_report_plots_strategies_that_are_not_built_in(tmp_path):
 
 
 def test_plot_colours_come_from_the_registry():
-    colors = report.strategy_colors(["not-imported"])
+    from hf_sbp.benchmark import palette
+
+    colors = palette.strategy_colors(["not-imported"])
     assert set(colors) == set(registered_strategies()) | {"not-imported"}
-    assert colors["none"] == report.FULL_BATCH_COLOR
+    assert colors["none"] == palette.FULL_BATCH_COLOR
     selective = [colors[name] for name in common.selective_strategies()] + [colors["not-imported"]]
-    assert len(set(selective)) == len(selective) and report.FULL_BATCH_COLOR not in selective
+    assert len(set(selective)) == len(selective) and palette.FULL_BATCH_COLOR not in selective
     # The built-in strategies keep the colours of the published plots.
     assert (colors["gradmatch"], colors["loss"], colors["random"]) == ("tab:green", "tab:orange", "tab:blue")
 
@@ -390,7 +393,7 @@ def test_overhead_part_times_generalized_omp_beside_omp_at_large_batches(tmp_pat
         assert row["forward_s"] > 0 and row["selection_s"] > 0 and row["omp_s"] > 0 and row["keep"] == 0.5
     # Both variants of a batch size stand beside the same forwards.
     assert rows[1]["forward_s"] == rows[2]["forward_s"] and rows[3]["forward_s"] == rows[4]["forward_s"]
-    report = (out / "README.md").read_text()
+    report = (out / "report.md").read_text()
     assert "| 32 | 64 | 0.5 | cpu |" in report and report.count("| 8 |") == 2
 
 

@@ -1,66 +1,43 @@
-"""The time-to-accuracy part of the benchmark (budget callback, schedule sizing, resuming, rows and report) and the
-throughput part's LoRA mode, on a fake clock, hand-made results and a tiny model (the measurements themselves are
-run by hand: ``python scripts/benchmark.py time-to-accuracy --quick``)."""
+"""The time-to-accuracy part of the benchmark (wall-clock schedule, evaluation marks, resuming, statistics, the
+generated summary) on a fake clock, hand-made rows and a tiny model, and the throughput part's LoRA mode (the
+measurements themselves are run by hand: ``python scripts/benchmark.py time-to-accuracy --quick``)."""
 
+import itertools
 import json
 import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, TrainerControl, TrainerState
+from datasets import Dataset
+from transformers import TrainerCallback, TrainerControl, TrainerState, get_linear_schedule_with_warmup
 
 import hf_sbp.benchmark
-from hf_sbp.benchmark import common, report, throughput
+from hf_sbp.benchmark import common, throughput, tta_report, tta_stats, wall_clock
 from hf_sbp.benchmark import time_to_accuracy as tta
-from hf_sbp.pruning import EpochPlan
 
 sys.path.insert(0, os.path.dirname(__file__))
 from glue_fixtures import save_tiny_model, single_sentence_rows, write_rows  # noqa: E402
 from tiny_models import tiny_bert  # noqa: E402
 
-# ---- schedule sizing and calibration ----------------------------------------------------------------
+# ---- the schedule -------------------------------------------------------------------------------------
 
 
-def test_schedule_steps_fills_the_budget_with_whole_steps():
-    assert tta.schedule_steps(60.0, 1.0) == 60
-    assert tta.schedule_steps(60.0, 0.5) == 120  # a step half as long: twice the steps
-    assert tta.schedule_steps(60.0, 0.7, startup_s=1.0) == 84  # 59 / 0.7 = 84.3
-    assert tta.schedule_steps(0.3, 0.1) == 3  # exactly three steps, despite 0.3 / 0.1 = 2.9999999999999996
-    assert tta.schedule_steps(1.0, 5.0) == 1  # at least one step
-    for bad in ({"budget_s": 60.0, "step_s": 0.0}, {"budget_s": 0.0, "step_s": 1.0}):
-        with pytest.raises(ValueError):
-            tta.schedule_steps(**bad)
-    with pytest.raises(ValueError, match="startup_s"):
-        tta.schedule_steps(60.0, 1.0, startup_s=-1.0)
-
-
-def test_warmup_is_the_same_fraction_of_every_schedule():
-    assert tta.warmup_steps(60) == 6
-    assert tta.warmup_steps(120) == 12
-    assert tta.warmup_steps(84) == 9  # 8.4, rounded up as TrainingArguments rounds a fractional warmup
-    assert tta.warmup_steps(5) == 1
-
-
-def test_calibration_drops_the_warm_up_step_and_takes_the_median():
-    # Train begins at 10 s; steps end at 12 (warm-up: 2 s), then after 0.5, 0.6, 0.4 and 0.5 s.
-    step_s, startup_s = tta.calibrated_step(10.0, [12.0, 12.5, 13.1, 13.5, 14.0])
-    assert step_s == pytest.approx(0.5)
-    assert startup_s == pytest.approx(1.5)  # the first step's 2 s less one ordinary step
-    assert tta.calibrated_step(0.0, [0.1, 0.6])[1] == 0.0  # a first step faster than the rest: no startup
-    with pytest.raises(ValueError, match="warm-up step"):
-        tta.calibrated_step(0.0, [1.0])
-
-
-def test_time_to_target_is_the_first_evaluation_at_or_above_the_target():
-    curve = [[5.0, 0.50], [10.0, 0.70], [15.0, 0.65], [20.0, 0.72]]
-    assert tta.time_to_target(curve, 0.70) == 10.0
-    assert tta.time_to_target(curve, 0.71) == 20.0
-    assert tta.time_to_target(curve, 0.80) is None
-
-
-# ---- the budget callback on a fake clock --------------------------------------------------------------
+def test_the_time_schedule_is_transformers_linear_schedule_of_the_budget_fraction():
+    # The reference: transformers' own linear schedule over 200 steps with 20 warm-up steps, read at step s, against
+    # the time schedule at t / T = s / 200.
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    reference = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=20, num_training_steps=200)
+    for step in range(0, 201):
+        expected = reference.lr_lambdas[0](step)
+        assert wall_clock.linear_warmup_decay(step / 200, 0.1) == pytest.approx(expected, abs=1e-12)
+    assert wall_clock.linear_warmup_decay(1.3) == 0.0 and wall_clock.linear_warmup_decay(-0.1) == 0.0
+    with pytest.raises(ValueError, match="warmup_fraction=1.0"):
+        wall_clock.linear_warmup_decay(0.5, 1.0)
+    assert wall_clock.warmup_steps(240) == 24 and wall_clock.warmup_steps(84) == 9  # 8.4 rounded up
 
 
 class FakeClock:
@@ -71,8 +48,64 @@ class FakeClock:
         return self.now
 
 
+class AdvanceClock(TrainerCallback):
+    """Every step takes ``step_s`` seconds of the fake clock, spent at its start."""
+
+    def __init__(self, clock, step_s):
+        self.clock, self.step_s, self.rates = clock, step_s, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clock.now += self.step_s
+        self.rates.append(kwargs["optimizer"].param_groups[0]["lr"])
+
+
+def tiny_dataset(rows=64, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 90, size=(rows, 8)).tolist()
+    return Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": [[1] * 8] * rows, "labels": [i % 2 for i in range(rows)]}
+    )
+
+
+def test_a_budgeted_run_follows_the_time_schedule_and_stops_within_one_step_of_the_budget(tmp_path):
+    from glue_fixtures import save_tiny_model as save
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(save(str(tmp_path / "m")))
+    clock, step_s, budget_s, peak = FakeClock(), 0.7, 10.0, 1e-3
+    trainer = common.evaluating_trainer(
+        tiny_bert(), strategy="random", keep=0.5, seed=0, steps=1000, warmup_steps=0, batch_size=8,
+        eval_batch_size=8, learning_rate=peak, device="cpu", train=tiny_dataset(), validation=None,
+        tokenizer=tokenizer, output_dir=str(tmp_path / "out"), trainer_class=wall_clock.WallClockScheduleTrainer,
+    )  # fmt: skip
+    evaluations = []
+
+    def evaluate():
+        evaluations.append(clock.now)
+        clock.now += 100.0  # far longer than the budget: evaluation must stay off the training clock
+        return 0.5
+
+    marks = wall_clock.MarkedRun(evaluate, 4, wall_clock.TrainingClock(clock), lambda: 3.0, budget_s=budget_s)
+    trainer.schedule_fraction = marks.fraction
+    advance = AdvanceClock(clock, step_s)
+    trainer.add_callback(advance)  # before the marks: the step's time is spent before the run's step end
+    trainer.add_callback(marks)
+    trainer.train()
+    steps = trainer.state.global_step
+    assert steps == math.ceil(budget_s / step_s)  # 15 steps: the first step end at or past 10 s (10.5 s)
+    assert marks.stopped_by_budget and marks.curve[-1][1] == pytest.approx(steps * step_s)
+    # Step j (1-based) trains at the rate set after step j - 1, at t = (j - 1) * 0.7 s of training time.
+    for j, rate in enumerate(advance.rates, 1):
+        assert rate == pytest.approx(peak * wall_clock.linear_warmup_decay((j - 1) * step_s / budget_s), rel=1e-9)
+    # Marks at 2.5, 5, 7.5 and 10 s, evaluated at the step ends at or after them: 2.8, 5.6, 7.7 and 10.5 s.
+    assert [entry[0] for entry in marks.curve] == [0.25, 0.5, 0.75, 1.0]
+    assert [entry[1] for entry in marks.curve] == pytest.approx([2.8, 5.6, 7.7, 10.5])
+    assert [entry[2] for entry in marks.curve] == [12.0, 24.0, 33.0, 45.0]  # the cost clock: 3 per step
+    assert len(evaluations) == 4
+
+
 def drive(callback, clock, step_s, max_steps):
-    """Run the callback through a training loop whose steps take ``step_s`` seconds on ``clock``."""
+    """Run ``callback`` through a training loop whose steps take ``step_s`` seconds on ``clock``."""
     state, control = TrainerState(), TrainerControl()
     state.max_steps = max_steps
     callback.on_train_begin(None, state, control)
@@ -80,83 +113,236 @@ def drive(callback, clock, step_s, max_steps):
         clock.now += step_s
         state.global_step += 1
         callback.on_step_end(None, state, control)
+    callback.on_train_end(None, state, control)
     return state, control
 
 
-def test_budget_callback_stops_at_the_budget_with_evaluation_excluded():
+def test_the_full_batch_is_evaluated_at_fractions_of_its_steps_and_sets_the_budget():
     clock = FakeClock()
-    accuracies = iter([0.5, 0.6, 0.7, 0.8])
-
-    def evaluate():
-        clock.now += 100.0  # each evaluation takes 100 s of wall clock, far more than the budget
-        return next(accuracies)
-
-    callback = tta.BudgetCallback(evaluate, budget_s=10.0, eval_interval_s=2.5, clock=clock)
-    state, control = drive(callback, clock, step_s=1.0, max_steps=50)
-    # Steps of 1 s: the marks at 2.5, 5 and 7.5 s are passed at 3, 5 and 8 s; the budget is reached at step 10.
-    assert state.global_step == 10 and control.should_training_stop
-    assert callback.curve == [[3.0, 0.5], [5.0, 0.6], [8.0, 0.7], [10.0, 0.8]]
-    assert callback.train_s == 10.0 and callback.eval_s == 400.0
-    assert callback.stopped_by_budget
+    marks = wall_clock.MarkedRun(lambda: 0.5, 4, wall_clock.TrainingClock(clock), lambda: 96.0, steps=10)
+    state, control = drive(marks, clock, 2.0, 10)
+    assert not control.should_training_stop and not marks.stopped_by_budget
+    # round(10 i / 4) = 2 (2.5 rounds to even), 5, 8 (7.5 rounds to even), 10
+    assert [(m, t) for m, t, _, _ in marks.curve] == [(0.25, 4.0), (0.5, 10.0), (0.75, 16.0), (1.0, 20.0)]
+    assert wall_clock.mark_steps(3, 6) == [1, 1, 2, 2, 2, 3]  # more marks than steps: several at once
 
 
-def test_budget_callback_without_budget_evaluates_every_n_steps_and_at_the_end():
+def test_a_run_that_ends_before_the_budget_is_evaluated_at_its_end():
     clock = FakeClock()
-    calls = []
-    callback = tta.BudgetCallback(
-        lambda: len(calls) + 0.5, eval_every_steps=5, clock=clock, on_step=lambda: calls.append(1)
-    )
-    state, control = drive(callback, clock, step_s=2.0, max_steps=12)
-    assert state.global_step == 12 and not control.should_training_stop  # the schedule ended, not the callback
-    assert [t for t, _ in callback.curve] == [10.0, 20.0, 24.0]
-    assert len(calls) == 12 and not callback.stopped_by_budget
+    marks = wall_clock.MarkedRun(lambda: 0.7, 4, wall_clock.TrainingClock(clock), lambda: 1.0, budget_s=10.0)
+    drive(marks, clock, 1.0, 6)  # a pruned run: 6 steps of 1 s against a budget of 10 s
+    assert [(m, t) for m, t, _, _ in marks.curve] == [(0.25, 3.0), (0.5, 5.0), (0.6, 6.0)]
+    assert not marks.stopped_by_budget
 
 
-def test_a_schedule_that_ends_at_the_budget_is_evaluated_once_and_not_cut_off():
-    clock = FakeClock()
-    callback = tta.BudgetCallback(lambda: 0.9, budget_s=6.0, eval_interval_s=2.0, clock=clock)
-    state, _ = drive(callback, clock, step_s=1.0, max_steps=6)
-    assert state.global_step == 6
-    assert [t for t, _ in callback.curve] == [2.0, 4.0, 6.0]
-    assert not callback.stopped_by_budget
-
-
-def test_the_callback_needs_one_evaluation_schedule():
+def test_marked_run_rejects_bad_settings():
+    clock = wall_clock.TrainingClock(FakeClock())
     with pytest.raises(ValueError, match="exactly one"):
-        tta.BudgetCallback(lambda: 0.0, budget_s=1.0)
-    with pytest.raises(ValueError, match="exactly one"):
-        tta.BudgetCallback(lambda: 0.0, eval_interval_s=1.0, eval_every_steps=2)
+        wall_clock.MarkedRun(lambda: 0.0, 4, clock, lambda: 0.0)
+    with pytest.raises(ValueError, match="marks=0"):
+        wall_clock.MarkedRun(lambda: 0.0, 0, clock, lambda: 0.0, steps=3)
+    with pytest.raises(ValueError, match="budget_s=0"):
+        wall_clock.MarkedRun(lambda: 0.0, 4, clock, lambda: 0.0, budget_s=0)
 
 
-# ---- resuming ---------------------------------------------------------------------------------------
+def test_the_evaluator_matches_trainers_accuracy(tmp_path):
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_model(str(tmp_path / "m")))
+    rows = tokenizer([f"word {'x ' * (i % 7)} end" for i in range(40)])
+    data = Dataset.from_dict({**rows, "labels": [i % 2 for i in range(40)]})
+    model = tiny_bert()
+    model.train()
+    trainer = common.evaluating_trainer(
+        model, strategy="none", keep=1.0, seed=0, steps=1, warmup_steps=0, batch_size=8, eval_batch_size=7,
+        learning_rate=1e-3, device="cpu", train=data, validation=data, tokenizer=tokenizer,
+        output_dir=str(tmp_path / "out"),
+    )  # fmt: skip
+    reference = trainer.evaluate()["eval_accuracy"]  # Trainer's own loop: unsorted, padded per batch of 7
+    model.train()
+    evaluator = wall_clock.AccuracyEvaluator(model, data, tokenizer, batch_size=16)
+    assert evaluator() == pytest.approx(reference) and model.training  # the mode is restored
+    assert trainer.data_collator.__class__ is DataCollatorWithPadding
 
 
-def recorded(*pairs, cell=("d", 0.0, 0)):
-    return [{"dataset": cell[0], "label_noise": cell[1], "seed": cell[2], "strategy": s, "keep": k} for s, k in pairs]
+# ---- resuming -------------------------------------------------------------------------------------------
 
 
-GRID = [("none", 1.0), ("gradmatch", 0.5), ("random", 0.5)]
+def recorded(*pairs, unit=("d", 0.0, 0), sitting="A"):
+    return [
+        {"dataset": unit[0], "label_noise": unit[1], "seed": unit[2], "strategy": s, "keep": k, "sitting": sitting}
+        for s, k in pairs
+    ]
 
 
-def test_runs_to_make_skips_recorded_runs_and_reruns_the_baselines_beside_new_ones():
-    cell = ("d", 0.0, 0)
-    assert tta.runs_to_make([], cell, GRID) == GRID
-    everything = recorded(*GRID)
-    assert tta.runs_to_make(everything, cell, GRID) == []
-    assert tta.runs_to_make(everything, ("d", 0.2, 0), GRID) == GRID  # another cell
-    # A strategy added later: the full batch and the random subset run again beside it.
-    assert tta.runs_to_make(everything, cell, [*GRID, ("loss", 0.5)]) == [("none", 1.0), ("random", 0.5), ("loss", 0.5)]
-    # Interrupted after the full batch and the random subset: all of the cell's runs again.
-    assert tta.runs_to_make(recorded(("none", 1.0), ("random", 0.5)), cell, GRID) == GRID
-    # The random subset was recorded before but is not requested now: it still runs beside the new strategy.
-    assert tta.runs_to_make(everything, cell, [("none", 1.0), ("loss", 0.5)]) == [
-        ("none", 1.0), ("loss", 0.5), ("random", 0.5),
+GRID = [("none", 1.0), ("random", 0.5), ("loss", 0.5), ("gradmatch", 0.5)]
+
+
+def test_runs_to_make_rotates_the_order_and_repeats_the_full_batch():
+    unit = ("d", 0.0, 0)
+    full, repeat = ("none", 1.0, False), ("none", 1.0, True)
+    assert tta.runs_to_make([], unit, GRID) == [full, ("random", 0.5, False), ("loss", 0.5, False),
+                                                ("gradmatch", 0.5, False), repeat]  # fmt: skip
+    assert tta.runs_to_make([], unit, GRID, rotation=1) == [full, ("loss", 0.5, False), ("gradmatch", 0.5, False),
+                                                            ("random", 0.5, False), repeat]  # fmt: skip
+    assert tta.runs_to_make(recorded(*GRID), unit, GRID) == []
+    assert tta.runs_to_make(recorded(*GRID), ("d", 0.2, 0), GRID)[1:-1] == [(s, k, False) for s, k in GRID[1:]]
+    # A strategy added later: the full batch and the random subset run again beside it, in a new sitting.
+    assert tta.runs_to_make(recorded(*GRID), unit, [*GRID, ("stale-loss", 0.5)]) == [
+        full, ("random", 0.5, False), ("stale-loss", 0.5, False), repeat
     ]  # fmt: skip
-    # Neither requested nor recorded: no random subset.
-    assert tta.runs_to_make([], cell, [("none", 1.0), ("loss", 0.5)]) == [("none", 1.0), ("loss", 0.5)]
+    # Runs recorded without their sitting's full batch (interrupted before it was written) do not count.
+    assert len(tta.runs_to_make(recorded(*GRID[1:]), unit, GRID)) == 5
 
 
-# ---- end to end on a tiny model ---------------------------------------------------------------------
+def test_runs_to_make_brings_every_keeps_random_subset_and_random_prune_beside_a_pruning_run():
+    grid = common.strategy_grid(["random", "gradmatch", "infobatch", "random-prune"], [0.5, 0.25])
+    assert grid[-2:] == [("infobatch", 1.0), ("random-prune", 1.0)]  # whole batches, once
+    without_infobatch = [r for r in recorded(*grid) if r["strategy"] != "infobatch"]
+    assert [p[:2] for p in tta.runs_to_make(without_infobatch, ("d", 0.0, 0), grid)] == [
+        ("none", 1.0), ("random", 0.5), ("random", 0.25), ("infobatch", 1.0), ("random-prune", 1.0), ("none", 1.0),
+    ]  # fmt: skip
+
+
+# ---- the statistics -------------------------------------------------------------------------------------
+
+
+def test_the_bootstrap_interval_matches_the_exact_resampling_distribution():
+    values = [0.8, 1.1, 0.9]
+    # Every one of the 27 equally likely resamples of 3 seeds, and its median: the exact bootstrap distribution.
+    medians = sorted(float(np.median(draw)) for draw in itertools.product(values, repeat=3))
+    cdf = {m: sum(x <= m for x in medians) / 27 for m in medians}
+    low = min(m for m in medians if cdf[m] >= 0.025)
+    high = min(m for m in medians if cdf[m] >= 0.975)
+    interval = tta_stats.percentile_interval(values)
+    assert (interval["median"], interval["ci_low"], interval["ci_high"]) == (0.9, low, high)
+    assert (low, high) == (0.8, 1.1)
+    assert math.isnan(tta_stats.percentile_interval([])["median"])
+    assert tta_stats.percentile_interval(values) == interval  # seeded: the summary recomputes exactly
+
+
+def test_verdicts_need_the_interval_to_exclude_a_tie():
+    assert tta_stats.ratio_verdict({"median": 0.8, "ci_low": 0.7, "ci_high": 0.95}) == "faster"
+    assert tta_stats.ratio_verdict({"median": 1.2, "ci_low": 1.05, "ci_high": 1.4}) == "slower"
+    assert tta_stats.ratio_verdict({"median": 0.8, "ci_low": 0.7, "ci_high": 1.0}) == "no difference"
+    assert tta_stats.difference_verdict({"median": 0.02, "ci_low": 0.01, "ci_high": 0.03}) == "higher"
+    assert tta_stats.difference_verdict({"median": 0.0, "ci_low": -0.01, "ci_high": 0.03}) == "no difference"
+
+
+def curve_row(strategy, seed, reached_at, budget_s=100.0, keep=0.5, sitting="A", target=0.8, marks=4, **extra):
+    """A hand-made row evaluated at ``marks`` fractions of the budget, below ``target`` until the fraction
+    ``reached_at`` (``None``: never) and above it from then on; its cost clock runs at 3 per second."""
+    curve = []
+    for i in range(1, marks + 1):
+        mark = i / marks
+        accuracy = target + 0.05 if reached_at is not None and mark >= reached_at - 1e-9 else target - 0.05
+        curve.append([mark, mark * budget_s, 3.0 * mark * budget_s, accuracy])
+    row = {
+        "dataset": "d", "label_noise": 0.0, "seed": seed, "strategy": strategy,
+        "keep": 1.0 if strategy == "none" else keep, "repeat": False, "schedule": "time", "protocol": tta.PROTOCOL,
+        "sitting": sitting, "budget_s": budget_s, "budget_cost": 3.0 * budget_s, "target": target, "curve": curve,
+        "train_s": budget_s, "wall_s": 10.0, "flipped_labels": 0, "train_examples": 100, "epochs": 3,
+        "batch_size": 32, "max_seq_length": 64, "eval_points": marks, "eval_samples": 1000, "learning_rate": 1e-4,
+    }  # fmt: skip
+    row.update(extra)
+    return row
+
+
+def hand_made_rows(seeds=5):
+    """Per seed: the full batch reaches the target at 3/4 of its budget, random at 2/4, gradmatch at 1/4 (seed 4:
+    never), and a repeat of the full batch whose training time is 1.1 times the first's."""
+    rows = []
+    for seed in range(seeds):
+        rows += [curve_row("none", seed, 0.75), curve_row("random", seed, 0.5)]
+        rows.append(curve_row("gradmatch", seed, 0.25 if seed < 4 else None))
+        rows.append(curve_row("none", seed, 0.75, repeat=True, train_s=110.0))
+    return rows
+
+
+def test_the_summary_pairs_every_seed_with_its_own_baselines():
+    summary = tta.summarize(hand_made_rows())
+    rows = {r["strategy"]: r for r in summary["rows"]}
+    assert list(rows) == ["none", "gradmatch", "random"]  # the full batch, then registration order
+    gradmatch = rows["gradmatch"]
+    assert gradmatch["seeds"] == 5 and gradmatch["censored"] == 1
+    # Per seed: 25 / 50 s against random (seed 4: censored at the budget, 100 / 50), 25 / 75 s against the full batch.
+    assert gradmatch["time_ratio_vs_random"]["median"] == pytest.approx(0.5)
+    assert gradmatch["time_ratio_vs_random"]["ci_high"] == pytest.approx(2.0)  # the censored seed
+    assert gradmatch["verdict_vs_random"] == "no difference"
+    assert rows["random"]["time_ratio_vs_full"] == pytest.approx({"median": 2 / 3, "ci_low": 2 / 3, "ci_high": 2 / 3})
+    assert rows["random"]["verdict_vs_full"] == "faster" and rows["none"]["verdict_vs_random"] == "slower"
+    # The cost clock runs at 3 per second on every run here: the same ratios, so the same verdicts.
+    assert rows["random"]["time_ratio_vs_full_cost"]["median"] == pytest.approx(2 / 3)
+    assert not any(r["clocks_disagree"] for r in rows.values())
+    # Accuracy at 25% of T: gradmatch is above target, random and the full batch below (0.85 - 0.75).
+    assert gradmatch["acc_diff_vs_random_at_25pct"]["median"] == pytest.approx(0.1)
+    assert gradmatch["acc_diff_vs_random_at_T"]["median"] == pytest.approx(0.0)
+    assert gradmatch["time_to_target_share"]["median"] == pytest.approx(0.25)
+    assert summary["drift"]["seeds"] == 5 and summary["drift"]["median"] == pytest.approx(1.1)
+    assert summary["grid_wall_s"] == pytest.approx(20 * 10.0) and summary["runs"] == 20
+
+
+def test_fewer_than_five_seeds_give_no_verdict():
+    rows = {r["strategy"]: r for r in tta.summarize(hand_made_rows(seeds=3))["rows"]}
+    assert rows["random"]["verdict_vs_full"] == tta_stats.TOO_FEW_SEEDS
+    assert rows["random"]["time_ratio_vs_full"]["median"] == pytest.approx(2 / 3)
+
+
+def test_times_compare_only_within_a_sitting():
+    rows = hand_made_rows()
+    # Sitting B, on a machine twice as slow, adds loss beside new full-batch and random runs of every seed.
+    for seed in range(5):
+        rows += [curve_row("none", seed, 0.75, 200.0, sitting="B"), curve_row("random", seed, 0.75, 200.0, sitting="B")]
+        rows.append(curve_row("loss", seed, 0.25, 200.0, sitting="B"))
+    summary = {r["strategy"]: r for r in tta.summarize(rows)["rows"]}
+    assert summary["loss"]["time_ratio_vs_random"]["median"] == pytest.approx(1 / 3)  # B's random subset, not A's
+    assert summary["gradmatch"]["time_ratio_vs_random"]["median"] == pytest.approx(0.5)  # A's
+
+
+# ---- the generated summary ------------------------------------------------------------------------------
+
+
+def test_the_summary_report_prints_the_numbers_of_the_summary_json(tmp_path):
+    rows = hand_made_rows()
+    common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, rows)
+    tta.write_summary(str(tmp_path), {"device": "cpu", "cpu_model": "test"}, rows)
+    summary = json.loads((tmp_path / "time_to_accuracy_summary.json").read_text())
+    text = open(tta_report.render_summary(str(tmp_path))).read()
+    for row in summary["rows"]:
+        line = next(line for line in text.splitlines() if line.startswith(f"| {tta_report._label(row)} |"))
+        ratio = row["time_ratio_vs_random"]
+        assert f"| {ratio['median']:.2f} [{ratio['ci_low']:.2f}, {ratio['ci_high']:.2f}] |" in line
+        assert f"| {row['verdict_vs_full']} |" in line and f"| {row['seeds']} | {row['censored']} |" in line
+    assert "| gradmatch@0.5 | 5 | 1 | 0.25 [0.25, 1.00] | 0.50 [0.50, 2.00] | no difference |" in text
+    assert "median 1.100, from 1.100 to 1.100 over 5 seeds" in text
+    assert "20 runs, 0.1 h of wall clock" in text
+    assert "100 training examples x 3 epochs in batches of 32" in text and "median budget T 100.0 s" in text
+    assert (tmp_path / "tta_d_noise0.png").stat().st_size > 1000 and "![accuracy" in text
+
+
+def test_the_readme_block_is_rewritten_from_the_summary_and_nothing_else(tmp_path):
+    rows = hand_made_rows()
+    common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, rows)
+    tta.write_summary(str(tmp_path), {"device": "cpu"}, rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{tta_report.README_START}\nold\n{tta_report.README_END}\n\n## After\n")
+    assert tta_report.update_readme(str(readme), str(tmp_path))
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n") and text.endswith("\n\n## After\n") and "old" not in text
+    # gradmatch: 0.5 the random subset's time (no difference: the censored seed), 1/3 the full batch's (faster).
+    assert "| gradmatch@0.5 | 0.50 no difference / 0.33 no difference (5) |" in text
+    assert "| random@0.5 | 1.00 no difference / 0.67 faster (5) |" in text
+    assert "![accuracy against training time](time_to_accuracy.png)" in text
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no block")
+    assert not tta_report.update_readme(str(plain), str(tmp_path)) and plain.read_text() == "no block"
+
+
+def test_the_report_skips_the_summary_without_its_file(tmp_path):
+    assert tta_report.render_summary(str(tmp_path)) is None
+
+
+# ---- end to end on a tiny model -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -164,139 +350,128 @@ def tiny_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tta")
     model = save_tiny_model(str(folder / "model"))
     train = write_rows(str(folder / "train.csv"), single_sentence_rows(64, 0))
-    validation = write_rows(str(folder / "validation.csv"), single_sentence_rows(32, 1))
+    validation = write_rows(str(folder / "validation.csv"), single_sentence_rows(12, 1))
     return model, train, validation
 
 
-def tiny_args(files, output_dir, strategies):
+def tiny_args(files, output_dir, strategies, seeds="0"):
     model, train, validation = files
     return [
         "time-to-accuracy", "--model_name_or_path", model, "--train_file", train, "--validation_file", validation,
-        "--output_dir", str(output_dir), "--strategies", strategies, "--seeds", "0", "--noises", "0",
+        "--output_dir", str(output_dir), "--strategies", strategies, "--seeds", seeds, "--noises", "0.2",
         "--tta_train_examples", "32", "--batch_size", "8", "--seq_len", "16", "--tta_eval_samples", "16",
-        "--tta_eval_points", "3", "--tta_calibration_steps", "2", "--device", "cpu", "--tta_learning_rates",
-        "other=1e-5, train=3e-4",
+        "--tta_min_eval_samples", "16", "--tta_eval_points", "4", "--tta_min_steps", "16", "--device", "cpu",
+        "--tta_learning_rates", "other=1e-5, train=3e-4", "--tta_seed_limits", "infobatch=1",
     ]  # fmt: skip
 
 
-def test_time_to_accuracy_rows_and_resuming_on_a_tiny_model(tmp_path, tiny_files):
-    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "random,gradmatch"))
+def test_time_to_accuracy_rows_summary_and_resuming_on_a_tiny_model(tmp_path, tiny_files):
+    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "random,gradmatch,infobatch", seeds="0,1"))
     path = tmp_path / "time_to_accuracy.json"
     payload = json.loads(path.read_text())
-    rows = {r["strategy"]: r for r in payload["rows"]}
-    assert list(rows) == ["none", "random", "gradmatch"]  # the full batch first: it sets the budget
-    full = rows["none"]
-    for row in rows.values():
-        assert list(row) == list(tta.ROW_KEYS)
-        assert (row["dataset"], row["label_noise"], row["seed"]) == ("train", 0.0, 0)
-        assert row["budget_s"] == full["budget_s"] and row["target"] == full["target"]
-        assert row["machine"]["device"] == "cpu" and row["sitting"] == full["sitting"]
-        times = [t for t, _ in row["curve"]]
+    first = [r for r in payload["rows"] if r["seed"] == 0]
+    assert [(r["strategy"], r["repeat"]) for r in first] == [
+        ("none", False), ("random", False), ("gradmatch", False), ("infobatch", False), ("none", True)
+    ]  # fmt: skip
+    second = [(r["strategy"], r["repeat"]) for r in payload["rows"] if r["seed"] == 1]
+    assert second == [("none", False), ("gradmatch", False), ("random", False), ("none", True)]  # rotated, 1 seed
+    full = first[0]
+    for row in payload["rows"]:
+        assert list(row) == list(tta.ROW_KEYS) and row["protocol"] == tta.PROTOCOL
+        assert row["learning_rate"] == 3e-4 and row["eval_points"] == 4
+        # 12 validation rows topped up to 16 from the training split, which then has 60: 32 drawn per seed.
+        assert row["eval_samples"] == 16 and row["train_examples"] == 32
+        assert row["epochs"] == 4  # 3 epochs of 4 steps make 12 < --tta_min_steps 16
+        marks = [entry[0] for entry in row["curve"]]
+        times = [entry[1] for entry in row["curve"]]
         assert times == sorted(times) and times[-1] == pytest.approx(row["train_s"])
-        assert row["final_accuracy"] == row["curve"][-1][1]
-        assert row["time_to_target_s"] == tta.time_to_target(row["curve"], row["target"])
-        assert row["train_examples"] == 32 and row["eval_samples"] == 16 and row["epochs"] == 3
-        assert row["learning_rate"] == 3e-4  # this dataset's entry of --tta_learning_rates
-    # The full batch: 3 epochs of 32 examples in batches of 8, evaluated every 12 / 3 steps.
-    assert full["steps"] == full["planned_steps"] == 12 and full["backprop_examples"] == 96
-    assert [len(full["curve"]), full["scoring_forward_examples"], full["calibration_s"]] == [3, 0, 0.0]
+        assert row["final_accuracy"] == row["curve"][-1][3]
+        assert marks[:-1] == [0.25, 0.5, 0.75][: len(marks) - 1]
+    assert full["schedule"] == "steps" and full["steps"] == full["planned_steps"] == 16
     assert full["budget_s"] == full["train_s"] and full["target"] == pytest.approx(0.99 * full["final_accuracy"])
-    assert full["time_to_target_s"] is not None and full["time_to_target_s"] <= full["budget_s"]
-    for name in ("random", "gradmatch"):
-        row = rows[name]
-        assert row["calibration_s"] > 0 and row["step_s"] > 0
-        assert row["warmup_steps"] == tta.warmup_steps(row["planned_steps"])
-        # Either the schedule ran to its end within the budget, or the budget stopped it once spent.
-        if row["stopped_by_budget"]:
-            assert row["steps"] < row["planned_steps"] and row["train_s"] >= row["budget_s"]
-        else:
-            assert row["steps"] == row["planned_steps"]
-        if name == "random":
-            assert row["backprop_examples"] == 4 * row["steps"]  # keep 0.5 of 8
-        else:  # OMP may stop before k rows once the residual is negligible (a long run on a loaded machine)
-            assert row["steps"] <= row["backprop_examples"] <= 4 * row["steps"]
-    assert rows["random"]["scoring_forward_examples"] == 0
-    assert rows["gradmatch"]["scoring_forward_examples"] == 8 * rows["gradmatch"]["steps"]
-    text = (tmp_path / "README.md").read_text()
-    assert "## Time to accuracy" in text and (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
+    assert full["budget_cost"] == 3 * 16 * 8 and full["scoring_forward_examples"] == 0
+    random, gradmatch, infobatch = first[1], first[2], first[3]
+    assert random["schedule"] == gradmatch["schedule"] == "time" and infobatch["schedule"] == "epochs"
+    assert random["budget_s"] == full["budget_s"] and random["planned_steps"] is None
+    for row in (random, gradmatch):  # stopped at the first step end at or past the budget
+        assert row["stopped_by_budget"] and row["train_s"] >= row["budget_s"]
+    assert random["backprop_examples"] == 4 * random["steps"] and random["scoring_forward_examples"] == 0
+    assert gradmatch["scoring_forward_examples"] == 8 * gradmatch["steps"]
+    cost = gradmatch["curve"][-1][2]
+    assert cost == gradmatch["scoring_forward_examples"] + 3 * gradmatch["backprop_examples"]
+    assert first[4]["budget_s"] == first[4]["train_s"] != full["budget_s"]  # the repeat measures its own time
+    summary = json.loads((tmp_path / "time_to_accuracy_summary.json").read_text())
+    assert {r["strategy"] for r in summary["rows"]} == {"none", "random", "gradmatch", "infobatch"}
+    assert summary["drift"]["seeds"] == 2 and summary["runs"] == 9
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / "report.md").is_file()
 
     # A rerun skips the recorded runs; a strategy added later runs with the full batch and the random subset.
-    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "random,gradmatch"))
+    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "random,gradmatch", seeds="0,1"))
     assert json.loads(path.read_text())["rows"] == payload["rows"]
-    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "random,gradmatch,loss"))
+    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "random,loss"))
     extended = json.loads(path.read_text())["rows"]
-    assert extended[:3] == payload["rows"]
-    assert [r["strategy"] for r in extended[3:]] == ["none", "random", "loss"]
-    assert len({r["sitting"] for r in extended[3:]}) == 1 and extended[3]["sitting"] > full["sitting"]
-    assert extended[5]["budget_s"] == extended[3]["budget_s"] != full["budget_s"]
+    assert extended[:9] == payload["rows"]
+    assert [(r["strategy"], r["repeat"]) for r in extended[9:]] == [
+        ("none", False), ("random", False), ("loss", False), ("none", True)
+    ]  # fmt: skip
+    assert len({r["sitting"] for r in extended[9:]}) == 1 and extended[9]["sitting"] > full["sitting"]
 
 
-# ---- the report -------------------------------------------------------------------------------------
+def test_the_unit_knows_which_labels_the_noise_flipped(tiny_files):
+    from transformers import AutoTokenizer
+
+    model, train, validation = tiny_files
+    spec = common.DataTrainingArguments(train_file=train, validation_file=validation)
+    data = common.Data(spec, AutoTokenizer.from_pretrained(model), 16)
+    settings = tta.TimeToAccuracySettings(train_examples=40, eval_samples=30, min_eval_samples=20)
+    cell = tta.Cell.from_data("d", data, 0.5, 3, settings)
+    clean = tta.Cell.from_data("d", data, 0.0, 3, settings)
+    assert len(cell.validation) == 20 and len(cell.train) == 40  # 12 validation rows + 8 moved from training
+    assert clean.validation["input_ids"] == cell.validation["input_ids"]  # the validation sample ignores the seed
+    noisy, labels = np.asarray(cell.train["labels"]), np.asarray(clean.train["labels"])
+    assert cell.flipped == np.flatnonzero(noisy != labels).tolist() and 0 < len(cell.flipped) < 40
+    moved = {tuple(ids) for ids in cell.validation["input_ids"]}
+    assert not moved & {tuple(ids) for ids in cell.train["input_ids"]}  # no validation row is trained on
 
 
-def tta_row(strategy, seed, reached_s, sitting, budget_s=60.0, keep=0.5, target=0.8):
-    """A hand-made row whose curve crosses ``target`` at ``reached_s`` (``None``: never)."""
-    times = [budget_s * (i + 1) / 12 for i in range(12)]
-    curve = [[t, target + 0.05 if reached_s is not None and t >= reached_s else target - 0.05] for t in times]
-    return {
-        "dataset": "d", "label_noise": 0.0, "seed": seed, "strategy": strategy,
-        "keep": 1.0 if strategy == "none" else keep, "budget_s": budget_s, "target": target, "curve": curve,
-        "time_to_target_s": reached_s, "final_accuracy": curve[-1][1], "steps": 60, "backprop_examples": 100,
-        "scoring_forward_examples": 0, "sitting": sitting, "machine": {"device": "cpu"},
-    }  # fmt: skip
+def test_plan_recorder_measures_the_share_of_flipped_rows_visited():
+    from hf_sbp.pruning import EpochPlan
+
+    class History:
+        current = None
+
+    class Trainer:
+        pruning_history = History()
+
+    recorder = tta.PlanRecorder(Trainer())
+    for epoch, order, pruned in [(0, [0, 1, 2, 3], 0), (1, [0, 1], 2), (2, [2, 3, 1], 1)]:
+        Trainer.pruning_history.current = EpochPlan(epoch, torch.tensor(order), torch.ones(4), pruned, True, 0)
+        recorder.on_step_begin(None, None, None)
+        recorder.on_step_begin(None, None, None)  # a later step of the same epoch changes nothing
+    assert recorder.visited == {1: [0, 1], 2: [2, 3, 1]}  # the unpruned first epoch is left out
+    assert recorder.flipped_share([1, 3]) == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
-def hand_made_rows():
-    rows = []
-    for seed, (full, random, gradmatch) in enumerate([(50.0, 30.0, 20.0), (60.0, 40.0, None), (55.0, 35.0, 25.0)]):
-        rows += [tta_row("none", seed, full, "A"), tta_row("random", seed, random, "A")]
-        rows.append(tta_row("gradmatch", seed, gradmatch, "A"))
-    return rows
-
-
-def test_report_compares_medians_over_seeds_with_the_random_subset(tmp_path):
-    common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, hand_made_rows())
-    text = open(report.write_report(str(tmp_path))).read()
-    # Medians: none 55 s, random 35 s, gradmatch 25 s (20, 25 and never); ratios 55/35, 25/35 and 25/55.
-    assert "| d | 0.0 | 0.5 | none | 3/3 | 55.0 | 1.57x | 1.00x |" in text
-    assert "| d | 0.0 | 0.5 | gradmatch | 2/3 | 25.0 | 0.71x | 0.45x |" in text
-    assert "| d | 0.0 | 0.5 | random | 3/3 | 35.0 | 1.00x | 0.64x |" in text
-    assert "gradmatch@0.5 first, in 25.0 s (median), 0.71x the random subset's time; next random@0.5 in 35.0 s" in text
-    assert "![time_to_accuracy.png](time_to_accuracy.png)" in text
-    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
-    assert "No CUDA GPU was available" in text
-
-
-def test_report_compares_times_only_within_a_sitting(tmp_path):
-    # Sitting B, on a machine twice as slow, adds loss beside new full-batch and random runs.
-    rows = hand_made_rows()
-    for seed in range(3):
-        rows += [tta_row("none", seed, 110.0, "B", 120.0), tta_row("random", seed, 70.0, "B", 120.0)]
-        rows.append(tta_row("loss", seed, 35.0 + seed, "B", 120.0))
-    table = {e["strategy"]: e for e in tta.comparison_table(rows)}
-    assert table["loss"]["median_time_to_target_s"] == 36.0
-    assert table["loss"]["vs_random"] == pytest.approx(36.0 / 70.0)  # B's random subset, not A's
-    assert table["gradmatch"]["vs_random"] == pytest.approx(25.0 / 35.0)  # A's
-    assert table["random"]["median_budget_s"] == 120.0  # the latest sitting's runs
-    # loss took more seconds than gradmatch, but less of its own sitting's random subset's time.
-    (first,) = tta.first_to_target(tta.comparison_table(rows))
-    assert (first["winner"], first["runner_up"]) == ("loss", "gradmatch")
-    assert first["lead_ratio"] == pytest.approx((36.0 / 70.0) / (25.0 / 35.0))
-
-
-def test_report_skips_time_to_accuracy_without_its_file(tmp_path):
-    overhead = [{"batch_size": 64, "seq_len": 64, "keep": 0.5, "device": "cpu", "forward_s": 0.5, "selection_s": 0.002}]
-    common.write_json(str(tmp_path / "overhead.json"), {"device": "cpu"}, overhead)
-    text = open(report.write_report(str(tmp_path))).read()
-    assert "Time to accuracy" not in text and not (tmp_path / "time_to_accuracy.png").exists()
-
-
-def test_no_strategy_reaching_the_target_is_reported_as_such():
-    rows = [tta_row("none", 0, 50.0, "A"), tta_row("random", 0, None, "A"), tta_row("gradmatch", 0, None, "A")]
-    table = {e["strategy"]: e for e in tta.comparison_table(rows)}
-    assert math.isinf(table["random"]["median_time_to_target_s"]) and math.isnan(table["gradmatch"]["vs_random"])
-    (first,) = tta.first_to_target(list(table.values()))
-    assert first["winner"] == "none" and first["runner_up"] in ("random", "gradmatch")
+def test_bad_time_to_accuracy_arguments_are_rejected():
+    with pytest.raises(ValueError, match="--tta_eval_points=-1"):
+        hf_sbp.benchmark.main(["time-to-accuracy", "--tta_eval_points", "-1"])
+    with pytest.raises(ValueError, match="'infobatch:3' is invalid"):
+        hf_sbp.benchmark.main(["time-to-accuracy", "--tta_seed_limits", "infobatch:3"])
+    with pytest.raises(ValueError, match="'bbc-news:5e-5' is invalid"):
+        hf_sbp.benchmark.main(["time-to-accuracy", "--tta_learning_rates", "bbc-news:5e-5"])
+    quick = hf_sbp.benchmark.cli.parse_arguments(["time-to-accuracy", "--quick"])
+    assert quick.tta_noise_values == [0.0] and quick.tta_seed_values == [0, 1] and len(quick.dataset_specs()) == 1
+    assert (quick.tta_eval_points, quick.tta_train_examples, quick.tta_strategy_names) == (
+        12,
+        1280,
+        ["random", "gradmatch"],
+    )
+    full = hf_sbp.benchmark.cli.parse_arguments(["time-to-accuracy"])
+    assert full.tta_noise_values == [0.0, 0.2] and full.tta_seed_values == [0, 1, 2, 3, 4]
+    assert (full.tta_eval_points, full.tta_eval_samples, full.tta_min_steps) == (24, 1000, 240)
+    assert full.tta_seed_limit("infobatch") == 3 and full.tta_seed_limit("loss") == 5
+    assert full.tta_learning_rate("bbc-news") == 5e-5 and full.tta_learning_rate("tweets") == full.learning_rate
+    assert "time-to-accuracy" in common.PARTS  # `all` runs it
 
 
 # ---- LoRA throughput --------------------------------------------------------------------------------
@@ -340,7 +515,7 @@ def test_lora_throughput_rows_are_added_beside_full_fine_tuning(tmp_path, tiny_f
         assert set(full[0]) | {"ratio_to_full"} <= set(row) and row["step_s"] > 0
     gradmatch = next(r for r in lora if r["strategy"] == "gradmatch")
     assert gradmatch["ideal_ratio"] == pytest.approx(1.0)  # (1 + 2 keep) / 2: with LoRA keep 0.5 saves nothing
-    text = (tmp_path / "README.md").read_text()
+    text = (tmp_path / "report.md").read_text()
     assert "### Break-even keep" in text
     # Full fine-tuning: 1 - 0.25 / 1.0; the gradmatch step (0.8 at keep 0.5) grows by 1.0 per unit of keep.
     assert "| full fine-tuning | 1.000 | 0.250 | 0.250 | 3.00 | 0.75 | 0.70 (gradmatch at 0.5) |" in text
@@ -355,144 +530,3 @@ def test_the_peak_memory_process_measures_lora_too():
     assert command[command.index("--peft") + 1] == "lora" and command[command.index("--lora_r") + 1] == "4"
     plain = throughput.peak_memory_command(hf_sbp.benchmark.cli.parse_arguments(["throughput"]), "gradmatch", 0.5)
     assert "--peft" not in plain
-
-
-def test_bad_time_to_accuracy_and_peft_arguments_are_rejected():
-    with pytest.raises(ValueError, match="peft='bogus'"):
-        hf_sbp.benchmark.main(["throughput", "--peft", "bogus"])
-    with pytest.raises(ValueError, match="--tta_eval_points"):
-        hf_sbp.benchmark.main(["time-to-accuracy", "--tta_eval_points", "0"])
-    quick = hf_sbp.benchmark.cli.parse_arguments(["time-to-accuracy", "--quick"])
-    assert quick.tta_noise_values == [0.0] and quick.seed_values == [0] and len(quick.dataset_specs()) == 1
-    full = hf_sbp.benchmark.cli.parse_arguments(["time-to-accuracy"])
-    assert full.tta_noise_values == [0.0, 0.2] and full.seed_values == [0, 1, 2]
-    assert full.tta_learning_rate("bbc-news") == 5e-5 and full.tta_learning_rate("tweets") == full.learning_rate
-    with pytest.raises(ValueError, match="'bbc-news:5e-5' is invalid"):
-        hf_sbp.benchmark.main(["time-to-accuracy", "--tta_learning_rates", "bbc-news:5e-5"])
-    assert "time-to-accuracy" in common.PARTS  # `all` runs it
-
-
-def test_schedule_of_a_cached_strategy_has_a_cold_epoch_then_warm_steps():
-    # An epoch of 20 steps at 0.7 s (14 s after 1 s of start-up), then 45 s at 0.5 s: 90 steps.
-    assert tta.schedule_steps(60.0, 0.7, 1.0, warm_step_s=0.5, cold_steps=20) == 20 + 90
-    # A budget inside the cold epoch: cold steps only, as without a warm step time.
-    assert tta.schedule_steps(10.0, 0.7, 1.0, warm_step_s=0.5, cold_steps=20) == tta.schedule_steps(10.0, 0.7, 1.0)
-
-
-def test_a_cached_strategy_is_calibrated_after_its_first_epoch(tmp_path, tiny_files):
-    hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "stale-loss"))
-    rows = {r["strategy"]: r for r in json.loads((tmp_path / "time_to_accuracy.json").read_text())["rows"]}
-    stale, full = rows["stale-loss"], rows["none"]
-    assert full["warm_step_s"] is None
-    assert stale["warm_step_s"] > 0
-    # 32 examples in batches of 8: a cold epoch of 4 steps, then warm steps until the budget.
-    expected = tta.schedule_steps(full["budget_s"], stale["step_s"], stale["startup_s"], stale["warm_step_s"], 4)
-    assert stale["planned_steps"] == expected
-    # After the first epoch rows are scored only when stale: fewer than one scored row per row of the batches (unless
-    # the budget, set by the full batch's run on a machine busier then, ended the run inside the first epoch).
-    if stale["steps"] > 4:
-        assert stale["scoring_forward_examples"] < stale["steps"] * 8
-
-
-# ---- dataset-level strategies -----------------------------------------------------------------------
-
-
-def test_runs_to_make_brings_every_keeps_random_subset_and_random_prune_beside_a_pruning_run():
-    cell = ("d", 0.0, 0)
-    grid = common.strategy_grid(["random", "gradmatch", "infobatch", "random-prune"], [0.5, 0.25])
-    assert grid[-2:] == [("infobatch", 1.0), ("random-prune", 1.0)]  # whole batches, once
-    everything = recorded(*grid)
-    assert tta.runs_to_make(everything, cell, grid) == []
-    without_infobatch = [r for r in everything if r["strategy"] != "infobatch"]
-    assert tta.runs_to_make(without_infobatch, cell, grid) == [
-        ("none", 1.0), ("random", 0.5), ("random", 0.25), ("infobatch", 1.0), ("random-prune", 1.0),
-    ]  # fmt: skip
-
-
-def test_report_compares_a_pruning_strategy_with_every_baseline_of_its_sitting(tmp_path):
-    rows = []
-    for seed, (full, random, infobatch, prune) in enumerate([(50, 30, 20, 40), (60, 40, 25, 45), (55, 35, 22, None)]):
-        rows += [tta_row("none", seed, full, "A"), tta_row("random", seed, random, "A")]
-        rows.append(tta_row("infobatch", seed, infobatch, "A", keep=1.0))
-        rows.append(tta_row("random-prune", seed, prune, "A", keep=1.0))
-    for row in rows:
-        row.update(flipped_labels=10, train_examples=100, pruned_fraction=None, flipped_share_visited=None)
-        if row["strategy"] in ("infobatch", "random-prune"):
-            infobatch = row["strategy"] == "infobatch"
-            row.update(pruned_fraction=0.3, flipped_share_visited=0.13 if infobatch else 0.1, steps=45)
-    table = {e["strategy"]: e for e in tta.comparison_table(rows)}
-    assert set(table) == {"none", "random", "infobatch", "random-prune"} and table["infobatch"]["keep"] == 0.5
-    assert table["infobatch"]["vs_random"] == pytest.approx(22 / 35)
-    assert table["infobatch"]["vs_full_batch"] == pytest.approx(22 / 55)
-    assert table["infobatch"]["vs_random_prune"] == pytest.approx(22 / 45)  # random-prune: 40, 45, never
-    assert math.isnan(table["random"]["vs_random_prune"])
-    common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, rows)
-    text = open(report.write_report(str(tmp_path))).read()
-    assert "| d | 0.0 | 0.5 | infobatch | 3/3 | 22.0 | 0.63x | 0.40x | 0.49x |" in text
-    assert "- **d, noise 0.0, keep 0.5**: infobatch (0.63x, 0.40x, 0.49x)" in text
-    # 45 steps against the full batch's 60; 13% of the visited examples mislabelled against 10% of the data.
-    assert "| d | 0.0 | infobatch | 3 | 0.300 | 0.75 | 0.8500 | 0.130 | 0.100 |" in text
-
-
-def test_a_pruning_strategy_runs_the_full_batchs_epochs_without_calibration(tmp_path, tiny_files):
-    arguments = tiny_args(tiny_files, tmp_path, "infobatch")
-    arguments[arguments.index("--noises") + 1] = "0.3"
-    hf_sbp.benchmark.main(arguments)
-    rows = {r["strategy"]: r for r in json.loads((tmp_path / "time_to_accuracy.json").read_text())["rows"]}
-    infobatch, full = rows["infobatch"], rows["none"]
-    # Under noise: the share of mislabelled rows among those the pruned epochs visited (none for the full batch).
-    assert full["flipped_share_visited"] is None and full["flipped_labels"] > 0
-    assert 0.0 <= infobatch["flipped_share_visited"] <= 1.0
-    assert (infobatch["keep"], infobatch["schedule"], full["schedule"]) == (1.0, "epochs", "steps")
-    assert infobatch["calibration_s"] == 0.0 and infobatch["warmup_steps"] == full["warmup_steps"]
-    # 3 epochs of 32 examples, the first whole (4 steps), the others pruned: fewer steps than the full batch's 12;
-    # the budget stops it only if this machine got slower since the full batch's run.
-    if not infobatch["stopped_by_budget"]:
-        assert infobatch["steps"] == infobatch["planned_steps"] and 4 + 2 <= infobatch["steps"] < 12
-        assert infobatch["backprop_examples"] == round(96 * (1 - infobatch["pruned_fraction"]))
-    assert infobatch["steps"] < infobatch["backprop_examples"] <= 8 * infobatch["steps"]  # a pruned epoch may end short
-    assert full["pruned_fraction"] is None
-
-
-def test_cell_knows_which_labels_the_noise_flipped(tiny_files):
-    model, train, validation = tiny_files
-    bench = common.BenchmarkArguments(
-        command="time-to-accuracy", model_name_or_path=model, train_file=train, validation_file=validation
-    )
-    ((name, spec),) = bench.dataset_specs()
-    data = common.Data(spec, AutoTokenizer.from_pretrained(model), 16)
-    settings = tta.TimeToAccuracySettings(train_examples=32)
-    noisy = tta.Cell.from_data(name, data, 0.4, 3, settings)
-    clean = tta.Cell.from_data(name, data, 0.0, 3, settings)
-    differ = [i for i, (a, b) in enumerate(zip(noisy.train["labels"], clean.train["labels"], strict=True)) if a != b]
-    assert noisy.flipped == differ and len(differ) == noisy.flipped_labels > 0 and clean.flipped == []
-
-
-def test_plan_recorder_measures_the_share_of_flipped_rows_visited():
-    class History:
-        current = None
-
-    class Trainer:
-        pruning_history = History()
-
-    recorder = tta.PlanRecorder(Trainer())
-    for epoch, order, pruned in [(0, [0, 1, 2, 3], 0), (1, [0, 1], 2), (2, [2, 3, 1], 1)]:
-        Trainer.pruning_history.current = EpochPlan(epoch, torch.tensor(order), torch.ones(4), pruned, True, 0)
-        recorder.on_step_begin(None, None, None)
-        recorder.on_step_begin(None, None, None)  # a later step of the same epoch changes nothing
-    assert recorder.visited == {1: [0, 1], 2: [2, 3, 1]}  # the unpruned first epoch is left out
-    assert recorder.flipped_share([1, 3]) == pytest.approx((1 / 2 + 2 / 3) / 2)
-
-
-def test_report_says_when_a_pruning_strategys_baseline_never_reached_the_target(tmp_path):
-    rows = []
-    for seed, prune in enumerate([None, None, 40]):
-        rows += [tta_row("none", seed, 50, "A"), tta_row("random", seed, 30, "A")]
-        rows += [tta_row("infobatch", seed, 25, "A", keep=1.0), tta_row("random-prune", seed, prune, "A", keep=1.0)]
-    for row in rows:
-        row.update(flipped_labels=0, train_examples=100, pruned_fraction=None, flipped_share_visited=None)
-    table = {e["strategy"]: e for e in tta.comparison_table(rows)}
-    assert table["infobatch"]["vs_random_prune"] == 0.0  # 25 s against a median of never
-    common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, rows)
-    text = open(report.write_report(str(tmp_path))).read()
-    assert "| d | 0.0 | 0.5 | infobatch | 3/3 | 25.0 | 0.83x | 0.50x | baseline not reached |" in text

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     if bench.command == "report":
-        write_report(bench.output_dir)
+        write_report(bench.output_dir, bench.readme)
         return
     # The trainers save nothing, but each needs an output folder: one scratch folder for the whole run.
     with tempfile.TemporaryDirectory(prefix="hf_sbp_bench_") as scratch_dir:
@@ -81,5 +81,5 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 rows = run_training(ctx)
             write_json(os.path.join(bench.output_dir, f"{name}.json"), machine, rows)
-    write_report(bench.output_dir)
+    write_report(bench.output_dir, bench.readme)
     ctx.progress("done")

@@ -27,6 +27,8 @@ from ..config import import_strategy_modules
 from ..glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
 from ..strategies import registered_strategies, strategy_class
 
+DEFAULT_OUTPUT_DIR = "docs/benchmarks"
+"""Where the committed results live; the report rewrites the README's results block only from there."""
 PARTS = ("overhead", "throughput", "grad-match", "training", "time-to-accuracy", "padding")
 """The measurements, in the order ``all`` runs them; each writes ``<part>.json`` (``-`` as ``_``)."""
 COMMANDS = (*PARTS, "all", "report")
@@ -117,7 +119,14 @@ class BenchmarkArguments:
             "time-to-accuracy: one dataset, seed 0, noise 0, at the full version's sizes."
         },
     )
-    output_dir: str = field(default="docs/benchmarks", metadata={"help": "Where the JSON, plots and report go."})
+    output_dir: str = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "Where the JSON, plots and report go."})
+    readme: str | None = field(
+        default=None,
+        metadata={
+            "help": "The README whose marked time-to-accuracy results block the report rewrites (default: README.md "
+            f"when --output_dir is {DEFAULT_OUTPUT_DIR}, else none; nothing happens to a README without the block)."
+        },
+    )
     model_name_or_path: str = field(default="all-MiniLM-L6-v2", metadata={"help": "Model (bundled name or path)."})
     datasets: str = field(
         default="tweets,bbc-news",
@@ -192,46 +201,53 @@ class BenchmarkArguments:
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of --peft lora (lora_alpha = 2 r)."})
     tta_train_examples: int = field(
-        default=640,
+        default=0,
         metadata={
-            "help": "Time-to-accuracy: training examples per run (a fixed subset per seed; 640 = 20 steps of 32 "
-            "per epoch)."
+            "help": "Time-to-accuracy: training examples per run, a fixed subset per seed (0: 2560, --quick 1280; a "
+            "smaller training split is used whole)."
         },
     )
     tta_epochs: int = field(
         default=3,
         metadata={
-            "help": "Time-to-accuracy: epochs of the full-batch run, whose training time is every strategy's "
-            "budget (3 or more; 3 x 640 examples = 60 steps of 32, 40 to 60 s on 2 CPU cores)."
+            "help": "Time-to-accuracy: epochs of the full-batch run, whose training time is every strategy's budget "
+            "(more where --tta_min_steps needs them)."
         },
+    )
+    tta_min_steps: int = field(
+        default=0,
+        metadata={"help": "Time-to-accuracy: full-batch steps at least, by adding epochs (0: 240, --quick 120)."},
     )
     tta_learning_rates: str = field(
         default="bbc-news=5e-5",
         metadata={
             "help": "Time-to-accuracy: peak learning rates per dataset, 'name=rate' comma-separated (others: "
-            "--learning_rate). BBC news is easy: at 1e-4 its full batch reaches 99%% of its final accuracy in under "
-            "half its budget and then plateaus; at 5e-5 it is still rising over 80-90%% of it, as tweets is at 1e-4."
+            "--learning_rate), chosen so that the full batch's accuracy still rises over most of its budget."
         },
     )
     tta_eval_samples: int = field(
-        default=300,
+        default=0,
+        metadata={"help": "Time-to-accuracy: validation examples per evaluation (0: 1000, --quick 500)."},
+    )
+    tta_min_eval_samples: int = field(
+        default=500,
         metadata={
-            "help": "Time-to-accuracy: validation examples per evaluation (a fixed sample; 300 take about 2 s at 64 "
-            "tokens on 2 CPU cores)."
+            "help": "Time-to-accuracy: where the validation split is smaller than this, the test split and then "
+            "training examples top the validation sample up to this many."
         },
     )
     tta_eval_points: int = field(
-        default=12,
+        default=0,
         metadata={
-            "help": "Time-to-accuracy: evaluations per run, at regular intervals of training time (budget / points "
-            "seconds; the full batch every steps / points steps), the last at the end of the run (at least 10)."
+            "help": "Time-to-accuracy: evaluation marks per run at fractions i / points of the budget (0: 24, --quick "
+            "12; a multiple of 4 puts marks at 25%%, 50%% and 75%%)."
         },
     )
-    tta_calibration_steps: int = field(
-        default=4,
+    tta_seed_limits: str = field(
+        default="stale-gradmatch=3,infobatch=3,random-prune=3",
         metadata={
-            "help": "Time-to-accuracy: timed steps (after one warm-up step) of the calibration run that measures "
-            "a strategy's step time on a discarded copy of the model before its budgeted run."
+            "help": "Time-to-accuracy: strategies that run on fewer seeds, 'name=count' comma-separated (the first "
+            "count seeds of --seeds)."
         },
     )
     memory_strategy: str = field(
@@ -275,14 +291,45 @@ class BenchmarkArguments:
             raise ValueError(f"peft={self.peft!r} is invalid; choose one of {list(PEFT_MODES)}.")
         if self.lora_r < 1:
             raise ValueError(f"lora_r={self.lora_r} is invalid; it must be at least 1.")
-        if self.tta_epochs < 1 or self.tta_train_examples < 1 or self.tta_eval_samples < 1:
-            raise ValueError("--tta_epochs, --tta_train_examples and --tta_eval_samples must be at least 1.")
-        if self.tta_eval_points < 1 or self.tta_calibration_steps < 1:
-            raise ValueError("--tta_eval_points and --tta_calibration_steps must be at least 1.")
+        self._time_to_accuracy_defaults()
+        if self.readme is None and os.path.normpath(self.output_dir) == DEFAULT_OUTPUT_DIR:
+            self.readme = "README.md"
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r} is invalid; choose 'cpu', 'cuda' or 'auto'.")
+
+    def _time_to_accuracy_defaults(self) -> None:
+        quick = self.quick
+        self.tta_train_examples = self.tta_train_examples or (1280 if quick else 2560)
+        self.tta_min_steps = self.tta_min_steps or (120 if quick else 240)
+        self.tta_eval_samples = self.tta_eval_samples or (500 if quick else 1000)
+        self.tta_eval_points = self.tta_eval_points or (12 if quick else 24)
+        self.tta_seed_values = [int(s) for s in (self.seeds or ("0,1" if quick else "0,1,2,3,4")).split(",")]
+        # --quick compares the paper's method with its baseline only, unless --strategies names others.
+        self.tta_strategy_names = ["random", "gradmatch"] if quick and not self.strategies else self.strategy_names
+        for name, value in (
+            ("--tta_epochs", self.tta_epochs),
+            ("--tta_train_examples", self.tta_train_examples),
+            ("--tta_min_steps", self.tta_min_steps),
+            ("--tta_eval_samples", self.tta_eval_samples),
+            ("--tta_min_eval_samples", self.tta_min_eval_samples),
+            ("--tta_eval_points", self.tta_eval_points),
+        ):
+            if value < 1:
+                raise ValueError(f"{name}={value} is invalid; it must be at least 1.")
+        self.tta_seed_limit_values = {}
+        for item in _split_list(self.tta_seed_limits):
+            name, _, count = item.partition("=")
+            if not count.strip().isdigit():
+                raise ValueError(
+                    f"--tta_seed_limits item {item!r} is invalid; write 'strategy=count', e.g. 'infobatch=3'."
+                )
+            self.tta_seed_limit_values[name.strip()] = int(count)
+
+    def tta_seed_limit(self, strategy: str) -> int:
+        """How many of the time-to-accuracy seeds ``strategy`` runs on (its ``--tta_seed_limits`` entry, else all)."""
+        return self.tta_seed_limit_values.get(strategy, len(self.tta_seed_values))
 
     def tta_learning_rate(self, dataset: str) -> float:
         """The time-to-accuracy runs' peak learning rate on ``dataset``: its ``--tta_learning_rates`` entry, else
@@ -344,13 +391,19 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def write_json(path: str, machine: dict[str, Any], rows: list[dict[str, Any]], verbose: bool = True) -> None:
-    """Write ``{"machine": machine, "rows": rows}`` to ``path`` atomically (never a half-written file); say so
-    unless ``verbose`` is false."""
+def write_json(
+    path: str,
+    machine: dict[str, Any],
+    rows: list[dict[str, Any]],
+    verbose: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``{"machine": machine, **extra, "rows": rows}`` to ``path`` atomically (never a half-written file); say
+    so unless ``verbose`` is false."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:
-        json.dump({"machine": machine, "rows": rows}, handle, indent=1)
+        json.dump({"machine": machine, **(extra or {}), "rows": rows}, handle, indent=1)
     os.replace(tmp, path)
     if verbose:
         print(f"wrote {path}", flush=True)
@@ -484,11 +537,13 @@ def evaluating_trainer(
     validation: Any,
     tokenizer: Any,
     output_dir: str,
+    trainer_class: type[SelectiveBackpropTrainer] = SelectiveBackpropTrainer,
     **extra: Any,
 ) -> SelectiveBackpropTrainer:
-    """A trainer of one seeded benchmark run: ``steps`` steps of ``strategy`` at ``keep`` with a linear schedule
-    warming up over ``warmup_steps``, dynamic padding, accuracy on ``validation``, nothing saved and no log lines
-    (``extra``: more ``SelectiveBackpropConfig`` fields). The training and time-to-accuracy parts train through it."""
+    """A ``trainer_class`` trainer of one seeded benchmark run: ``steps`` steps of ``strategy`` at ``keep`` with a
+    linear schedule warming up over ``warmup_steps``, dynamic padding, accuracy on ``validation`` (if given), nothing
+    saved and no log lines (``extra``: more ``SelectiveBackpropConfig`` fields). The training and time-to-accuracy
+    parts train through it."""
     args = SelectiveBackpropConfig(
         output_dir=output_dir,
         sbp_strategy=strategy,
@@ -506,7 +561,7 @@ def evaluating_trainer(
         disable_tqdm=True,
         **extra,
     )
-    trainer = SelectiveBackpropTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train,

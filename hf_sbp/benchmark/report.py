@@ -1,68 +1,23 @@
-"""The report: ``README.md`` in the output folder (the hand-written ``summary.md``, then a table per JSON file) and
-the training and time-to-accuracy plots."""
+"""The report: ``report.md`` in the output folder (a table per JSON file, the training plots) and the generated
+time-to-accuracy ``summary.md`` (:mod:`.tta_report`)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from .._utils import markdown_table
 from ..config import WEIGHT_NORMALIZATIONS
-from ..strategies import registered_strategies, strategy_class
-from .common import load_rows, prunes_dataset, strategy_order
+from .common import load_rows, strategy_order
+from .palette import KEEP_STYLES, _selects_subset, strategy_colors
 from .throughput import break_even_table, peft_mode
 from .time_to_accuracy import JSON_NAME as TIME_TO_ACCURACY
-from .time_to_accuracy import TARGET_FRACTION, comparison_table, first_to_target, pruning_table, selected_runs
-from .training import accuracy_at, equal_budget_table
-
-FULL_BATCH_COLOR = "black"
-PALETTE = (
-    "tab:green",
-    "tab:orange",
-    "tab:blue",
-    "tab:red",
-    "tab:purple",
-    "tab:brown",
-    "tab:pink",
-    "tab:olive",
-    "tab:cyan",
-    "tab:gray",
-    "navy",
-    "darkgoldenrod",
-    "teal",
-    "magenta",
-    "lime",
-    "maroon",
-)
-"""Plot colours of the selective strategies, assigned in registration order (``gradmatch``, ``loss``, ``random``
-first), then to unregistered names found in results; they repeat after sixteen."""
-KEEP_STYLES = {0.5: "-", 0.25: "--", 1.0: "-"}
-"""Line styles of the keep values (other keeps are dotted)."""
-
-
-def _selects_subset(name: str) -> bool:
-    # Results of a strategy whose module is not imported are taken for a selective one.
-    return name not in registered_strategies() or strategy_class(name).selective
-
-
-def strategy_colors(names: Iterable[str] = ()) -> dict[str, str]:
-    """A plot colour for every registered strategy and every name in ``names``: black for those that select no
-    subset, the :data:`PALETTE` in registration order for the others (then for unregistered names)."""
-    colors = {}
-    selective = 0
-    for name in strategy_order([*registered_strategies(), *names]):
-        if not _selects_subset(name):
-            colors[name] = FULL_BATCH_COLOR
-        else:
-            colors[name] = PALETTE[selective % len(PALETTE)]
-            selective += 1
-    return colors
+from .training import equal_budget_table
+from .tta_report import render_summary, update_readme
 
 
 def plot_training(rows: list[dict[str, Any]], output_dir: str) -> list[str]:
@@ -323,217 +278,6 @@ def _training_section(rows: list[dict[str, Any]], output_dir: str) -> str:
     )
 
 
-def _label(strategy: str, keep: float) -> str:
-    return f"{strategy}@{keep}" if _selects_subset(strategy) and not prunes_dataset(strategy) else strategy
-
-
-def plot_time_to_accuracy(rows: list[dict[str, Any]], output_dir: str) -> str:
-    """Validation accuracy against training wall-clock seconds, one panel per dataset and noise: per strategy the
-    mean over seeds of the last accuracy measured by each time (the runs :func:`selected_runs` picks), the target
-    (dashed, mean over seeds) and the budget (dotted); returns the PNG file name written in ``output_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = selected_runs(rows)
-    colors = strategy_colors(r["strategy"] for r in runs)
-    groups = sorted({(r["dataset"], r["label_noise"]) for r in runs})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-    for ax, (dataset, noise) in zip(axes[0], groups, strict=True):
-        members = [r for r in runs if r["dataset"] == dataset and r["label_noise"] == noise]
-        end = max(point[0] for r in members for point in r["curve"])
-        grid = np.linspace(0.0, end, 400)
-        for strategy, keep in sorted({(r["strategy"], r["keep"]) for r in members}, key=lambda p: (-p[1], p[0])):
-            curves = [r["curve"] for r in members if r["strategy"] == strategy and r["keep"] == keep]
-            values = np.array([[accuracy_at(curve, t) for t in grid] for curve in curves])
-            covered = ~np.isnan(values).any(axis=0)  # from the time every seed has been evaluated once
-            label = f"{_label(strategy, keep)} ({len(curves)} run{'s' if len(curves) > 1 else ''})"
-            style = KEEP_STYLES.get(keep, ":")
-            ax.plot(grid[covered], values[:, covered].mean(0), style, color=colors[strategy], label=label)
-            for curve in curves:
-                ax.plot(*zip(*curve, strict=True), "o", color=colors[strategy], ms=2.5, alpha=0.5)
-        targets = [r["target"] for r in members]
-        budgets = [r["budget_s"] for r in members]
-        ax.axhline(float(np.mean(targets)), color="black", ls="--", lw=1, label=f"target ({TARGET_FRACTION} x full)")
-        ax.axvline(float(np.mean(budgets)), color="gray", ls=":", lw=1, label="budget")
-        ax.set_title(f"{dataset}, label noise {noise}")
-        ax.set_xlim(left=0)
-        ax.set_xlabel("training wall-clock (s, evaluation excluded)")
-        ax.set_ylabel("validation accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    name = "time_to_accuracy.png"
-    fig.savefig(os.path.join(output_dir, name), dpi=110)
-    plt.close(fig)
-    return name
-
-
-def _seconds(value: float) -> str:
-    return "not reached" if math.isinf(value) else "-" if math.isnan(value) else f"{value:.1f}"
-
-
-def _times(value: float) -> str:
-    if math.isnan(value):
-        return "-"
-    if math.isinf(value):
-        return "∞"
-    if value == 0:  # a finite time over a baseline that never reached the target
-        return "baseline not reached"
-    return f"{value:.2f}x"
-
-
-def _first_line(entry: dict[str, Any]) -> str:
-    where = f"**{entry['dataset']}, noise {entry['label_noise']}, keep {entry['keep']}**"
-    if entry["winner"] is None:
-        return f"- {where}: no strategy reached the target in most of its runs."
-    keep = entry["keep"]
-    line = f"- {where}: {_label(entry['winner'], keep)} first, in {entry['winner_s']:.1f} s (median)"
-    if not math.isnan(entry["winner_vs_random"]) and entry["winner"] != "random":
-        line += f", {_times(entry['winner_vs_random'])} the random subset's time"
-    if entry["runner_up"] is not None:
-        runner = _label(entry["runner_up"], keep)
-        if math.isinf(entry["runner_up_s"]):
-            line += f"; no other strategy reached the target (next: {runner})"
-        else:
-            line += f"; next {runner} in {entry['runner_up_s']:.1f} s"
-            if not math.isnan(entry["runner_up_vs_random"]) and entry["runner_up"] != "random":
-                line += f" ({_times(entry['runner_up_vs_random'])} random's)"
-            if not math.isnan(entry["lead_ratio"]):
-                line += f": the winner needed {_times(entry['lead_ratio'])} its time"
-    return line + "."
-
-
-def _pruning_lines(rows: list[dict[str, Any]]) -> str:
-    table = pruning_table(rows)
-    if not table:
-        return ""
-    body = [
-        [
-            e["dataset"], e["label_noise"], e["strategy"], e["runs"], f"{e['median_pruned_fraction']:.3f}",
-            f"{e['median_steps_vs_full']:.2f}", f"{e['median_final_accuracy']:.4f}",
-            "-" if math.isnan(e["median_flipped_share_visited"]) else f"{e['median_flipped_share_visited']:.3f}",
-            f"{e['median_flipped_share_train']:.3f}",
-        ]
-        for e in table
-    ]  # fmt: skip
-    return (
-        "\n\n### Dataset-level pruning\n\nMedians over seeds: the share of the examples the epochs left out, the "
-        "steps made over the full batch's, the final accuracy, and, under label noise, the share of mislabelled "
-        "examples among those the pruned epochs visited beside their share of the training subset.\n\n"
-        + markdown_table(
-            [
-                "dataset",
-                "noise",
-                "strategy",
-                "runs",
-                "left out",
-                "steps / full",
-                "final acc",
-                "mislabelled visited",
-                "mislabelled in data",
-            ],
-            body,
-            fmt=str,
-        )  # fmt: skip
-    )
-
-
-GOAL_RATIO = 0.9
-"""A strategy meets the goal when its median time to target is at most this fraction of each baseline's."""
-
-
-def _goal_lines(table: list[dict[str, Any]]) -> str:
-    """Per dataset, noise and keep: the strategies whose median time to target is at most :data:`GOAL_RATIO` of the
-    random subset's and the full batch's (and, for a dataset-level strategy, ``random-prune``'s), or that none was."""
-    lines = []
-    for key in dict.fromkeys((e["dataset"], e["label_noise"], e["keep"]) for e in table):
-        entries = [e for e in table if (e["dataset"], e["label_noise"], e["keep"]) == key]
-        met = []
-        for e in entries:
-            ratios = [e["vs_random"], e["vs_full_batch"]]
-            if prunes_dataset(e["strategy"]) and e["strategy"] != "random-prune":
-                ratios.append(e["vs_random_prune"])
-            if e["strategy"] not in ("none", "random") and all(r <= GOAL_RATIO for r in ratios):
-                met.append(f"{_label(e['strategy'], e['keep'])} ({', '.join(_times(r) for r in ratios)})")
-        where = f"- **{key[0]}, noise {key[1]}, keep {key[2]}**: "
-        lines.append(where + (", ".join(met) if met else "no strategy (every one needed more than 0.9x a baseline)"))
-    return (
-        f"A strategy meets it when its median time to target is at most {GOAL_RATIO}x the random subset's and the full "
-        "batch's (a dataset-level one: and `random-prune`'s), ratios in brackets in that order.\n\n" + "\n".join(lines)
-    )
-
-
-def _time_to_accuracy_section(rows: list[dict[str, Any]], output_dir: str) -> str:
-    table = comparison_table(rows)
-    body = [
-        [
-            e["dataset"],
-            e["label_noise"],
-            e["keep"],
-            e["strategy"],
-            f"{e['reached']}/{e['runs']}",
-            _seconds(e["median_time_to_target_s"]),
-            _times(e["vs_random"]),
-            _times(e["vs_full_batch"]),
-            _times(e["vs_random_prune"]),
-            "-" if math.isinf(e["median_share_of_budget"]) else f"{e['median_share_of_budget']:.2f}",
-            f"{e['median_final_accuracy']:.4f}",
-            f"{e['median_budget_s']:.1f}",
-            f"{e['median_target']:.4f}",
-            f"{e['median_steps']:.0f}/{e['median_planned_steps']:.0f}",
-        ]
-        for e in table
-    ]
-    sittings = sorted({r.get("sitting") or "-" for r in rows})
-    plot = plot_time_to_accuracy(rows, output_dir)
-    return (
-        "## Time to accuracy (`time_to_accuracy.json`)\n\nPer dataset, label noise and seed, the full batch "
-        "(`none`) trains for a fixed number of epochs over a fixed training subset; its training time is the budget "
-        f"and {TARGET_FRACTION} x its final validation accuracy the target. Every other strategy trains on the "
-        "same data from the same initial weights for the same budget, with its learning-rate schedule (warm-up, "
-        "linear decay) sized to the steps its measured step time fits in the budget. Times are training "
-        "wall-clock seconds, evaluation excluded; an evaluation on a fixed validation sample is made about 12 times "
-        "per run, so a time to target is the first evaluation at or above the target. Medians over seeds (a "
-        "strategy that missed the target in most runs has no median: `not reached`); `vs random` and `vs full` "
-        "divide by the median of the random subset's and the full batch's runs of the same sittings (times "
-        "compare only within a sitting); the dataset-level strategies (`infobatch`, `random-prune`: whole batches, "
-        "keep 1.0) appear beside every keep's random subset, run for the full batch's epochs (pruned, so they end "
-        "before the budget) with the full batch's schedule stretched over them, and `vs random-prune` divides by "
-        "their own baseline's median; `share` is the time to target over the budget (the full batch's shows "
-        "how long its accuracy kept rising); `steps / planned`: the steps made and the schedule's length (fewer "
-        "made: the budget ran out first, the step time having been underestimated). "
-        f"{len(sittings)} sitting{'s' if len(sittings) > 1 else ''}: {', '.join(f'`{s}`' for s in sittings)}.\n\n"
-        + markdown_table(
-            [
-                "dataset",
-                "noise",
-                "keep",
-                "strategy",
-                "reached",
-                "median time to target s",
-                "vs random",
-                "vs full",
-                "vs random-prune",
-                "share",
-                "final acc",
-                "budget s",
-                "target",
-                "steps / planned",
-            ],
-            body,
-            fmt=str,
-        )
-        + "\n\n### First to the target\n\n"
-        + "\n".join(_first_line(entry) for entry in first_to_target(table))
-        + "\n\n### The goal: 10% sooner than every baseline\n\n"
-        + _goal_lines(table)
-        + _pruning_lines(rows)
-        + f"\n\n![{plot}]({plot})"
-    )
-
-
 def _padding_section(rows: list[dict[str, Any]]) -> str:
     table = [
         (
@@ -579,38 +323,28 @@ def _scoring_length_section(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def _machines_section(machines: dict[str, dict[str, Any]], tta_rows: list[dict[str, Any]]) -> str:
+def _machines_section(machines: dict[str, dict[str, Any]]) -> str:
     lines = [f"- `{name}`: {json.dumps(m)}" for name, m in machines.items()]
-    by_sitting = {r.get("sitting"): r.get("machine") for r in tta_rows if r.get("sitting")}
-    if len(by_sitting) > 1:
-        lines += [f"  - sitting `{sitting}`: {json.dumps(m)}" for sitting, m in sorted(by_sitting.items())]
-    devices = {m.get("device") for m in machines.values()} | {(m or {}).get("device") for m in by_sitting.values()}
-    if "cuda" not in devices:
+    if "cuda" not in {m.get("device") for m in machines.values()}:
         lines.append(
-            "- No CUDA GPU was available for these measurements: every row is `device: cpu`. GPU rows "
-            "(`overhead`, `throughput` and a `--quick` time-to-accuracy run with `--device cuda`) are still to be made."
+            "- No CUDA GPU was available for these measurements: every row is `device: cpu` (`scripts/gpu_check.sh` "
+            "makes the GPU rows)."
         )
     return "## Machines\n\n" + "\n".join(lines)
 
 
-def write_report(output_dir: str) -> str:
-    """Write ``<output_dir>/README.md``: the hand-written summary (``summary.md``) followed by tables from the JSON
-    files present (and the training and time-to-accuracy plots; a part without its JSON file has no section), and
-    the machines they were measured on; returns its path."""
-    sections = []
-    summary_path = os.path.join(output_dir, "summary.md")
-    if os.path.isfile(summary_path):
-        with open(summary_path) as handle:
-            sections.append(handle.read().strip())
-    else:
-        sections.append("# Benchmarks")
+def write_report(output_dir: str, readme: str | None = None) -> str:
+    """Write ``<output_dir>/report.md``, a table per JSON file present (a part without its file has no section),
+    with the training plots and the machines, the time-to-accuracy ``summary.md`` (:func:`render_summary`) and, if
+    ``readme`` has one, its marked results block (:func:`update_readme`); returns the report's path."""
+    sections = ["# Benchmark tables", "Generated by `python scripts/benchmark.py report` from the JSON files beside "
+                "it; do not edit. The time-to-accuracy results are in [summary.md](summary.md)."]  # fmt: skip
     machines = {}
     for name, section in (
         ("overhead", _overhead_section),
         ("throughput", _throughput_section),
         ("grad_match", _grad_match_section),
         ("training", lambda rows: _training_section(rows, output_dir)),
-        (TIME_TO_ACCURACY, lambda rows: _time_to_accuracy_section(rows, output_dir)),
         ("padding", _padding_section),
         ("scoring_length", _scoring_length_section),
     ):
@@ -618,11 +352,18 @@ def write_report(output_dir: str) -> str:
         if rows:
             machines[name] = machine
             sections.append(section(rows))
+    machine, rows = load_rows(output_dir, TIME_TO_ACCURACY)
+    if rows:
+        machines[TIME_TO_ACCURACY] = machine
     if machines:
-        sections.append(_machines_section(machines, load_rows(output_dir, TIME_TO_ACCURACY)[1]))
-    text = "\n\n".join(sections) + "\n"
-    path = os.path.join(output_dir, "README.md")
+        sections.append(_machines_section(machines))
+    path = os.path.join(output_dir, "report.md")
     with open(path, "w") as handle:
-        handle.write(text)
+        handle.write("\n\n".join(sections) + "\n")
     print(f"wrote {path}", flush=True)
+    summary = render_summary(output_dir)
+    if summary is not None:
+        print(f"wrote {summary}", flush=True)
+    if readme is not None and update_readme(readme, output_dir):
+        print(f"wrote the results block of {readme}", flush=True)
     return path
