@@ -390,6 +390,8 @@ def test_time_to_accuracy_rows_summary_and_resuming_on_a_tiny_model(tmp_path, ti
     assert full["schedule"] == "steps" and full["steps"] == full["planned_steps"] == 16
     assert full["budget_s"] == full["train_s"] and full["target"] == pytest.approx(0.99 * full["final_accuracy"])
     assert full["budget_cost"] == 3 * 16 * 8 and full["scoring_forward_examples"] == 0
+    # The full batch backpropagates every row once per epoch: its mislabelled share is the training subset's.
+    assert 0 < full["flipped_labels"] and full["flipped_share_backprop"] == pytest.approx(full["flipped_labels"] / 32)
     random, gradmatch, infobatch = first[1], first[2], first[3]
     assert random["schedule"] == gradmatch["schedule"] == "time" and infobatch["schedule"] == "epochs"
     assert random["budget_s"] == full["budget_s"] and random["planned_steps"] is None

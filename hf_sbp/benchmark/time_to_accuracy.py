@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
@@ -184,6 +185,36 @@ class PlanRecorder(TrainerCallback):
         return float(np.mean([sum(i in marked for i in rows) / len(rows) for rows in self.visited.values()]))
 
 
+class BackpropCounter:
+    """Counts the rows that go through a forward with autograd (the rows a step backpropagates), and how many of them
+    are mislabelled: a forward pre-hook on the model matches each row (its tokens and label) against the flipped
+    rows of the unit's training subset. The scoring pass runs without autograd and is not counted."""
+
+    def __init__(self, model: Any, train: Dataset, flipped: list[int]) -> None:
+        rows = train.select(flipped)
+        self.flipped_keys = {
+            (tuple(ids), int(label)) for ids, label in zip(rows["input_ids"], rows["labels"], strict=True)
+        }
+        self.rows = 0
+        self.flipped = 0
+        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
+        if not torch.is_grad_enabled() or ids is None or labels is None:
+            return
+        mask = kwargs.get("attention_mask")
+        for row in range(ids.shape[0]):
+            tokens = ids[row] if mask is None else ids[row][mask[row].bool()]
+            self.flipped += (tuple(tokens.tolist()), int(labels[row])) in self.flipped_keys
+        self.rows += int(ids.shape[0])
+
+    def share(self) -> float | None:
+        """The share of mislabelled rows among those backpropagated (``None`` before any)."""
+        self.handle.remove()
+        return self.flipped / self.rows if self.rows else None
+
+
 def schedule_of(strategy: str, budgeted: bool) -> str:
     """``steps`` (the full batch, which defines the budget), ``epochs`` (dataset-level pruning) or ``time``."""
     if not budgeted:
@@ -257,6 +288,7 @@ def train_run(
     trainer.add_callback(marks)
     plans = PlanRecorder(trainer)
     trainer.add_callback(plans)
+    counter = BackpropCounter(model, cell.train, cell.flipped) if cell.flipped else None
     metrics = trainer.train().metrics
     final = marks.curve[-1][3]
     if budget is None:
@@ -297,7 +329,7 @@ def train_run(
         "flipped_labels": len(cell.flipped),
         "pruned_fraction": metrics.get(run_key(PRUNED_FRACTION)),
         "flipped_share_visited": plans.flipped_share(cell.flipped) if cell.flipped else None,
-        "flipped_share_backprop": None,
+        "flipped_share_backprop": counter.share() if counter is not None else None,
     }
     row["wall_s"] = time.perf_counter() - started
     return row
