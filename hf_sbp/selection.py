@@ -297,16 +297,19 @@ def omp_gram(
         if gram_cpu.dtype not in (torch.float32, torch.float64):
             gram_cpu = gram_cpu.double()
         K = np.ascontiguousarray(gram_cpu.numpy())
-        default_corr = torch.from_numpy(K.mean(axis=1, dtype=np.float64)) if target_corr is None else None
+        if target_corr is None:  # NumPy's means, as mean_gradient_target computes them on the CPU
+            corr_np = K.mean(axis=1, dtype=np.float64)
+            corr, mean_sq = torch.from_numpy(corr_np), float(corr_np.mean())
     else:
         K = gram.detach()
         if not K.dtype.is_floating_point:
             K = K.double()
-        default_corr = K.mean(dim=1, dtype=torch.float64) if target_corr is None else None
-    # The target, checked once for both loops; the default is the batch mean, as mean_gradient_target computes it.
+        if target_corr is None:  # on the device, as mean_gradient_target computes them there
+            corr = K.mean(dim=1, dtype=torch.float64)
+            mean_sq = float(corr.mean())
+    # The target, checked once for both loops; the default is the batch mean.
     if target_corr is None:
-        corr = default_corr
-        target_sq = float(corr.mean()) if target_sq_norm is None else float(target_sq_norm)
+        target_sq = mean_sq if target_sq_norm is None else float(target_sq_norm)
     else:
         if target_corr.shape != (n,):
             raise ValueError(f"target_corr must have shape ({n},); got {tuple(target_corr.shape)}.")

@@ -22,16 +22,27 @@ from hf_sbp import omp_torch
 from hf_sbp.selection import OMP_IMPLS, mean_gradient_target, omp_gram, resolve_omp_impl
 
 
-def assert_same_result(K: torch.Tensor, k: int, **options) -> None:
-    """``omp_gram`` with ``impl='numba'`` and ``impl='torch'`` agree: atoms, weights and residuals."""
+def assert_same_result(K: torch.Tensor, k: int, elementwise: bool = True, **options) -> None:
+    """``omp_gram`` with ``impl='numba'`` and ``impl='torch'`` agree: atoms, weights and residuals.
+
+    The weights agree in what they fit: ``||sum_S (w_torch - w_numba)_i g_i|| <= 1e-6 ||target||``, i.e.
+    ``d^T K_SS d`` from ``K``. With ``elementwise`` each weight also agrees to rounding (relative to the largest); an
+    atom whose gradient is many orders of magnitude shorter than the target has a weight set by a cancellation in
+    its correlation, which the two loops round differently (the fuzzed row scales of 1e-6 to 1e6 make such atoms).
+    """
     numba = omp_gram(K, k, impl="numba", **options)
     torch_ = omp_gram(K, k, impl="torch", **options)
     assert torch_.indices.dtype == torch.long and torch_.weights.dtype == torch.float64
     assert torch_.indices.tolist() == numba.indices.tolist(), options
-    # Weights to rounding relative to the largest (an ill-conditioned K_SS amplifies it by its condition number);
-    # residuals relative to ||target||: the last one is the square root of a difference that rounds to ~0.
+    idx = numba.indices.cpu()
+    K_SS = K.cpu().double()[idx[:, None], idx]
+    gap = (torch_.weights - numba.weights).cpu()
+    target_sq = options.get("target_sq_norm", float(K.double().mean()))
+    assert float(gap @ K_SS @ gap) <= 1e-12 * max(float(target_sq), 1e-300) + 1e-300, (numba.weights, torch_.weights)
     scale = float(numba.weights.abs().max()) if numba.weights.numel() else 1.0
-    torch.testing.assert_close(torch_.weights, numba.weights, rtol=1e-6, atol=1e-8 * scale)
+    if elementwise:
+        torch.testing.assert_close(torch_.weights, numba.weights, rtol=1e-6, atol=1e-8 * scale)
+    # Residuals relative to ||target||: the last one is the square root of a difference that rounds to ~0.
     assert len(torch_.residuals) == len(numba.residuals)
     if numba.residuals:
         np.testing.assert_allclose(torch_.residuals, numba.residuals, rtol=1e-6, atol=1e-6 * numba.residuals[0])
@@ -116,7 +127,7 @@ def test_torch_loop_matches_with_a_custom_target_and_untracked_residuals():
 @FUZZ
 @given(gradient_sets(max_n=16), st.integers(1, 16), st.sampled_from(OPTIONS))
 def test_torch_loop_matches_the_compiled_loop_on_fuzzed_grams(G, k, options):
-    assert_same_result(_gram(G), min(k, G.shape[0]), **options)
+    assert_same_result(_gram(G), min(k, G.shape[0]), elementwise=False, **options)
 
 
 BAD_INPUTS = [
