@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ._utils import check_int_at_least, is_int_at_least, is_number
-from .selection import subset_size
+from .selection import OMP_IMPLS, subset_size
 from .strategies import registered_strategies, strategy_class
 
 WEIGHT_NORMALIZATIONS = ("subset_size", "none", "sum_constrained")
@@ -116,6 +116,15 @@ class SelectiveBackpropArguments:
             "residual correlations at once and one refit, a method change: about b times fewer steps (at 1024 to "
             "2048 rows, 0.34 to 0.65 times OMP's time) for a greedier subset, whose last-layer match error was up to "
             "1.35 times OMP's (docs/method.md, section 2.3)."
+        },
+    )
+    sbp_omp_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "Which loop runs OMP: 'numba' (compiled, on the CPU; the Gram matrix is copied there), 'torch' (on "
+            "the Gram matrix's device, without reading the device inside the loop), or 'auto' (the default: 'torch' "
+            "on CUDA and XPU, 'numba' elsewhere). The same algorithm either way; results agree to rounding.",
+            "choices": list(OMP_IMPLS),
         },
     )
     sbp_loss_variant: str = field(
@@ -240,6 +249,8 @@ class SelectiveBackpropArguments:
         if not is_number(self.sbp_omp_tol) or not (0.0 <= self.sbp_omp_tol < 1.0):
             raise ValueError(f"sbp_omp_tol={self.sbp_omp_tol!r} is invalid; it must be a number in [0, 1).")
         check_int_at_least("sbp_omp_batch", self.sbp_omp_batch, 1)
+        if self.sbp_omp_impl not in OMP_IMPLS:
+            raise ValueError(f"sbp_omp_impl={self.sbp_omp_impl!r} is invalid; choose one of {list(OMP_IMPLS)}.")
         if self.sbp_loss_variant not in LOSS_VARIANTS:
             raise ValueError(
                 f"sbp_loss_variant={self.sbp_loss_variant!r} is invalid; choose one of {list(LOSS_VARIANTS)}."

@@ -233,6 +233,7 @@ SETTING_TITLES = {
     "sbp_omp_nonnegative": "OMP non-negative weights",
     "sbp_omp_tol": "OMP tolerance",
     "sbp_omp_batch": "OMP atoms per step",
+    "sbp_omp_impl": "OMP loop",
     "sbp_loss_variant": "loss-based rule",
     "sbp_loss_beta": "Jiang's beta",
     "sbp_loss_history_size": "Jiang's loss history",

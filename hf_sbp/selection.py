@@ -20,8 +20,11 @@ import torch.nn.functional as F
 
 from ._utils import check_int_at_least
 from .omp_loop import omp_loop
+from .omp_torch import omp_torch_loop
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+OMP_IMPLS = ("auto", "numba", "torch")
+"""The loops :func:`omp_gram` can run (``impl``)."""
 
 
 def _check_problem_type(problem_type: str) -> None:
@@ -225,6 +228,7 @@ def omp_gram(
     nonnegative: bool = True,
     tol: float | None = 1e-4,
     batch: int = 1,
+    impl: str = "auto",
 ) -> OMPResult:
     """Orthogonal Matching Pursuit on a Gram matrix, with ridge and optional non-negative weights.
 
@@ -261,13 +265,17 @@ def omp_gram(
         nonnegative: keep every weight ``>= 0``.
         tol: relative residual at which to stop early; ``None`` never stops early.
         batch: the atoms added per step, at least 1; 1 (the default) is OMP.
+        impl: which loop runs OMP, one of :data:`OMP_IMPLS`: ``"numba"`` (compiled, on the CPU: the matrix is copied
+            there), ``"torch"`` (:mod:`hf_sbp.omp_torch`, on ``gram``'s device, without reading the device inside
+            the loop), or ``"auto"`` (the default): ``"torch"`` for a matrix on CUDA or XPU, ``"numba"`` otherwise
+            (MPS has no float64). Both run the same algorithm on the same checked inputs.
 
     A step costs ``O(n |S|)`` for the residual correlations and ``O(|S|^2)`` for the factor's new row and the refit;
     dropping an atom costs ``O(|S|^2)``: ``O(n k^2)`` in all.
 
     Returns:
-        An :class:`OMPResult` on ``gram``'s device. Computation is in float64 on the CPU, in one thread, compiled
-        (:mod:`hf_sbp.omp_loop`).
+        An :class:`OMPResult` on ``gram``'s device. Computation is in float64: on the CPU, in one thread, compiled
+        (:mod:`hf_sbp.omp_loop`), or on ``gram``'s device (:mod:`hf_sbp.omp_torch`).
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square (n, n) matrix; got shape {tuple(gram.shape)}.")
@@ -278,31 +286,65 @@ def omp_gram(
         raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
     if tol is not None and not (tol >= 0.0 and math.isfinite(tol)):
         raise ValueError(f"tol must be None or a finite number >= 0; got {tol!r}.")
-    device = gram.device
-    # float32 stays float32 (every float32 is a float64, so nothing is rounded): the loop reads rows of K into float64
-    # as it needs them, and keeps the chosen atoms' columns in K's dtype (half the memory traffic of float64).
-    gram_cpu = gram.detach().to("cpu")
-    if gram_cpu.dtype not in (torch.float32, torch.float64):
-        gram_cpu = gram_cpu.double()
-    K = np.ascontiguousarray(gram_cpu.numpy())
-    if not np.isfinite(K).all():
+    impl = resolve_omp_impl(impl, gram.device)
+    if not bool(torch.isfinite(gram.detach()).all()):
         raise ValueError("gram contains NaN or infinite entries.")
+    device = gram.device
+    if impl == "numba":
+        # float32 stays float32 (every float32 is a float64, so nothing is rounded): the loop reads rows of K into
+        # float64 as it needs them, and keeps the chosen atoms' columns in K's dtype (half the memory traffic).
+        gram_cpu = gram.detach().to("cpu")
+        if gram_cpu.dtype not in (torch.float32, torch.float64):
+            gram_cpu = gram_cpu.double()
+        K = np.ascontiguousarray(gram_cpu.numpy())
+        if target_corr is None:  # NumPy's means, as mean_gradient_target computes them on the CPU
+            corr_np = K.mean(axis=1, dtype=np.float64)
+            corr, mean_sq = torch.from_numpy(corr_np), float(corr_np.mean())
+    else:
+        K = gram.detach()
+        if not K.dtype.is_floating_point:
+            K = K.double()
+        if target_corr is None:  # on the device, as mean_gradient_target computes them there
+            corr = K.mean(dim=1, dtype=torch.float64)
+            mean_sq = float(corr.mean())
+    # The target, checked once for both loops; the default is the batch mean.
     if target_corr is None:
-        corr = K.mean(axis=1, dtype=np.float64)  # as mean_gradient_target computes it
-        target_sq = float(corr.mean()) if target_sq_norm is None else float(target_sq_norm)
+        target_sq = mean_sq if target_sq_norm is None else float(target_sq_norm)
     else:
         if target_corr.shape != (n,):
             raise ValueError(f"target_corr must have shape ({n},); got {tuple(target_corr.shape)}.")
-        corr = np.ascontiguousarray(target_corr.detach().to("cpu", torch.float64).numpy())
+        corr = target_corr.detach().to(torch.float64)
         if target_sq_norm is None and tol is not None:
             raise ValueError("target_sq_norm is required with a custom target_corr when tol is set.")
         target_sq = float("nan") if target_sq_norm is None else float(target_sq_norm)
 
     stop_at = -math.inf if tol is None or not math.isfinite(target_sq) else tol * tol * target_sq
-    support, weights, residuals = omp_loop(K, corr, target_sq, min(n_nonzero, n), ridge, nonnegative, stop_at, batch)
-    index_tensor = torch.from_numpy(support.astype(np.int64)).to(device)
-    weight_tensor = torch.from_numpy(np.maximum(weights, 0.0) if nonnegative else weights).to(device)
-    return OMPResult(index_tensor, weight_tensor, residuals.tolist())
+    k = min(n_nonzero, n)
+    if impl == "numba":
+        corr_np = np.ascontiguousarray(corr.to("cpu").numpy())
+        support, weights, residuals = omp_loop(K, corr_np, target_sq, k, ridge, nonnegative, stop_at, batch)
+        index_tensor = torch.from_numpy(support.astype(np.int64)).to(device)
+        weight_tensor = torch.from_numpy(np.maximum(weights, 0.0) if nonnegative else weights).to(device)
+        return OMPResult(index_tensor, weight_tensor, residuals.tolist())
+    index_tensor, weight_tensor, residual_list = omp_torch_loop(
+        K, corr.to(device), target_sq, k, ridge, nonnegative, stop_at, batch
+    )
+    return OMPResult(index_tensor, weight_tensor.clamp(min=0.0) if nonnegative else weight_tensor, residual_list)
+
+
+def resolve_omp_impl(impl: str, device: torch.device | str) -> str:
+    """The loop :func:`omp_gram` runs for ``impl`` (one of :data:`OMP_IMPLS`) and a Gram matrix on ``device``:
+    ``"numba"`` or ``"torch"``. ``"auto"`` keeps OMP where the matrix is on CUDA and XPU (no copy to the host, no
+    host read inside the loop) and uses the compiled loop elsewhere: on the CPU it is the faster, and MPS has no
+    float64."""
+    if impl not in OMP_IMPLS:
+        raise ValueError(f"impl={impl!r} is not supported; expected one of {OMP_IMPLS}.")
+    device_type = torch.device(device).type
+    if impl == "auto":
+        return "torch" if device_type in ("cuda", "xpu") else "numba"
+    if impl == "torch" and device_type == "mps":
+        raise ValueError("impl='torch' computes in float64, which MPS does not support; use impl='numba' there.")
+    return impl
 
 
 def prepare_omp(dtype: torch.dtype = torch.float32) -> None:

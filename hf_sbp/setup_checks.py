@@ -9,7 +9,9 @@ when ``train()`` starts, so that a trainer built for evaluation needs no trainin
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -109,6 +111,60 @@ def check_training_set(dataset: Any) -> None:
             "train_dataset is empty (0 examples); training needs at least one example per batch. Check the "
             "dataset's split and filters."
         )
+
+
+SHARDING_REFUSED = (
+    "SelectiveBackpropTrainer does not support {what} with sbp_strategy={strategy!r}: selection under sharded "
+    "parameters has never run (FSDP through accelerate needs an accelerator: on the CPU accelerate 1.16 drops the FSDP "
+    "plugin and trains with DDP instead), so its gradients are unverified. Train with DDP (torchrun or accelerate "
+    "launch without FSDP){zero}, or with sbp_strategy='none'."
+)
+
+
+def deepspeed_zero_stage(deepspeed: Any) -> int | None:
+    """The ZeRO stage of ``TrainingArguments.deepspeed`` (a dict, a path to a JSON file, or ``transformers``'
+    ``HfDeepSpeedConfig``); ``None`` when there is no DeepSpeed config or it names no stage."""
+    if deepspeed is None or deepspeed is False:
+        return None
+    if isinstance(deepspeed, str | os.PathLike):
+        with open(deepspeed) as handle:
+            deepspeed = json.load(handle)
+    if isinstance(deepspeed, Mapping):
+        stage = (deepspeed.get("zero_optimization") or {}).get("stage")
+        return int(stage) if isinstance(stage, int | float) else None
+    is_zero3 = getattr(deepspeed, "is_zero3", None)
+    return 3 if callable(is_zero3) and is_zero3() else None
+
+
+def check_sharding(args: Any, sbp: Any, trainer: SelectiveBackpropTrainer | None = None) -> None:
+    """Refuse FSDP (any version) and DeepSpeed ZeRO-3 for a selective strategy, from ``args`` (before the
+    ``Trainer`` is built, so that FSDP on a CPU is not silently turned into DDP) and, given ``trainer``, from its
+    accelerator's state (a launcher's config: ``accelerate launch`` with FSDP or DeepSpeed, no ``args`` needed).
+
+    Scoring itself would survive sharding (it reads the head's input and output through hooks, never its sharded
+    weight), but a sharded run of the trainer has never been tested, and ZeRO-3 partitions the parameters that the
+    gradient pass updates: refuse rather than risk a silently wrong gradient. ZeRO stages 1 and 2 keep every
+    parameter whole on every rank and are not refused.
+    """
+    try:
+        selective = sbp.strategy_class().selective
+    except (ValueError, KeyError, ImportError):
+        return  # an unknown strategy: validate_sbp says so, with its own message
+    if not selective:
+        return  # 'none' is the plain Trainer step
+    strategy = sbp.sbp_strategy
+    refuse = []
+    if getattr(args, "fsdp_plugin_args", None) is not None or (trainer is not None and trainer.is_fsdp_enabled):
+        refuse.append("FSDP")
+    stage = deepspeed_zero_stage(getattr(args, "deepspeed", None))
+    if trainer is not None and trainer.is_deepspeed_enabled:
+        plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        stage = getattr(plugin, "zero_stage", stage)
+    if stage == 3:
+        refuse.append("DeepSpeed ZeRO-3 (partitioned parameters)")
+    if refuse:
+        zero = " or DeepSpeed ZeRO stage 1 or 2" if "FSDP" not in refuse else ""
+        raise ValueError(SHARDING_REFUSED.format(what=" and ".join(refuse), strategy=strategy, zero=zero))
 
 
 def check_setup(trainer: SelectiveBackpropTrainer) -> None:

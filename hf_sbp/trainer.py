@@ -60,7 +60,11 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
     weights) or applies :attr:`selection_weights` itself; weighted strategies refuse an override without it."""
 
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
+        # Before the Trainer is built: with FSDP on a CPU it would quietly build DDP instead.
+        sbp_args = args if isinstance(args, SelectiveBackpropArguments) else SelectiveBackpropArguments()
+        setup_checks.check_sharding(args, sbp_args)
         super().__init__(model, args, *pargs, **kwargs)
+        setup_checks.check_sharding(self.args, sbp_args, self)  # and a launcher's FSDP or DeepSpeed config
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
         self._default_sbp_args = SelectiveBackpropArguments()

@@ -397,6 +397,28 @@ def test_overhead_part_times_generalized_omp_beside_omp_at_large_batches(tmp_pat
     assert "| 32 | 64 | 0.5 | cpu |" in report and report.count("| 8 |") == 2
 
 
+def test_overhead_part_times_both_omp_loops_at_the_batch_sizes_asked(tmp_path):
+    """``--omp_impls numba,torch``: a row per OMP loop (``omp_impl`` beside ``device``), beside the same forwards;
+    ``--overhead_batch_sizes`` replaces the part's batch sizes (the GPU check asks for 64, 256 and 1024)."""
+    out = tmp_path / "out"
+    hf_sbp.benchmark.main(
+        ["overhead", "--quick", *tiny_data_args(tmp_path, train_rows=96, validation_rows=16), "--output_dir", str(out),
+         "--repeats", "2", "--keeps", "0.5", "--device", "cpu", "--omp_impls", "numba,torch",
+         "--overhead_batch_sizes", "16,24"]
+    )  # fmt: skip
+    rows = json.loads((out / "overhead.json").read_text())["rows"]
+    assert [(row["batch_size"], row["omp_impl"], row["device"]) for row in rows] == [
+        (16, "numba", "cpu"), (16, "torch", "cpu"), (24, "numba", "cpu"), (24, "torch", "cpu")
+    ]  # fmt: skip
+    assert all(row["omp_s"] > 0 and row["selection_s"] > 0 for row in rows)
+    assert rows[0]["forward_s"] == rows[1]["forward_s"] and rows[2]["forward_s"] == rows[3]["forward_s"]
+    report = (out / "README.md").read_text()
+    assert "| 16 | 64 | 0.5 | cpu | numba |" in report and "| 16 | 64 | 0.5 | cpu | torch |" in report
+    with pytest.raises(ValueError, match="'jax' in --omp_impls is invalid"):
+        hf_sbp.benchmark.cli.parse_arguments(["overhead", "--omp_impls", "numba,jax"])
+    assert hf_sbp.benchmark.cli.parse_arguments(["overhead", "--device", "cpu"]).omp_impl_values == ["numba"]
+
+
 def test_omp_batch_probe_compares_generalized_omp_with_omp(tmp_path):
     """The probe behind docs/method.md's sbp_omp_batch table, on a tiny model: batch 1 is OMP itself (the
     reference), and generalized OMP's error is reported beside it for every size, keep and head."""

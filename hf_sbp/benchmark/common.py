@@ -156,6 +156,17 @@ class BenchmarkArguments:
         },
     )
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto'."})
+    omp_impls: str = field(
+        default="",
+        metadata={
+            "help": "Overhead part: comma-separated OMP loops to time, 'numba' and/or 'torch' (sbp_omp_impl), each in "
+            "rows of its own (field omp_impl); default: numba on the CPU, numba,torch on CUDA."
+        },
+    )
+    overhead_batch_sizes: str = field(
+        default="",
+        metadata={"help": "Overhead part: comma-separated batch sizes (default: 16 to 2048; quick: 16, 32, 64)."},
+    )
     seq_len: int = field(
         default=64,
         metadata={
@@ -298,6 +309,14 @@ class BenchmarkArguments:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r} is invalid; choose 'cpu', 'cuda' or 'auto'.")
+        default_impls = "numba,torch" if self.device == "cuda" else "numba"
+        self.omp_impl_values = _split_list(self.omp_impls or default_impls)
+        for impl in self.omp_impl_values:
+            if impl not in ("numba", "torch"):
+                raise ValueError(f"OMP loop {impl!r} in --omp_impls is invalid; each must be 'numba' or 'torch'.")
+        self.overhead_batch_size_values = [int(b) for b in _split_list(self.overhead_batch_sizes)]
+        if any(b < 2 for b in self.overhead_batch_size_values):
+            raise ValueError("each of --overhead_batch_sizes must be at least 2.")
 
     def _time_to_accuracy_defaults(self) -> None:
         quick = self.quick

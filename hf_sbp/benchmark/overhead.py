@@ -66,10 +66,15 @@ def timed_omp(times: list[float]) -> Iterator[None]:
     omp_gram = gradmatch.omp_gram
 
     def timed(*args: Any, **kwargs: Any) -> Any:
+        gram = args[0] if args else kwargs["gram"]
+        # On a GPU, wait for the Gram matrix first (its kernels are queued before the call) and for OMP's last
+        # kernels after it, so that the time is OMP's alone.
+        sync(gram.device.type)
         start = time.perf_counter()
         try:
             return omp_gram(*args, **kwargs)
         finally:
+            sync(gram.device.type)
             times.append(time.perf_counter() - start)
 
     gradmatch.omp_gram = timed
@@ -107,11 +112,12 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
     finiteness checks, OMP, match error), plus gathering the subset's rows and the capture hook's cost; ``omp_s``
     is OMP alone (:func:`hf_sbp.selection.omp_gram`, as the ``gradmatch`` strategy calls it); ``omp_batch`` is
     ``sbp_omp_batch`` (1: OMP; :data:`OMP_BATCH` in the extra rows of large batches, timed right after OMP on the
-    same batches, beside the same forwards).
+    same batches, beside the same forwards); ``omp_impl`` is the OMP loop (``sbp_omp_impl``: ``"numba"`` on the CPU,
+    ``"torch"`` on the Gram matrix's device), one row each for ``--omp_impls``.
     """
     bench = ctx.bench
     model = load_model(ctx.model_path, data.num_labels, 0, bench.device).eval()
-    batch_sizes = BATCH_SIZES[:3] if bench.quick else BATCH_SIZES
+    batch_sizes = bench.overhead_batch_size_values or (BATCH_SIZES[:3] if bench.quick else BATCH_SIZES)
     rows = []
     for batch_size in batch_sizes:
         batches = fixed_batches(data.splits["train"], ctx.tokenizer, batch_size, bench.seq_len, 2, bench.device)
@@ -119,14 +125,17 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
         scores: dict = {}  # the scoring pass's results, shared by the keeps' trainers
         hook_s = None
         for keep in bench.keep_values if bench.quick else sorted({0.25, 0.5, *bench.keep_values}):
+            # One trainer per OMP loop and atoms per step, all timed on the same batches beside the same forwards.
             omp_batches = (1, OMP_BATCH) if batch_size >= LARGE_BATCH and keep < 1.0 else (1,)
+            variants = [(impl, b) for impl in bench.omp_impl_values for b in omp_batches]
             trainers = {
-                b: make_trainer(
-                    model, OVERHEAD_STRATEGY, keep, batch_size, bench.device, ctx.scratch_dir, sbp_omp_batch=b
+                (impl, b): make_trainer(
+                    model, OVERHEAD_STRATEGY, keep, batch_size, bench.device, ctx.scratch_dir, sbp_omp_batch=b,
+                    sbp_omp_impl=impl,
                 )
-                for b in omp_batches
-            }
-            forward, selection, omp = [], {b: [] for b in omp_batches}, {b: [] for b in omp_batches}
+                for impl, b in variants
+            }  # fmt: skip
+            forward, selection, omp = [], {v: [] for v in variants}, {v: [] for v in variants}
             omp_times: list[float] = []
             with contextlib.ExitStack() as stack:
                 for trainer in trainers.values():
@@ -135,7 +144,7 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
                 for trainer in trainers.values():
                     trainer.select_batch(model, batches[0])  # warm up (the first keep's trainer finds the head)
                 if hook_s is None:  # the same at every keep
-                    hook_s = hook_cost_s(model, trainers[1], batches[0])
+                    hook_s = hook_cost_s(model, trainers[variants[0]], batches[0])
                 for repeat in range(repeats):
                     batch = batches[repeat % 2]
                     forward_inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -145,31 +154,34 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
                         model(**forward_inputs)
                     sync(bench.device)
                     forward.append(time.perf_counter() - start)
-                    for b, trainer in trainers.items():
+                    for variant, trainer in trainers.items():
                         omp_times.clear()
                         start = time.perf_counter()
                         indices, _ = trainer.select_batch(model, batch)
                         index_rows(batch, indices, batch_size)
                         sync(bench.device)
                         elapsed = time.perf_counter() - start - trainer.last_selection.scoring_s
-                        selection[b].append(elapsed + hook_s)
-                        omp[b].extend(omp_times)
-            for b in omp_batches:
+                        selection[variant].append(elapsed + hook_s)
+                        omp[variant].extend(omp_times)
+            for impl, b in variants:
                 row = {
                     "batch_size": batch_size,
                     "seq_len": bench.seq_len,
                     "keep": keep,
                     "omp_batch": b,
                     "device": bench.device,
+                    "omp_impl": impl,
                     "forward_s": statistics.median(forward),
-                    "selection_s": statistics.median(selection[b]),
-                    "omp_s": statistics.median(omp[b]) if omp[b] else None,  # no OMP at keep 1.0: the whole batch
+                    "selection_s": statistics.median(selection[impl, b]),
+                    # no OMP at keep 1.0: the whole batch
+                    "omp_s": statistics.median(omp[impl, b]) if omp[impl, b] else None,
                     "repeats": repeats,
                 }
                 rows.append(row)
                 share = 100 * row["selection_s"] / row["forward_s"]
                 ctx.progress(
-                    f"overhead b={batch_size} keep={keep} omp_batch={b}: forward {row['forward_s'] * 1e3:.1f} ms, "
+                    f"overhead b={batch_size} keep={keep} omp_batch={b} omp_impl={impl}: "
+                    f"forward {row['forward_s'] * 1e3:.1f} ms, "
                     f"selection {row['selection_s'] * 1e3:.2f} ms ({share:.2f}%), "
                     f"of which OMP {1e3 * (row['omp_s'] or 0.0):.2f} ms ({repeats} repeats)"
                 )

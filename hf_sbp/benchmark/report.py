@@ -68,13 +68,15 @@ def _overhead_section(rows: list[dict[str, Any]]) -> str:
         "## Selection overhead (`overhead.json`)\n\nMedians; selection = hook + residuals + Gram "
         "matrix + OMP + match error + indexing, against the real checkpoint's no-grad scoring forward; OMP = "
         "`omp_gram` alone. `sbp_omp_batch` 1 is OMP; the rows with 8 (generalized OMP, 8 atoms per step, a method "
-        "change: see `docs/method.md`) were timed on the same batches, beside the same forwards.\n\n"
+        "change: see `docs/method.md`) were timed on the same batches, beside the same forwards. OMP loop: `numba` "
+        "(compiled, on the CPU) or `torch` (on the Gram matrix's device), `sbp_omp_impl`.\n\n"
         + markdown_table(
             [
                 "batch",
                 "seq",
                 "keep",
                 "device",
+                "OMP loop",
                 "forward ms",
                 "selection ms",
                 "selection / forward",
@@ -87,6 +89,7 @@ def _overhead_section(rows: list[dict[str, Any]]) -> str:
                     r["seq_len"],
                     r["keep"],
                     r["device"],
+                    r.get("omp_impl", "numba"),  # rows from before the torch loop: the compiled one
                     f"{1e3 * r['forward_s']:.1f}",
                     f"{1e3 * r['selection_s']:.2f}",
                     f"{100 * r['selection_s'] / r['forward_s']:.2f}%",

@@ -25,6 +25,7 @@ class GradientMatching(SelectionStrategy):
         "sbp_omp_nonnegative",
         "sbp_omp_tol",
         "sbp_omp_batch",
+        "sbp_omp_impl",
         "sbp_head_module",
     )
 
@@ -49,7 +50,8 @@ class GradientMatching(SelectionStrategy):
             target["target_corr"], target["target_sq_norm"] = batch.gram_target
         nonnegative, tol = self.args.sbp_omp_nonnegative, self.args.sbp_omp_tol or None
         per_step = self.args.sbp_omp_batch  # examples added per OMP step
-        result = omp_gram(gram, k, ridge=ridge, nonnegative=nonnegative, tol=tol, batch=per_step, **target)
+        impl = self.args.sbp_omp_impl  # auto: on the Gram matrix's device when that is CUDA or XPU
+        result = omp_gram(gram, k, ridge=ridge, nonnegative=nonnegative, tol=tol, batch=per_step, impl=impl, **target)
         if result.indices.numel() == 0:
             # The batch's mean gradient is zero (or every gradient is): any subset matches it equally well.
             return random_subset(batch.n, k, batch.generator), torch.ones(k)
