@@ -103,6 +103,10 @@ CASES = {
     # Stopped in the second epoch, where the selection reads the per-example cache of the first.
     "stale-gradmatch": ({"sbp_strategy": "stale-gradmatch", "sbp_max_staleness": 1.5}, 8),
     "stale-loss-accumulation": ({"sbp_strategy": "stale-loss", "gradient_accumulation_steps": 2}, 4),
+    # Importance sampling: the switch's estimate (here it turns sampling on from the second step) must resume too.
+    "importance": ({"sbp_strategy": "importance", "sbp_importance_break_even": 1.0}, 4),
+    "importance-switch-off": ({"sbp_strategy": "importance"}, 4),
+    "stale-importance": ({"sbp_strategy": "stale-importance", "sbp_max_staleness": 1.5}, 8),
     # Dataset-level pruning: stopped inside the pruned second epoch (its plan must be the saved one, since the losses
     # changed after it was drawn), at the first epoch's end, with accumulation, and in a max_steps run of 3 epochs.
     "infobatch": ({"sbp_strategy": "infobatch"}, 8),
