@@ -14,6 +14,9 @@ first, those of the rows the other rank saw included (the caches are exchanged),
 scoring forward on one rank only would desynchronise DDP's buffer broadcasts); ``stale-importance`` trains two epochs
 like ``stale-gradmatch``.
 
+``rho-loss`` and ``stale-rho-loss`` compute their irreducible losses on every rank alike (same seed, no
+collectives); ``stale-rho-loss`` trains two epochs.
+
 ``infobatch`` trains three epochs (``num_train_epochs``) over ``2 x world x batch`` rows: the epochs after the first
 are pruned from losses both ranks recorded, so the ranks must agree on each epoch's plan (recorded at every step).
 
@@ -122,7 +125,7 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         **extra,
     )
     # stale-gradmatch and stale-importance: two epochs of STEPS / 2 steps each.
-    epochs = 2 if strategy in ("stale-gradmatch", "stale-importance", "infobatch") else 1
+    epochs = 2 if strategy in ("stale-gradmatch", "stale-importance", "stale-rho-loss", "infobatch") else 1
     examples = PER_DEVICE_BATCH * world_size * STEPS // epochs
     trainer = SelectiveBackpropTrainer(
         model=model,
@@ -164,6 +167,8 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         "global_step": trainer.state.global_step,
         "plans": plans,
     }
+    if trainer.irreducible_losses is not None:
+        result["irreducible_losses"] = trainer.irreducible_losses.tolist()
     cache = trainer._cache
     if cache is not None:
         result["cache_rows"] = int(torch.isfinite(cache.epochs).sum())

@@ -49,7 +49,16 @@ def results(tmp_path_factory):
     return launch(
         torchrun,
         tmp_path_factory.mktemp("torchrun"),
-        ["gradmatch", "loss", "stale-gradmatch", "infobatch", "importance", "stale-importance"],
+        [
+            "gradmatch",
+            "loss",
+            "stale-gradmatch",
+            "infobatch",
+            "importance",
+            "stale-importance",
+            "rho-loss",
+            "stale-rho-loss",
+        ],
     )
 
 
@@ -209,6 +218,21 @@ def test_importance_sampling_ranks_switch_together(results, strategy):
         assert [log["sbp/importance_sampling"] for log in logs] == [0.0, 1.0, 1.0, 1.0]
     else:
         assert scored[0] == [True, True, False, False]  # the second epoch selects from the shared cache
+    assert len({results[strategy, rank]["param_digest"] for rank in range(WORLD)}) == 1
+
+
+@pytest.mark.parametrize("strategy", ["rho-loss", "stale-rho-loss"])
+def test_rho_loss_ranks_share_the_irreducible_losses(results, strategy):
+    """Both ranks computed the same irreducible losses for the whole data set, each trained k rows of its local
+    batch per step (the scored ones, when it scored), and they end with the same parameters."""
+    losses = [results[strategy, rank]["irreducible_losses"] for rank in range(WORLD)]
+    assert losses[0] == losses[1] and len(losses[0]) == WORLD * BATCH * STEPS // (
+        2 if strategy.startswith("stale") else 1
+    )
+    for rank in range(WORLD):
+        for scoring, gradient in map(split_passes, passes_by_step(results[strategy, rank]["calls"]).values()):
+            assert len(set(gradient)) == len(gradient) == K
+            assert scoring is None or set(gradient) <= set(scoring)
     assert len({results[strategy, rank]["param_digest"] for rank in range(WORLD)}) == 1
 
 
