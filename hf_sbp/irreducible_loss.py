@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -35,9 +35,11 @@ from .setup_checks import LABEL_COLUMNS
 logger = logging.getLogger(__name__)
 
 
-def dataset_labels(dataset: Any) -> torch.Tensor:
+def dataset_labels(dataset: Any, required: bool = True) -> torch.Tensor | None:
     """Every training example's label (the first of ``labels``, ``label``, ``label_ids`` the rows have), as a
-    tensor: a column read for a ``datasets.Dataset``, a pass over the rows for any other map-style dataset."""
+    tensor: a column read for a ``datasets.Dataset``, a pass over the rows for any other map-style dataset. Without
+    ``required``, a dataset whose rows are not mappings (an index space, as the throughput benchmark passes) gives
+    ``None``; with it, any dataset without labels is a ``ValueError``."""
     columns = getattr(dataset, "column_names", None)
     if columns is not None:
         name = next((name for name in LABEL_COLUMNS if name in columns), None)
@@ -50,8 +52,10 @@ def dataset_labels(dataset: Any) -> torch.Tensor:
     values = []
     for index in range(len(dataset)):
         row = dataset[index]
-        name = next((name for name in LABEL_COLUMNS if name in row), None)
+        name = next((name for name in LABEL_COLUMNS if name in row), None) if isinstance(row, Mapping) else None
         if name is None:
+            if not required and not isinstance(row, Mapping):
+                return None
             raise ValueError(
                 f"training example {index} has no label (one of {list(LABEL_COLUMNS)}); RHO-LOSS trains its "
                 "irreducible-loss models on the labels."
@@ -74,8 +78,9 @@ class IrreducibleLossMixin:
             return
         if self._irreducible is not None and self._irreducible.numel() != len(self.train_dataset):
             self._irreducible = None  # another training set
-        labels = dataset_labels(self.train_dataset)
-        check_splittable(labels, self._problem_type(labels))
+        labels = dataset_labels(self.train_dataset, required=False)
+        if labels is not None:
+            check_splittable(labels, self._problem_type(labels))
 
     def _rows_irreducible_losses(self, ids: torch.Tensor) -> torch.Tensor:
         """The irreducible losses of the rows with dataset indices ``ids``."""
@@ -85,6 +90,18 @@ class IrreducibleLossMixin:
                 "when train() starts; call train() (or select_batch after it)."
             )
         return self._irreducible[ids]
+
+    def set_irreducible_losses(self, values: torch.Tensor) -> None:
+        """Give every training example's irreducible loss (``(N,)``, by dataset index) instead of computing them:
+        values from an IL model of your own, or any stand-in where they do not matter (the throughput benchmark's
+        step costs). ``train()`` then uses them (a resume still takes the checkpoint's)."""
+        values = torch.as_tensor(values, dtype=torch.float32).detach().cpu().reshape(-1)
+        if self.train_dataset is not None and values.numel() != len(self.train_dataset):
+            raise ValueError(
+                f"{values.numel()} irreducible losses for a training set of {len(self.train_dataset)} examples; give "
+                "one per example, in dataset order."
+            )
+        self._irreducible, self.sbp_il_seconds = values, 0.0
 
     @property
     def irreducible_losses(self) -> torch.Tensor | None:

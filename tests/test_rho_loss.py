@@ -142,3 +142,17 @@ def test_a_resume_without_irreducible_losses_is_refused(tmp_path):
     again = SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=data)
     with pytest.raises(ValueError, match="holds no irreducible losses"):
         again.train(resume_from_checkpoint=str(checkpoint))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"sbp_il_model": "bogus"}, "sbp_il_model='bogus' is invalid"),
+        ({"sbp_il_epochs": 0}, "sbp_il_epochs"),
+        ({"sbp_il_learning_rate": -1.0}, "sbp_il_learning_rate=-1.0 is invalid"),
+        ({"sbp_importance_break_even": -0.5}, "sbp_importance_break_even=-0.5 is invalid"),
+    ],
+)
+def test_bad_settings_are_refused(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, sbp_strategy="rho-loss", **setting)
