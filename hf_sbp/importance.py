@@ -55,7 +55,7 @@ def importance_sample(
         ``(1/k) sum_draws g_i / (n p_i)``: duplicates count as often as they were drawn.
     """
     n = scores.numel()
-    if not 1 <= k:
+    if k < 1:
         raise ValueError(f"k must be at least 1; got {k}.")
     p = sampling_probabilities(scores.reshape(-1))
     draws = torch.multinomial(p, k, replacement=True, generator=generator)
