@@ -15,6 +15,7 @@ from .strategies import registered_strategies, strategy_class
 
 WEIGHT_NORMALIZATIONS = ("subset_size", "none", "sum_constrained")
 LOSS_VARIANTS = ("composer", "jiang")
+IL_MODELS = ("double", "linear_probe")
 
 
 def _strategy_help() -> str:
@@ -213,6 +214,35 @@ class SelectiveBackpropArguments:
             "it starts before it. In [0, 1)."
         },
     )
+    sbp_importance_break_even: float | None = field(
+        default=None,
+        metadata={
+            "help": "For importance: the variance reduction tau above which a step pays for its scoring forward, i.e. "
+            "the cost of a step that scores over that of a uniform subset of the same size. Default (n + 3k) / (3k) "
+            "(a scoring forward over n rows costs n of the 3k of the subset's forward and backward); give the ratio "
+            "measured on your hardware where it differs. 0 scores and samples on every step (no switch). >= 0."
+        },
+    )
+    sbp_il_model: str = field(
+        default="double",
+        metadata={
+            "help": "For rho-loss: the irreducible-loss (IL) models, each trained on one half of the training set and "
+            "scoring the other: 'double' (a copy of the initial model fine-tuned for sbp_il_epochs on its half; "
+            "costs 2 x sbp_il_epochs x half an epoch of training plus a forward over the data, and twice the model's "
+            "memory while it runs) or 'linear_probe' (logistic regression on the initial model's head inputs: one "
+            "forward over the data).",
+            "choices": list(IL_MODELS),
+        },
+    )
+    sbp_il_epochs: int = field(
+        default=1,
+        metadata={"help": "For rho-loss with sbp_il_model double: epochs each IL model trains on its half (>= 1)."},
+    )
+    sbp_il_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "For rho-loss with sbp_il_model double: the IL models' AdamW learning rate; default "
+                  "--learning_rate."},
+    )  # fmt: skip
     sbp_seed: int | None = field(
         default=None,
         metadata={"help": "Seed of the selection's random draws (offset by the process index); defaults to --seed."},
@@ -276,6 +306,17 @@ class SelectiveBackpropArguments:
             raise ValueError(f"sbp_prune_ratio={self.sbp_prune_ratio!r} is invalid; it must be a number in (0, 1).")
         if not is_number(self.sbp_prune_anneal) or not (0.0 <= self.sbp_prune_anneal < 1.0):
             raise ValueError(f"sbp_prune_anneal={self.sbp_prune_anneal!r} is invalid; it must be a number in [0, 1).")
+        break_even = self.sbp_importance_break_even
+        if break_even is not None and (not is_number(break_even) or not (0 <= break_even < math.inf)):
+            raise ValueError(
+                f"sbp_importance_break_even={break_even!r} is invalid; it must be a finite number >= 0 or None."
+            )
+        if self.sbp_il_model not in IL_MODELS:
+            raise ValueError(f"sbp_il_model={self.sbp_il_model!r} is invalid; choose one of {list(IL_MODELS)}.")
+        check_int_at_least("sbp_il_epochs", self.sbp_il_epochs, 1)
+        il_lr = self.sbp_il_learning_rate
+        if il_lr is not None and (not is_number(il_lr) or not (0 < il_lr < math.inf)):
+            raise ValueError(f"sbp_il_learning_rate={il_lr!r} is invalid; it must be a finite number > 0 or None.")
         if strategy.prunes_dataset:
             self._check_dataset_level()
         if self.sbp_seed is not None and not (is_int_at_least(self.sbp_seed, 0) and self.sbp_seed < 2**63):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,8 @@ SCORED_FRACTION = "sbp/scored_fraction"
 SCORING_SKIPPED = "sbp/scoring_skipped"
 SELECTIVE_STEPS = "sbp/selective_steps"
 FALLBACK_STEPS = "sbp/fallback_steps"
+IMPORTANCE_SAMPLING = "sbp/importance_sampling"
+VARIANCE_REDUCTION = "sbp/variance_reduction"
 
 METRICS: dict[str, str] = {
     BACKPROP_FRACTION: MEAN,  # rows backpropagated / rows in the batch
@@ -45,6 +47,8 @@ METRICS: dict[str, str] = {
     SCORING_SKIPPED: MEAN,  # share of steps that skipped the scoring pass on cached statistics (stale-*)
     SELECTIVE_STEPS: STEPS,  # steps inside the selection schedule
     FALLBACK_STEPS: EVENTS,  # steps that trained on the full batch because the scores were not finite
+    IMPORTANCE_SAMPLING: MEAN,  # importance: share of steps with the switch on (scored and sampled)
+    VARIANCE_REDUCTION: MEAN,  # importance: the smoothed variance-reduction estimate tau the switch compares
 }
 """Every selection metric and its reduction, in a fixed order (every process reduces the same tensor)."""
 
@@ -55,6 +59,9 @@ PRUNED_FRACTION = "sbp/pruned_fraction"
 the whole run (``train_sbp/pruned_fraction``): examples left out / (epochs x training set)."""
 EPOCH_EXAMPLES = "sbp/epoch_examples"
 """Logged once per epoch as it starts: the examples it visits; over the whole run, the examples all epochs visited."""
+IL_SECONDS = "sbp/il_seconds"
+"""``rho-loss``: the wall-clock seconds of the irreducible losses (their models' training and forward), spent when
+``train()`` starts and outside ``train_runtime``; in the run summary only (``train_sbp/il_seconds``)."""
 EPOCH_PRUNED = "sbp/epoch_pruned"
 """Logged once per epoch as it starts: the examples it leaves out; over the whole run, their sum."""
 
@@ -81,6 +88,9 @@ class SelectionRecord:
     """Rows the scoring pass covered; ``None`` means all of them when ``scored``, none otherwise."""
     scoring_strategy: bool = False
     """Whether the strategy scores at all (``needs_scoring``), so that the scoring fractions are logged."""
+    strategy_metrics: dict[str, float] = field(default_factory=dict)
+    """The strategy's own metrics for this step (:meth:`~hf_sbp.SelectionStrategy.step_metrics`), keys of
+    :data:`METRICS`."""
 
     def metrics(self, step_s: float) -> dict[str, float]:
         """This step's values of the selection metrics, for a step that took ``step_s`` seconds in all."""
@@ -93,6 +103,7 @@ class SelectionRecord:
             SCORING_SKIPPED: float(not self.scored) if self.scoring_strategy else math.nan,
             SELECTIVE_STEPS: float(self.selective),
             FALLBACK_STEPS: float(self.fallback),
+            **self.strategy_metrics,
         }
 
     @property

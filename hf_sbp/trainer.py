@@ -19,11 +19,20 @@ from .config import SelectiveBackpropArguments
 from .epoch_pruning import EpochPruningMixin
 from .example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, check_indexable, with_example_ids
 from .head import HeadCapture, HeadScores
+from .irreducible_loss import IrreducibleLossMixin
 from .model_card import MODEL_TAGS, ModelCardMixin
 from .padding import trim_padding, truncate_for_scoring
 from .schedule import selection_active
 from .selection import gradient_match_error, gram_cannot_overflow, index_rows, subset_size
-from .selection_metrics import EPOCH_EXAMPLES, EPOCH_PRUNED, PRUNED_FRACTION, SelectionMetrics, SelectionRecord, run_key
+from .selection_metrics import (
+    EPOCH_EXAMPLES,
+    EPOCH_PRUNED,
+    IL_SECONDS,
+    PRUNED_FRACTION,
+    SelectionMetrics,
+    SelectionRecord,
+    run_key,
+)
 from .setup_checks import batch_labels, checked_selection
 from .strategies import SelectionBatch, SelectionStrategy
 from .subset_loss import SubsetStep, example_losses, subset_num_items, verify_model_loss, weighted_subset_loss
@@ -31,7 +40,9 @@ from .subset_loss import SubsetStep, example_losses, subset_num_items, verify_mo
 logger = logging.getLogger(__name__)
 
 
-class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgumentsMixin, EpochPruningMixin, Trainer):
+class SelectiveBackpropTrainer(
+    ModelCardMixin, checkpoint_state.PortableArgumentsMixin, EpochPruningMixin, IrreducibleLossMixin, Trainer
+):
     """A ``transformers.Trainer`` that runs forward + backward on a selected subset of each batch.
 
     Per training batch, for a strategy that ``needs_scoring`` (``gradmatch``, ``loss``): one forward pass without
@@ -80,6 +91,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         """Examples this process has run forward + backward on in this run (full batches for ``none``)."""
         setup_checks.check_setup(self)
         self._new_cache()
+        self._new_irreducible_losses()
 
     def _new_cache(self) -> None:
         """An empty per-example statistics cache over the training set, for a strategy that uses one."""
@@ -201,6 +213,8 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
                 )
             batch.example_ids = ids.detach().cpu().long()
             batch.cached = self._cache.lookup(ids, self.state.epoch or 0.0)
+            if self._strategy.needs_irreducible_loss:
+                batch.irreducible_losses = self._rows_irreducible_losses(batch.example_ids)
         if not self.runs_scoring_pass:
             return torch.zeros(0, dtype=torch.long)
         if not self._strategy.needs_scoring:  # diagnostic scoring of a random subset
@@ -245,6 +259,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         indices = weights = None
         if usable:
             indices, weights = checked_selection(*self._strategy.select(batch, k), n, self.sbp_args.sbp_strategy)
+            record.strategy_metrics = self._strategy.step_metrics()
             if not all_finite(weights):
                 indices = weights = None
             elif record.scored and batch.scored_rows is None:
@@ -299,10 +314,14 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self.sbp_backprop_examples = 0
         self._new_cache()
         self._new_pruning_history()
+        self._new_irreducible_losses()
         last = resume_from_checkpoint is True
         checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
-        if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
+        resumed = isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint)
+        if resumed:
+            self._irreducible = None  # the checkpoint's, or an error: never values computed from another model
             self._load_selection_state(os.fspath(checkpoint))
+        self._prepare_irreducible_losses(resumed)  # before the first step; its time is sbp_il_seconds
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(
@@ -364,6 +383,11 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             unwrapped_head = head.named_head(self.accelerator.unwrap_model(model), self._head_name)
             self._cache.exchange(self._gather_rows, unwrapped_head.out_features, unwrapped_head.in_features)
 
+        if self._strategy.ends_steps():
+            reduce = self.accelerator.reduce
+            sum_across = (lambda t: reduce(t.to(self.args.device), "sum").cpu()) if self.args.world_size > 1 else None
+            self._strategy.end_step(sum_across)
+
         synchronize(labels.device)
         self._last_selection = record
         self.sbp_backprop_examples += record.subset_size
@@ -421,6 +445,8 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
                 logs = {**logs, **self._reduced_metrics()}
             elif "train_runtime" in logs:
                 logs.update({run_key(key): value for key, value in self._reduced_metrics(True).items()})
+                if self._strategy.needs_irreducible_loss:
+                    logs[run_key(IL_SECONDS)] = self.sbp_il_seconds
                 if self._strategy.prunes_dataset and self._pruning.epochs:
                     history = self._pruning
                     logs[run_key(PRUNED_FRACTION)] = history.pruned / (history.pruned + history.visited)
@@ -439,6 +465,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
             state.update(example_cache=self._cache.state_dict() if self._cache is not None else None)
             state.update(pruning=self._pruning.state_dict() if self._strategy.prunes_dataset else None)
+            state.update(irreducible_losses=self._irreducible_state())
             checkpoint_state.save_selection_state(folder, self.args.process_index, state)
         super()._save_checkpoint(model, trial)
 
@@ -455,3 +482,4 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
                 self._cache.load_state_dict(state["example_cache"])
             if self._strategy.prunes_dataset and state.get("pruning") is not None:
                 self._pruning.load_state_dict(state["pruning"])
+            self._load_irreducible_state(state.get("irreducible_losses"))

@@ -10,6 +10,13 @@ subset), plus a digest of the final parameters and the trainer's log history.
 ``stale-gradmatch`` trains two epochs (half the rows): the second must select from the statistics cached in the
 first, those of the rows the other rank saw included (the caches are exchanged), with no scoring pass.
 
+``importance`` switches its scoring pass on after the first step, from an estimate every rank must share (a
+scoring forward on one rank only would desynchronise DDP's buffer broadcasts); ``stale-importance`` trains two epochs
+like ``stale-gradmatch``.
+
+``rho-loss`` and ``stale-rho-loss`` compute their irreducible losses on every rank alike (same seed, no
+collectives); ``stale-rho-loss`` trains two epochs.
+
 ``infobatch`` trains three epochs (``num_train_epochs``) over ``2 x world x batch`` rows: the epochs after the first
 are pruned from losses both ranks recorded, so the ranks must agree on each epoch's plan (recorded at every step).
 
@@ -98,6 +105,8 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
     # loss: Composer's rule, with a full-batch step every third step (the same step on every rank).
     extra = {"sbp_loss_variant": "composer", "sbp_interrupt": 3} if strategy == "loss" else {}
     extra["max_steps"] = STEPS
+    if strategy == "importance":  # tau >= 1 always: off at the first step (no estimate yet), then on
+        extra["sbp_importance_break_even"] = 1.0
     if strategy == "infobatch":
         extra = {"num_train_epochs": 3, "max_steps": -1}
     initial = digest(model)
@@ -115,8 +124,9 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         seed=7,
         **extra,
     )
-    # stale-gradmatch: two epochs of STEPS / 2 steps each.
-    examples = PER_DEVICE_BATCH * world_size * STEPS // (2 if strategy in ("stale-gradmatch", "infobatch") else 1)
+    # stale-gradmatch and stale-importance: two epochs of STEPS / 2 steps each.
+    epochs = 2 if strategy in ("stale-gradmatch", "stale-importance", "stale-rho-loss", "infobatch") else 1
+    examples = PER_DEVICE_BATCH * world_size * STEPS // epochs
     trainer = SelectiveBackpropTrainer(
         model=model,
         args=args,
@@ -157,6 +167,8 @@ def run(strategy: str, out: str, world_size: int, rank: int) -> None:
         "global_step": trainer.state.global_step,
         "plans": plans,
     }
+    if trainer.irreducible_losses is not None:
+        result["irreducible_losses"] = trainer.irreducible_losses.tolist()
     cache = trainer._cache
     if cache is not None:
         result["cache_rows"] = int(torch.isfinite(cache.epochs).sum())

@@ -46,7 +46,20 @@ def launch(launcher: list[str], out: Path, strategies: list[str]) -> dict[tuple[
 def results(tmp_path_factory):
     """One torchrun launch, both strategies."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
-    return launch(torchrun, tmp_path_factory.mktemp("torchrun"), ["gradmatch", "loss", "stale-gradmatch", "infobatch"])
+    return launch(
+        torchrun,
+        tmp_path_factory.mktemp("torchrun"),
+        [
+            "gradmatch",
+            "loss",
+            "stale-gradmatch",
+            "infobatch",
+            "importance",
+            "stale-importance",
+            "rho-loss",
+            "stale-rho-loss",
+        ],
+    )
 
 
 def passes_by_step(calls: list[dict]) -> dict[int, list[dict]]:
@@ -183,6 +196,44 @@ def test_ranks_agree_on_each_pruned_epoch_and_visit_it_together(results):
     for epoch, order in orders.items():
         assert trained[epoch] == set(order)
     assert len({results["infobatch", rank]["param_digest"] for rank in range(WORLD)}) == 1
+
+
+@pytest.mark.parametrize("strategy", ["importance", "stale-importance"])
+def test_importance_sampling_ranks_switch_together(results, strategy):
+    """Every rank scores on the same steps (the switch's estimate is reduced across ranks), the draws are
+    importance-weighted subsets of each rank's local batch, and the ranks end with the same parameters."""
+    scored = []
+    for rank in range(WORLD):
+        steps = passes_by_step(results[strategy, rank]["calls"])
+        assert sorted(steps) == list(range(STEPS))
+        passes = {step: split_passes(p) for step, p in steps.items()}
+        for scoring, gradient in passes.values():
+            assert 1 <= len(gradient) <= K and len(set(gradient)) == len(gradient)
+            assert scoring is None or set(gradient) <= set(scoring)
+        scored.append([passes[step][0] is not None for step in range(STEPS)])
+    assert scored[0] == scored[1]
+    if strategy == "importance":
+        assert scored[0] == [False, True, True, True]
+        logs = [log for log in results[strategy, 0]["log_history"] if "loss" in log]
+        assert [log["sbp/importance_sampling"] for log in logs] == [0.0, 1.0, 1.0, 1.0]
+    else:
+        assert scored[0] == [True, True, False, False]  # the second epoch selects from the shared cache
+    assert len({results[strategy, rank]["param_digest"] for rank in range(WORLD)}) == 1
+
+
+@pytest.mark.parametrize("strategy", ["rho-loss", "stale-rho-loss"])
+def test_rho_loss_ranks_share_the_irreducible_losses(results, strategy):
+    """Both ranks computed the same irreducible losses for the whole data set, each trained k rows of its local
+    batch per step (the scored ones, when it scored), and they end with the same parameters."""
+    losses = [results[strategy, rank]["irreducible_losses"] for rank in range(WORLD)]
+    assert losses[0] == losses[1] and len(losses[0]) == WORLD * BATCH * STEPS // (
+        2 if strategy.startswith("stale") else 1
+    )
+    for rank in range(WORLD):
+        for scoring, gradient in map(split_passes, passes_by_step(results[strategy, rank]["calls"]).values()):
+            assert len(set(gradient)) == len(gradient) == K
+            assert scoring is None or set(gradient) <= set(scoring)
+    assert len({results[strategy, rank]["param_digest"] for rank in range(WORLD)}) == 1
 
 
 def test_accelerate_launch(tmp_path):

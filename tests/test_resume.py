@@ -103,6 +103,13 @@ CASES = {
     # Stopped in the second epoch, where the selection reads the per-example cache of the first.
     "stale-gradmatch": ({"sbp_strategy": "stale-gradmatch", "sbp_max_staleness": 1.5}, 8),
     "stale-loss-accumulation": ({"sbp_strategy": "stale-loss", "gradient_accumulation_steps": 2}, 4),
+    # Importance sampling: the switch's estimate (here it turns sampling on from the second step) must resume too.
+    "importance": ({"sbp_strategy": "importance", "sbp_importance_break_even": 1.0}, 4),
+    "importance-switch-off": ({"sbp_strategy": "importance"}, 4),
+    "stale-importance": ({"sbp_strategy": "stale-importance", "sbp_max_staleness": 1.5}, 8),
+    # RHO-LOSS: the irreducible losses come from the checkpoint (see test_rho_loss.py for the error without them).
+    "rho-loss": ({"sbp_strategy": "rho-loss"}, 4),
+    "stale-rho-loss-probe": ({"sbp_strategy": "stale-rho-loss", "sbp_il_model": "linear_probe"}, 8),
     # Dataset-level pruning: stopped inside the pruned second epoch (its plan must be the saved one, since the losses
     # changed after it was drawn), at the first epoch's end, with accumulation, and in a max_steps run of 3 epochs.
     "infobatch": ({"sbp_strategy": "infobatch"}, 8),
@@ -126,6 +133,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, case):
     assert resumed.sbp_backprop_examples == reference.sbp_backprop_examples
     assert torch.equal(resumed.selection_generator.get_state(), reference.selection_generator.get_state())
     assert resumed.strategy.state_dict() == reference.strategy.state_dict()
+    if reference.irreducible_losses is not None:
+        assert torch.equal(resumed.irreducible_losses, reference.irreducible_losses)
     if reference.pruning_history is not None:
         assert resumed.pruning_history.epochs == reference.pruning_history.epochs
         assert len(reference.pruning_history.epochs) >= 2 and reference.pruning_history.pruned > 0

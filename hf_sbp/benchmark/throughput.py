@@ -140,6 +140,9 @@ def step_trainer(
     trainer = make_trainer(
         model, strategy, keep, bench.batch_size, bench.device, scratch_dir, train_dataset=index_space
     )
+    if trainer.strategy.needs_irreducible_loss:
+        # RHO-LOSS's irreducible losses are computed once before training; a step's cost does not depend on them.
+        trainer.set_irreducible_losses(torch.zeros(len(index_space)))
     if cached:
         for batch in batches:
             trainer.training_step(model, batch)

@@ -1,7 +1,8 @@
 """Selection strategies: one registered class each.
 
 ``sbp_strategy`` accepts every name registered with :func:`register_strategy`. The built-in ones are
-``gradmatch``, ``loss``, ``random``, ``none``, ``stale-gradmatch``, ``stale-loss`` (per batch), ``infobatch`` and
+``gradmatch``, ``loss``, ``random``, ``none``, ``stale-gradmatch``, ``stale-loss``,
+``importance``, ``stale-importance``, ``rho-loss``, ``stale-rho-loss`` (per batch), ``infobatch`` and
 ``random-prune`` (per epoch, over the dataset); a strategy defined in user code is registered the same way and
 works with the trainer, ``HfArgumentParser`` flags, the scripts (``--sbp_strategy_modules``) and the model card.
 """
@@ -13,6 +14,10 @@ from .loss import LossBased
 from .random_subset import RandomSubset
 from .stale import StaleGradientMatching, StaleLossBased
 
+# isort: split
+from .importance import ImportanceSampling, StaleImportanceSampling
+from .rho_loss import RhoLoss, StaleRhoLoss
+
 # Imported last: registration order is the order of --help, the README table and the plots (per-batch ones first).
 # isort: split
 from .pruning import DatasetPruning, InfoBatch, RandomPrune
@@ -21,14 +26,18 @@ __all__ = [
     "DatasetPruning",
     "FullBatch",
     "GradientMatching",
+    "ImportanceSampling",
     "InfoBatch",
     "LossBased",
     "RandomPrune",
     "RandomSubset",
     "SelectionBatch",
     "SelectionStrategy",
+    "StaleImportanceSampling",
     "StaleGradientMatching",
     "StaleLossBased",
+    "RhoLoss",
+    "StaleRhoLoss",
     "register_strategy",
     "registered_strategies",
     "strategy_class",

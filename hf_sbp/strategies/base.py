@@ -9,6 +9,7 @@ schedule, logging, and saving the strategy's :meth:`~SelectionStrategy.state_dic
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -46,6 +47,8 @@ class SelectionBatch:
             :class:`hf_sbp.example_cache.CachedStats`), the rows just scored included.
         epoch_weights: for strategies that set ``prunes_dataset``: ``(n,)`` the loss weight the current epoch's plan
             gives each row (see :mod:`hf_sbp.pruning`); else ``None``.
+        irreducible_losses: for strategies that set ``needs_irreducible_loss``: ``(n,)`` every row's irreducible
+            loss (CPU; see :mod:`hf_sbp.irreducible_loss`); else ``None``.
 
     ``residuals``, ``losses``, ``gram`` and ``gram_target`` are computed from ``logits`` and ``features`` on first
     use and then kept, so a strategy that does not read them does not pay for them. They describe the scored rows.
@@ -64,6 +67,7 @@ class SelectionBatch:
     scored_rows: torch.Tensor | None = None
     cached: CachedStats | None = None
     epoch_weights: torch.Tensor | None = None
+    irreducible_losses: torch.Tensor | None = None
 
     def _scores(self, what: str) -> None:
         if self.logits is None or self.problem_type is None or (what == "gram" and self.features is None):
@@ -138,6 +142,9 @@ class SelectionStrategy:
             ``sbp_end``, ``sbp_interrupt`` do not apply). Epochs then have fewer steps; see
             :mod:`hf_sbp.epoch_pruning`.
         default_keep: the keep fraction when ``sbp_keep`` is not given.
+        needs_irreducible_loss: with ``uses_example_cache``: whether the trainer computes every training example's
+            irreducible loss when ``train()`` starts (RHO-LOSS's IL models, :mod:`hf_sbp.irreducible_loss`), saves
+            them with checkpoints and gives each batch its rows' (``batch.irreducible_losses``).
 
     Args:
         args: the trainer's arguments (a :class:`~hf_sbp.SelectiveBackpropConfig`); read the ``sbp_*`` values
@@ -154,6 +161,7 @@ class SelectionStrategy:
     caches_gradients: ClassVar[bool] = True
     prunes_dataset: ClassVar[bool] = False
     default_keep: ClassVar[float] = 0.5
+    needs_irreducible_loss: ClassVar[bool] = False
 
     def __init__(self, args: Any) -> None:
         self.args = args
@@ -205,6 +213,19 @@ class SelectionStrategy:
         and ``subset.example_ids`` are their dataset indices where known.
         """
 
+    def end_step(self, sum_across_processes: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Called at the end of every selective training step, on every process together, only when a subclass
+        overrides it: the place to agree across processes on state that decides whether the next step scores (DDP
+        syncs buffers in every forward, so a scoring pass on some processes only would desynchronise them).
+        ``sum_across_processes`` sums a CPU float64 tensor over the processes (a collective every process must
+        call the same number of times); ``None`` on a single process."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """This step's values of the strategy's own selection metrics (keys of
+        :data:`hf_sbp.selection_metrics.METRICS`, e.g. a switch's state), read by the trainer after :meth:`select`
+        and logged, averaged, like the trainer's own; none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What must survive a checkpoint (histories, caches). Tensors, numbers, strings, lists and dicts only,
         so that ``torch.load(weights_only=True)`` can read it back. The trainer saves its generator itself."""
@@ -217,6 +238,12 @@ class SelectionStrategy:
     def observes(cls) -> bool:
         """Whether the strategy overrides :meth:`observe` (the trainer skips the capture otherwise)."""
         return cls.observe is not SelectionStrategy.observe
+
+    @classmethod
+    def ends_steps(cls) -> bool:
+        """Whether the strategy overrides :meth:`end_step` (the trainer skips the call, and its collective,
+        otherwise)."""
+        return cls.end_step is not SelectionStrategy.end_step
 
 
 _REGISTRY: dict[str, type[SelectionStrategy]] = {}
