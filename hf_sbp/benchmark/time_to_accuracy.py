@@ -65,7 +65,8 @@ ROW_KEYS = (
     "budget_s", "budget_cost", "target", "curve", "final_accuracy", "time_to_target_s", "cost_to_target", "steps",
     "planned_steps", "warmup_steps", "backprop_examples", "scoring_forward_examples", "train_s", "eval_s", "wall_s",
     "stopped_by_budget", "train_examples", "epochs", "batch_size", "max_seq_length", "eval_samples", "eval_points",
-    "learning_rate", "flipped_labels", "pruned_fraction", "flipped_share_visited", "flipped_share_backprop",
+    "learning_rate", "flipped_labels", "pruned_fraction", "flipped_share_visited", "flipped_share_backprop", "il_s",
+    "il_cost",
 )  # fmt: skip
 """The keys of a row of ``time_to_accuracy.json``, in order."""
 CELL_KEYS = ("train_examples", "epochs", "batch_size", "max_seq_length", "eval_points", "eval_samples", "learning_rate")
@@ -215,6 +216,17 @@ class BackpropCounter:
         return self.flipped / self.rows if self.rows else None
 
 
+def irreducible_loss_cost(args: Any, train_size: int, strategy: Any) -> float:
+    """The forward-equivalents of RHO-LOSS's irreducible losses over ``train_size`` examples (0 for a strategy that
+    needs none): ``double`` trains two IL models for ``sbp_il_epochs`` epochs on half the data each (``3 e N``) and
+    scores the data (``N``); ``linear_probe`` only scores it (``N``; the fits are negligible)."""
+    if not getattr(strategy, "needs_irreducible_loss", False):
+        return 0.0
+    if args.sbp_il_model == "double":
+        return float(train_size * (3 * args.sbp_il_epochs + 1))
+    return float(train_size)
+
+
 def schedule_of(strategy: str, budgeted: bool) -> str:
     """``steps`` (the full batch, which defines the budget), ``epochs`` (dataset-level pruning) or ``time``."""
     if not budgeted:
@@ -279,10 +291,11 @@ def train_run(
         counted["scored"] += scored
         return scored + 3 * backprop
 
-    if budget is None:
-        marks = MarkedRun(evaluate, settings.eval_points, training_clock, step_cost, steps=full_steps)
-    else:
-        marks = MarkedRun(evaluate, settings.eval_points, training_clock, step_cost, budget_s=budget["budget_s"])
+    def upfront() -> tuple[float, float]:
+        return trainer.sbp_il_seconds, irreducible_loss_cost(trainer.args, len(cell.train), trainer.strategy)
+
+    mode = {"steps": full_steps} if budget is None else {"budget_s": budget["budget_s"]}
+    marks = MarkedRun(evaluate, settings.eval_points, training_clock, step_cost, upfront=upfront, **mode)
     if schedule == "time":
         trainer.schedule_fraction = marks.fraction
     trainer.add_callback(marks)
@@ -330,6 +343,8 @@ def train_run(
         "pruned_fraction": metrics.get(run_key(PRUNED_FRACTION)),
         "flipped_share_visited": plans.flipped_share(cell.flipped) if cell.flipped else None,
         "flipped_share_backprop": counter.share() if counter is not None else None,
+        "il_s": trainer.sbp_il_seconds,
+        "il_cost": irreducible_loss_cost(trainer.args, len(cell.train), trainer.strategy),
     }
     row["wall_s"] = time.perf_counter() - started
     return row

@@ -149,6 +149,22 @@ def _cell_sizes(cell: dict[str, Any] | None) -> str:
     )
 
 
+def _extras(rows: list[dict[str, Any]]) -> str:
+    """The irreducible-loss share of the budget (RHO-LOSS, included in its times) and, under label noise, the share
+    of mislabelled rows among those each strategy backpropagated beside the training subset's."""
+    lines = []
+    for row in rows:
+        if row.get("il_share_of_budget"):
+            lines.append(f"- {_label(row)}: its irreducible losses took {row['il_share_of_budget']:.1%} of the budget "
+                         "(median; counted in its times).")  # fmt: skip
+    noisy = [r for r in rows if r.get("flipped_share_backprop") is not None]
+    if noisy:
+        train = noisy[0]["flipped_share_train"]
+        shares = ", ".join(f"{_label(r)} {r['flipped_share_backprop']:.1%}" for r in noisy)
+        lines.append(f"- Mislabelled share of the rows backpropagated (median): {shares}; training subset {train:.1%}.")
+    return "\n\n" + "\n".join(lines) if lines else ""
+
+
 def render_summary(output_dir: str) -> str | None:
     """Write ``<output_dir>/summary.md`` and its plots from the two time-to-accuracy JSON files; returns its path, or
     ``None`` when there is no summary file."""
@@ -176,10 +192,11 @@ def render_summary(output_dir: str) -> str | None:
         if runs:
             plot_cells(runs, members, os.path.join(output_dir, image))
         flagged = [_label(r) for r in members if r.get("clocks_disagree")]
+        extras = _extras(members)
         note = f"\n\nVerdicts that differ between the two clocks: {', '.join(flagged)}." if flagged else ""
         cell = next((c for c in summary.get("cells", []) if (c["dataset"], c["label_noise"]) == (dataset, noise)), None)
         sections.append(
-            f"## {dataset}, label noise {noise:g}\n\n{_cell_sizes(cell)}{cell_table(members)}{note}"
+            f"## {dataset}, label noise {noise:g}\n\n{_cell_sizes(cell)}{cell_table(members)}{note}{extras}"
             + (f"\n\n![accuracy against training time]({image})" if runs else "")
         )
     path = os.path.join(output_dir, SUMMARY_FILE)

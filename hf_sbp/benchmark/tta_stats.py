@@ -199,6 +199,8 @@ def summary_row(
         out[f"verdict_vs_{name}"] is not None and out[f"verdict_vs_{name}"] != out[f"verdict_vs_{name}_cost"]
         for name in ("random", "full")
     )
+    upfront = [t[0]["il_s"] / t[2]["budget_s"] for t in triples if t[0].get("il_s")]
+    out["il_share_of_budget"] = float(np.median(upfront)) if upfront else None
     shares = [t[0]["flipped_share_backprop"] for t in triples if t[0].get("flipped_share_backprop") is not None]
     out["flipped_share_backprop"] = float(np.median(shares)) if shares else None
     trains = [t[0]["flipped_labels"] / t[0]["train_examples"] for t in triples if t[0].get("train_examples")]

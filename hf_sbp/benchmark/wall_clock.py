@@ -61,6 +61,11 @@ class TrainingClock:
             self._spent += self.clock() - self._since
             self._since = None
 
+    def credit(self, seconds: float) -> None:
+        """Count ``seconds`` spent outside the clock's sight (work done once before training, such as computing
+        RHO-LOSS's irreducible losses) as training time."""
+        self._spent += seconds
+
     def elapsed(self) -> float:
         """The training seconds so far (read live while running)."""
         running = 0.0 if self._since is None else self.clock() - self._since
@@ -111,6 +116,8 @@ class MarkedRun(TrainerCallback):
         step_cost: returns the forward-equivalents the step that just ended spent.
         budget_s: the training seconds allowed (a budgeted run).
         steps: the run's steps (the full batch).
+        upfront: returns ``(seconds, cost)`` of work the run did once before training started (0 for most
+            strategies), charged to both clocks when training begins.
     """
 
     def __init__(
@@ -121,6 +128,7 @@ class MarkedRun(TrainerCallback):
         step_cost: Callable[[], float],
         budget_s: float | None = None,
         steps: int | None = None,
+        upfront: Callable[[], tuple[float, float]] | None = None,
     ) -> None:
         if (budget_s is None) == (steps is None):
             raise ValueError("give exactly one of budget_s (a budgeted run) and steps (the full batch).")
@@ -140,12 +148,17 @@ class MarkedRun(TrainerCallback):
         self.curve: list[list[float]] = []
         self.eval_s = 0.0
         self.stopped_by_budget = False
+        self.upfront = upfront
 
     def fraction(self) -> float:
         """The share of the budget spent (a budgeted run's schedule position)."""
         return self.clock.elapsed() / self.budget_s if self.budget_s else 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.upfront is not None:
+            seconds, cost = self.upfront()
+            self.clock.credit(seconds)
+            self.cost += cost
         self.clock.start()
 
     def _due_mark(self, step: int, train_s: float) -> float | None:
