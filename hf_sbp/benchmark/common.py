@@ -214,7 +214,7 @@ class BenchmarkArguments:
     tta_train_examples: int = field(
         default=0,
         metadata={
-            "help": "Time-to-accuracy: training examples per run, a fixed subset per seed (0: 2560, --quick 1280; a "
+            "help": "Time-to-accuracy: training examples per run, a fixed subset per seed (0: 2560, --quick 640; a "
             "smaller training split is used whole)."
         },
     )
@@ -227,7 +227,7 @@ class BenchmarkArguments:
     )
     tta_min_steps: int = field(
         default=0,
-        metadata={"help": "Time-to-accuracy: full-batch steps at least, by adding epochs (0: 240, --quick 120)."},
+        metadata={"help": "Time-to-accuracy: full-batch steps at least, by adding epochs (0: 240, --quick 60)."},
     )
     tta_learning_rates: str = field(
         default="bbc-news=5e-5",
@@ -320,8 +320,8 @@ class BenchmarkArguments:
 
     def _time_to_accuracy_defaults(self) -> None:
         quick = self.quick
-        self.tta_train_examples = self.tta_train_examples or (1280 if quick else 2560)
-        self.tta_min_steps = self.tta_min_steps or (120 if quick else 240)
+        self.tta_train_examples = self.tta_train_examples or (640 if quick else 2560)
+        self.tta_min_steps = self.tta_min_steps or (60 if quick else 240)
         self.tta_eval_samples = self.tta_eval_samples or (500 if quick else 1000)
         self.tta_eval_points = self.tta_eval_points or (12 if quick else 24)
         self.tta_seed_values = [int(s) for s in (self.seeds or ("0,1" if quick else "0,1,2,3,4")).split(",")]
