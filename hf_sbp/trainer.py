@@ -240,8 +240,9 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         start = time.perf_counter()
         indices = weights = None
         if usable:
-            indices, weights = checked_selection(*self._strategy.select(batch, k), n, self.sbp_args.sbp_strategy)
-            if not all_finite(weights):
+            choice = self._strategy.select(batch, k)
+            indices, weights = checked_selection(*choice, n, self.sbp_args.sbp_strategy)
+            if bool(weights.isnan().all()):  # the strategy gave up on this batch (gradmatch: a broken estimate)
                 indices = weights = None
             elif record.scored and batch.scored_rows is None:
                 # Of the gradient actually trained, (1/m) sum_S w_i g_i: magnitude included.
@@ -334,7 +335,11 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             num_items_in_batch = subset_num_items(num_items_in_batch, subset[self.label_key], labels)
         record.selection_s += time.perf_counter() - index_start
         uniform = bool((weights == 1).all())
-        verify = self.needs_example_losses and not self._loss_verified
+        if not uniform and record.problem_type is None:
+            # A strategy that does not declare `weighted` (nor scores rows) returned weights: they are applied as a
+            # weighted strategy's are, with per-example losses checked against the model's loss at their first use.
+            record.problem_type = self._problem_type(labels)
+        verify = (self.needs_example_losses or not uniform) and not self._loss_verified
         self._step = SubsetStep(subset[self.label_key], record.problem_type, None if uniform else weights, verify)
         capture = HeadCapture(self._head_modules(model) if self._strategy.observes() or self._cache else [])
         try:
