@@ -139,7 +139,7 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
         return  # the subset trains with the model's own loss: any model whose batches have rows will do
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     config = model_config(unwrapped, sbp.sbp_strategy)
-    if args.label_smoothing_factor and config.problem_type not in (None, "single_label_classification"):
+    if trainer.label_smoothing and config.problem_type not in (None, "single_label_classification"):
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor} applies to single-label classification "
             f"only, but the model's problem_type is {config.problem_type!r}."
@@ -277,7 +277,7 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
             if batch is None:
                 return
             labels = batch_labels(batch, trainer.label_key)
-            problem_type = batch_problem_type(config, labels, trainer.args.label_smoothing_factor)
+            problem_type = batch_problem_type(config, labels, trainer.label_smoothing)
             with trainer.compute_loss_context_manager():
                 outputs = no_grad_outputs(trainer.model, batch)
             logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
@@ -287,8 +287,13 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
                     f"{list(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__}); use "
                     "sbp_strategy='random' or 'none'."
                 )
-            losses = example_losses(logits, labels, problem_type, 0.0, strategy)
-            if outputs.get("loss") is not None:  # the model's own loss, without Trainer's label smoothing
+            custom = trainer.compute_loss_func
+            losses = example_losses(logits, labels, problem_type, 0.0, strategy, custom)
+            if custom is not None:  # the loss Trainer trains with, called as Trainer calls it
+                num_items = labels.ne(-100).sum()
+                loss = custom(outputs, labels, num_items_in_batch=num_items)
+                verify_model_loss(loss, losses, problem_type, num_items, custom=True)
+            elif outputs.get("loss") is not None:  # the model's own loss, without Trainer's label smoothing
                 verify_model_loss(outputs["loss"], losses, problem_type)
             if trainer.runs_scoring_pass:
                 trainer.score_batch(trainer.model, batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -26,7 +27,14 @@ from .selection import gradient_match_error, gram_cannot_overflow, index_rows, s
 from .selection_metrics import EPOCH_EXAMPLES, EPOCH_PRUNED, PRUNED_FRACTION, SelectionMetrics, SelectionRecord, run_key
 from .setup_checks import batch_labels, checked_selection
 from .strategies import SelectionBatch, SelectionStrategy
-from .subset_loss import SubsetStep, example_losses, subset_num_items, verify_model_loss, weighted_subset_loss
+from .subset_loss import (
+    SubsetStep,
+    custom_example_losses,
+    example_losses,
+    subset_num_items,
+    verify_model_loss,
+    weighted_subset_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,8 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self._cache: ExampleStatsCache | None = None
         self.sbp_backprop_examples = 0
         """Examples this process has run forward + backward on in this run (full batches for ``none``)."""
+        self._resumed_checkpoint: str | None = None
+        self._training_loops = 0
         setup_checks.check_setup(self)
         self._new_cache()
 
@@ -146,18 +156,34 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         s = self._strategy
         return s.selective and (self.runs_scoring_pass or s.weighted or s.observes() or s.uses_example_cache)
 
+    @property
+    def label_smoothing(self) -> float:
+        """The label smoothing of the loss: ``label_smoothing_factor``, unless a ``compute_loss_func`` computes the
+        loss instead (``Trainer`` then applies no smoothing, and neither does selection)."""
+        return 0.0 if self.compute_loss_func is not None else self.args.label_smoothing_factor
+
+    @property
+    def example_loss(self) -> Any:
+        """With a ``compute_loss_func``: the per-example losses it defines, ``(logits, labels) -> (n,)``, which
+        selection scores and weights rows by (see :func:`hf_sbp.subset_loss.custom_example_losses`); else ``None``
+        (the rule of ``*ForSequenceClassification`` models)."""
+        if self.compute_loss_func is None:
+            return None
+        return functools.partial(custom_example_losses, self.compute_loss_func, strategy=self.sbp_args.sbp_strategy)
+
     # ---- scoring and selection ---------------------------------------------------------------
 
     def _model_config(self):
         return setup_checks.model_config(self.accelerator.unwrap_model(self.model), self.sbp_args.sbp_strategy)
 
     def _problem_type(self, labels: torch.Tensor) -> str:
-        return setup_checks.batch_problem_type(self._model_config(), labels, self.args.label_smoothing_factor)
+        return setup_checks.batch_problem_type(self._model_config(), labels, self.label_smoothing)
 
     def _batch(self, labels: torch.Tensor, problem_type: str | None, *scores: Any) -> SelectionBatch:
         """A :class:`SelectionBatch` of these rows; ``scores``: logits, features, head bias, in that order."""
-        step, smoothing = self.state.global_step, self.args.label_smoothing_factor
-        return SelectionBatch(labels.shape[0], labels, problem_type, self._generator, step, smoothing, *scores)
+        step, smoothing, loss = self.state.global_step, self.label_smoothing, self.example_loss
+        return SelectionBatch(labels.shape[0], labels, problem_type, self._generator, step, smoothing, *scores,
+                              example_loss=loss)  # fmt: skip
 
     def _head_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         unwrapped = self.accelerator.unwrap_model(model)
@@ -292,15 +318,31 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         else:
             self.sbp_args.validate_sbp(self.args.per_device_train_batch_size)
         setup_checks.check_training_set(self.train_dataset)
+        last = resume_from_checkpoint is True
+        checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
+        resumed = isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint)
+        self._resumed_checkpoint = os.fspath(checkpoint) if resumed else None
+        self._start_selection()
+        self._training_loops = 0
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _start_selection(self) -> None:
+        """The selection statistics, counters and caches of a run: afresh, or from the checkpoint resumed."""
         self._metrics.reset()
         self.sbp_backprop_examples = 0
         self._new_cache()
         self._new_pruning_history()
-        last = resume_from_checkpoint is True
-        checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
-        if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
-            self._load_selection_state(os.fspath(checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._resumed_checkpoint is not None:
+            self._load_selection_state(self._resumed_checkpoint)
+
+    def _inner_training_loop(self, batch_size: int | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
+        # `auto_find_batch_size` runs the loop again, with a smaller batch, after running out of memory: the failed
+        # attempt's steps did not happen, so what they selected, counted, cached or taught the strategy goes.
+        if self._training_loops:
+            self._new_strategy()
+            self._start_selection()
+        self._training_loops += 1
+        return super()._inner_training_loop(batch_size, *args, **kwargs)
 
     def training_step(
         self,
@@ -390,10 +432,13 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         if step is None or (step.weights is None and not step.verify):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        logits, smoothing = head.output_logits(outputs), self.args.label_smoothing_factor
-        losses = example_losses(logits, step.labels, step.problem_type, smoothing, self.sbp_args.sbp_strategy)
+        logits, custom = head.output_logits(outputs), self.compute_loss_func
+        losses = example_losses(
+            logits, step.labels, step.problem_type, self.label_smoothing, self.sbp_args.sbp_strategy, custom
+        )
         if step.verify:
-            verify_model_loss(loss, losses, step.problem_type, num_items_in_batch, self.accelerator.num_processes)
+            processes = self.accelerator.num_processes
+            verify_model_loss(loss, losses, step.problem_type, num_items_in_batch, processes, custom is not None)
             self._loss_verified = True
         if step.weights is not None:
             loss, step.applied = weighted_subset_loss(loss, losses, step.weights), True

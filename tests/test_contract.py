@@ -5,9 +5,13 @@ under every strategy, counters after ``auto_find_batch_size``'s retry, and the b
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import make_args, tiny_bert, tiny_dataset
+from transformers import Trainer, TrainingArguments
 
 from hf_sbp import SelectionStrategy, SelectiveBackpropTrainer, register_strategy
 
@@ -96,3 +100,163 @@ def test_weights_of_a_strategy_with_the_default_flags_are_applied(tmp_path):
     trainer.training_step(model, batch)
     for key, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+# ---- compute_loss_func -----------------------------------------------------------------------------------------
+
+BUILT_IN = ["gradmatch", "loss", "random", "none", "stale-gradmatch", "stale-loss", "infobatch", "random-prune"]
+
+
+def focal_loss(outputs, labels, num_items_in_batch=None):
+    """Focal loss (gamma 2), the batch mean: what a user passes as ``compute_loss_func``."""
+    log_p = F.log_softmax(outputs.logits.float(), dim=-1).gather(1, labels[:, None]).squeeze(1)
+    return (-((1 - log_p.exp()) ** 2) * log_p).mean()
+
+
+def summed_cross_entropy(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy summed and divided by Trainer's count of labels (the token-level normalisation)."""
+    return F.cross_entropy(outputs.logits.float(), labels, reduction="sum") / num_items_in_batch
+
+
+def one_step_sgd(tmp_path, strategy, loss_func, **overrides):
+    """One SGD step (lr 0.5, no clipping) with ``compute_loss_func``; returns the model before and after, the batch,
+    the rows and weights the step selected (whole batch and weights 1 for ``none``) and what the strategy saw."""
+    args = make_args(tmp_path, sbp_strategy=strategy, max_steps=1, optim="sgd", learning_rate=0.5, weight_decay=0.0,
+                     max_grad_norm=0.0, **overrides)  # fmt: skip
+    model = tiny_bert()
+    trainer = SelectiveBackpropTrainer(
+        model=model, args=args, train_dataset=tiny_dataset(), compute_loss_func=loss_func
+    )
+    before = tiny_bert()  # the same seed: the same initial parameters
+    seen = {}
+    step = trainer.training_step
+
+    def recording_step(model, inputs, num_items_in_batch=None):
+        seen["inputs"] = {
+            key: value.clone() for key, value in inputs.items() if key in ("input_ids", "attention_mask", "labels")
+        }
+        return step(model, inputs, num_items_in_batch)
+
+    trainer.training_step = recording_step
+    select = trainer.strategy.select
+
+    def recording_select(batch, k):
+        seen["batch"], seen["choice"] = batch, select(batch, k)
+        return seen["choice"]
+
+    trainer.strategy.select = recording_select
+    trainer.train()
+    n = seen["inputs"]["labels"].shape[0]
+    indices, weights = seen.get("choice", (torch.arange(n), torch.ones(n)))
+    chosen = torch.as_tensor(indices).long(), torch.as_tensor(weights).float()
+    return before, model, seen["inputs"], *chosen, seen.get("batch")
+
+
+@pytest.mark.parametrize("strategy", BUILT_IN)
+def test_compute_loss_func_is_the_loss_of_every_strategy(tmp_path, strategy):
+    # The reference, by hand: (1/m) sum_S w_i f_i on the chosen rows, f_i the focal loss of row i alone; its
+    # autograd gradient is the SGD step. For unweighted subsets that is the focal loss of the subset.
+    before, after, batch, indices, weights, seen = one_step_sgd(tmp_path, strategy, focal_loss)
+    rows = {key: value[indices] for key, value in batch.items()}
+    logits = before(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+    ((weights * row_focal_losses(logits, rows["labels"])).sum() / indices.numel()).backward()
+    for (name, p0), p1 in zip(before.named_parameters(), after.parameters(), strict=True):
+        torch.testing.assert_close(p1.detach(), p0.detach() - 0.5 * p0.grad, rtol=1e-4, atol=1e-6, msg=name)
+    if seen is not None and seen.logits is not None:
+        # What the scoring pass gave the strategy: focal losses, and their gradients in the logits as residuals.
+        z = seen.logits.detach().float().requires_grad_(True)
+        expected = row_focal_losses(z, seen.scored_labels)
+        (residuals,) = torch.autograd.grad(expected.sum(), z)
+        torch.testing.assert_close(seen.losses, expected.detach())
+        torch.testing.assert_close(seen.residuals, residuals)
+
+
+def row_focal_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The focal loss of each row alone, as a batch of one."""
+    return torch.stack(
+        [focal_loss(SimpleNamespace(logits=z[None]), y[None]) for z, y in zip(logits, labels, strict=True)]
+    )
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "loss"])
+def test_a_compute_loss_func_normalised_by_num_items_is_honoured(tmp_path, strategy):
+    before, after, batch, indices, weights, _ = one_step_sgd(tmp_path, strategy, summed_cross_entropy)
+    logits = before(input_ids=batch["input_ids"][indices], attention_mask=batch["attention_mask"][indices]).logits
+    losses = F.cross_entropy(logits, batch["labels"][indices], reduction="none")
+    ((weights * losses).sum() / indices.numel()).backward()
+    for (name, p0), p1 in zip(before.named_parameters(), after.parameters(), strict=True):
+        torch.testing.assert_close(p1.detach(), p0.detach() - 0.5 * p0.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sbp", [{"sbp_strategy": "none"}, {"sbp_strategy": "random", "sbp_keep": 1.0}])
+def test_compute_loss_func_trains_as_the_plain_trainer(tmp_path, sbp):
+    plain_args = make_args(tmp_path / "plain", max_steps=3).to_dict()
+    plain_args = TrainingArguments(**{k: v for k, v in plain_args.items() if not k.startswith("sbp_")})
+    plain = Trainer(model=tiny_bert(), args=plain_args, train_dataset=tiny_dataset(), compute_loss_func=focal_loss)
+    plain.train()
+    ours = SelectiveBackpropTrainer(model=tiny_bert(), args=make_args(tmp_path / "ours", max_steps=3, **sbp),
+                                    train_dataset=tiny_dataset(), compute_loss_func=focal_loss)  # fmt: skip
+    ours.train()
+    for (name, a), b in zip(plain.model.named_parameters(), ours.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def class_weighted_cross_entropy(outputs, labels, num_items_in_batch=None):
+    # PyTorch's weighted mean divides by the weights' sum: not a mean of one term per example.
+    return F.cross_entropy(outputs.logits, labels, weight=torch.tensor([1.0, 5.0, 0.2]))
+
+
+def reads_hidden_states(outputs, labels, num_items_in_batch=None):
+    return F.cross_entropy(outputs.logits, labels) + 0.0 * outputs.hidden_states[-1].sum()
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "loss", "stale-loss", "infobatch"])
+@pytest.mark.parametrize(
+    "loss_func, message",
+    [
+        (class_weighted_cross_entropy, r"compute_loss_func's loss \([\d.]+\) is not the mean of its per-example"),
+        (reads_hidden_states, r"calls compute_loss_func on one row at a time.*that call failed"),
+    ],
+    ids=["not-a-mean", "reads-other-outputs"],
+)
+def test_a_compute_loss_func_selection_cannot_serve_is_refused_when_built(tmp_path, strategy, loss_func, message):
+    # Checked on the first two examples when the trainer is built (of two classes here, so that a class-weighted mean
+    # differs from the plain one), and again at the first step.
+    data = tiny_dataset(labels=[0, 1, 2] * 16)
+    options = dict(train_dataset=data, compute_loss_func=loss_func)
+    with pytest.raises(ValueError, match=message):
+        SelectiveBackpropTrainer(
+            model=tiny_bert(output_hidden_states=True), args=make_args(tmp_path, sbp_strategy=strategy), **options
+        )
+    # A strategy that trains with the loss as it is takes it, as Trainer does.
+    args = make_args(tmp_path, sbp_strategy="random")
+    SelectiveBackpropTrainer(model=tiny_bert(output_hidden_states=True), args=args, **options).train()
+
+
+# ---- auto_find_batch_size ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["none", "random", "loss", "stale-loss"])
+def test_counters_after_an_out_of_memory_retry_count_only_the_steps_that_happened(tmp_path, strategy):
+    # The second gradient forward runs out of memory (the error accelerate's find_executable_batch_size retries on):
+    # Trainer runs its loop again with a smaller batch. The reference: the rows of the gradient forwards after that.
+    model = tiny_bert()
+    forwards: list[int] = []
+
+    def out_of_memory_once(module, args):
+        if torch.is_grad_enabled():
+            forwards.append(args[0].shape[0])
+            if len(forwards) == 2:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    model.bert.register_forward_pre_hook(out_of_memory_once)
+    args = make_args(tmp_path, sbp_strategy=strategy, max_steps=2, auto_find_batch_size=True)
+    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=tiny_dataset())
+    output = trainer.train()
+    assert trainer._train_batch_size < 8 and len(forwards) == 4  # retried with a smaller batch: two more steps
+    assert trainer.sbp_backprop_examples == sum(forwards[2:])
+    if strategy != "none":
+        assert output.metrics["train_sbp/selective_steps"] == 2
+        assert output.metrics["train_sbp/backprop_fraction"] == pytest.approx(
+            sum(forwards[2:]) / (2 * trainer._train_batch_size)
+        )
