@@ -1,9 +1,10 @@
 """The trainer's checks: what selection cannot serve is refused when the trainer is built, not at the first step.
 
-:func:`check_setup` runs once in ``SelectiveBackpropTrainer.__init__``: the model's config and head, a
-``compute_loss`` override, the training set's label column, and a probe of the first training examples through the
-first step's checks, the model's own loss against the per-example losses included. :func:`check_training_set` runs
-when ``train()`` starts, so that a trainer built for evaluation needs no training set.
+:func:`check_setup` runs in ``SelectiveBackpropTrainer.__init__``, and again when ``train()`` starts (the arguments
+may have changed since): the model's config and head, a ``compute_loss`` override, the training set's label column,
+and a probe of the first training examples through the first step's checks, the model's own loss (or
+``compute_loss_func``'s) against the per-example losses included. :func:`check_training_set` runs when ``train()``
+starts, so that a trainer built for evaluation needs no training set.
 :func:`batch_labels` and :func:`batch_problem_type` are the per-batch checks the trainer runs at every step.
 """
 
@@ -111,8 +112,19 @@ def check_training_set(dataset: Any) -> None:
         )
 
 
-def check_setup(trainer: SelectiveBackpropTrainer) -> None:
-    """Raise, when the trainer is built, for set-ups that the strategy cannot serve."""
+def check_setup(trainer: SelectiveBackpropTrainer, when_training: bool = False) -> None:
+    """Raise, when the trainer is built and again when ``train()`` starts (``when_training``, after which the
+    arguments may have changed), for set-ups that the strategy cannot serve."""
+    try:
+        _check_setup(trainer)
+    except ValueError as error:
+        if when_training and error.args and isinstance(error.args[0], str):
+            # The same error, of the same type, saying when it was found: the arguments may differ from the build's.
+            error.args = (f"{error.args[0]} (Checked when train() started, on the arguments as they are now.)",)
+        raise
+
+
+def _check_setup(trainer: SelectiveBackpropTrainer) -> None:
     from .trainer import SelectiveBackpropTrainer
 
     args, sbp, strategy = trainer.args, trainer.sbp_args, trainer.strategy
@@ -185,7 +197,8 @@ def check_epoch_pruning(trainer: SelectiveBackpropTrainer) -> None:
             f"{value} with sbp_strategy={name!r}: {name} chooses each epoch's examples and order with its own "
             "sampler, so it cannot also group or rebalance batches by length. Use the default random sampling."
         )
-    scheduler = trainer.lr_scheduler
+    # A scheduler the trainer created in an earlier train() is replaced by a new one: only a user-given one counts.
+    scheduler = None if getattr(trainer, "_created_lr_scheduler", False) else trainer.lr_scheduler
     step_based = scheduler is not None and not isinstance(
         scheduler, (torch.optim.lr_scheduler.LambdaLR, torch.optim.lr_scheduler.ReduceLROnPlateau)
     )

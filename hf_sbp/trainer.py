@@ -104,6 +104,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self._generator = torch.Generator().manual_seed(seed + self.args.process_index)
         self._strategy: SelectionStrategy = sbp.strategy_class()(sbp)
         self._head_name: str | None = sbp.sbp_head_module
+        self._head_setting = sbp.sbp_head_module
 
     # ---- public read-only state --------------------------------------------------------------
 
@@ -311,12 +312,16 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self._signature_columns = columns + ([EXAMPLE_ID_KEY] if self._strategy.uses_example_cache else [])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
-        """``Trainer.train``. The ``sbp_*`` settings are validated again (a new strategy if ``sbp_strategy`` changed),
-        and the selection statistics start afresh, or from the checkpoint resumed."""
+        """``Trainer.train``. Every check made when the trainer was built is made again, on the arguments as they are
+        now (a new strategy if ``sbp_strategy`` changed), before anything is created or trained; the selection
+        statistics start afresh, or from the checkpoint resumed."""
         if self.sbp_args.sbp_strategy != self._strategy.name:
             self._new_strategy()  # validates the settings too
         else:
             self.sbp_args.validate_sbp(self.args.per_device_train_batch_size)
+        if self.sbp_args.sbp_head_module != self._head_setting:
+            self._head_name = self._head_setting = self.sbp_args.sbp_head_module
+        setup_checks.check_setup(self, when_training=True)
         setup_checks.check_training_set(self.train_dataset)
         last = resume_from_checkpoint is True
         checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint

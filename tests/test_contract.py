@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import make_args, tiny_bert, tiny_dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sbp import SelectionStrategy, SelectiveBackpropTrainer, register_strategy
+from hf_sbp.head import HeadNotFoundError
 
 
 def params(model) -> dict[str, torch.Tensor]:
@@ -260,3 +261,76 @@ def test_counters_after_an_out_of_memory_retry_count_only_the_steps_that_happene
         assert output.metrics["train_sbp/backprop_fraction"] == pytest.approx(
             sum(forwards[2:]) / (2 * trainer._train_batch_size)
         )
+
+
+# ---- the checks made when the trainer is built are made again when train() starts ------------------------------
+
+
+class ZeroLoss(SelectiveBackpropTrainer):
+    """A compute_loss override that does not call super().compute_loss (so cannot apply selection weights)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss * 0.0, outputs) if return_outputs else outputs.loss * 0.0
+
+
+class Began(TrainerCallback):
+    def __init__(self) -> None:
+        self.began = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began = True
+
+
+def regression_dataset():
+    data = tiny_dataset()
+    return data.remove_columns("labels").add_column("labels", [float(i % 5) for i in range(len(data))])
+
+
+CHANGED_ARGUMENTS = {
+    # A weighted strategy under an override that may drop its weights.
+    "override-then-weighted": (
+        ZeroLoss, dict(num_labels=3), "random", {"sbp_strategy": "gradmatch"}, ValueError,
+        r"ZeroLoss overrides compute_loss, and sbp_strategy='gradmatch' weights",
+    ),
+    # A head override that names no head (an nn.Linear with another output size).
+    "head-of-the-wrong-size": (
+        SelectiveBackpropTrainer, dict(num_labels=3), "gradmatch", {"sbp_head_module": "bert.pooler.dense"},
+        HeadNotFoundError, r"sbp_head_module='bert\.pooler\.dense' is an nn\.Linear with out_features=32",
+    ),
+    # Label smoothing on a regression model.
+    "smoothing-on-regression": (
+        SelectiveBackpropTrainer, dict(num_labels=1, problem_type="regression"), "loss",
+        {"label_smoothing_factor": 0.1}, ValueError,
+        r"label_smoothing_factor=0\.1 applies to single-label classification only.*'regression'",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CHANGED_ARGUMENTS))
+def test_arguments_changed_after_building_are_checked_before_training_starts(tmp_path, case):
+    cls, model_options, strategy, changes, error, message = CHANGED_ARGUMENTS[case]
+    model = tiny_bert(**model_options)
+    data = regression_dataset() if model_options["num_labels"] == 1 else tiny_dataset()
+    began = Began()
+    trainer = cls(model=model, args=make_args(tmp_path, sbp_strategy=strategy), train_dataset=data, callbacks=[began])
+    for name, value in changes.items():
+        setattr(trainer.args, name, value)
+    before = params(model)
+    with pytest.raises(error, match=message) as raised:
+        trainer.train()
+    assert "Checked when train() started" in str(raised.value)
+    assert not began.began and trainer.state.global_step == 0  # refused before the training loop began
+    assert_unchanged(model, before)
+
+
+def test_a_loss_check_that_fails_on_non_finite_values_says_so(tmp_path):
+    # NaN parameters: the loss check cannot compare anything, and must not blame the problem type.
+    model = tiny_bert()
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"is not finite: the forward pass on these examples produced NaN") as raised:
+        SelectiveBackpropTrainer(
+            model=model, args=make_args(tmp_path, sbp_strategy="loss"), train_dataset=tiny_dataset()
+        )
+    assert "problem_type" not in str(raised.value)
