@@ -112,11 +112,12 @@ def check_training_set(dataset: Any) -> None:
         )
 
 
-def check_setup(trainer: SelectiveBackpropTrainer, when_training: bool = False) -> None:
+def check_setup(trainer: SelectiveBackpropTrainer, when_training: bool = False, probe: bool = True) -> None:
     """Raise, when the trainer is built and again when ``train()`` starts (``when_training``, after which the
-    arguments may have changed), for set-ups that the strategy cannot serve."""
+    arguments may have changed), for set-ups that the strategy cannot serve. ``probe``: run the first examples
+    through the first step's checks too (a forward pass, which ``train()`` skips when nothing has changed)."""
     try:
-        _check_setup(trainer)
+        _check_setup(trainer, probe)
     except ValueError as error:
         if when_training and error.args and isinstance(error.args[0], str):
             # The same error, of the same type, saying when it was found: the arguments may differ from the build's.
@@ -124,7 +125,14 @@ def check_setup(trainer: SelectiveBackpropTrainer, when_training: bool = False) 
         raise
 
 
-def _check_setup(trainer: SelectiveBackpropTrainer) -> None:
+def setup_key(trainer: SelectiveBackpropTrainer) -> tuple:
+    """What :func:`check_setup` checks, to tell whether it changed: the arguments' values, and which model, training
+    set, collator and ``compute_loss_func`` the trainer holds."""
+    held = (trainer.model, trainer.train_dataset, trainer.data_collator, trainer.compute_loss_func)
+    return (repr(trainer.args.to_dict()), *map(id, held))
+
+
+def _check_setup(trainer: SelectiveBackpropTrainer, probe: bool = True) -> None:
     from .trainer import SelectiveBackpropTrainer
 
     args, sbp, strategy = trainer.args, trainer.sbp_args, trainer.strategy
@@ -181,7 +189,8 @@ def _check_setup(trainer: SelectiveBackpropTrainer) -> None:
                 "the name of the head's final nn.Linear."
             )
     check_label_column(trainer.train_dataset, config)
-    probe_first_batch(trainer, config)
+    if probe:
+        probe_first_batch(trainer, config)
 
 
 def check_epoch_pruning(trainer: SelectiveBackpropTrainer) -> None:

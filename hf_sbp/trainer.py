@@ -85,6 +85,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self._resumed_checkpoint: str | None = None
         self._training_loops = 0
         setup_checks.check_setup(self)
+        self._checked_setup = setup_checks.setup_key(self)
         self._new_cache()
 
     def _new_cache(self) -> None:
@@ -321,7 +322,10 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             self.sbp_args.validate_sbp(self.args.per_device_train_batch_size)
         if self.sbp_args.sbp_head_module != self._head_setting:
             self._head_name = self._head_setting = self.sbp_args.sbp_head_module
-        setup_checks.check_setup(self, when_training=True)
+        # The first examples' forward pass is not repeated (hooks would see it) unless what it checks has changed.
+        changed = setup_checks.setup_key(self) != self._checked_setup
+        setup_checks.check_setup(self, when_training=True, probe=changed)
+        self._checked_setup = setup_checks.setup_key(self)
         setup_checks.check_training_set(self.train_dataset)
         last = resume_from_checkpoint is True
         checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint

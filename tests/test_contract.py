@@ -63,7 +63,7 @@ def test_a_breach_of_the_select_contract_is_an_error_before_any_backward(tmp_pat
     name = returning(f"test-{case}", indices, weights)
     model = tiny_bert()
     trainer = SelectiveBackpropTrainer(
-        model=model, args=make_args(tmp_path, sbp_strategy=name, weight_decay=0.0), train_dataset=tiny_dataset()
+        model=model, args=make_args(tmp_path, sbp_strategy=name), train_dataset=tiny_dataset()
     )
     before = params(model)
     gradients = []
@@ -94,9 +94,9 @@ def test_weights_of_a_strategy_with_the_default_flags_are_applied(tmp_path):
     batch = {key: torch.tensor(data[key]) for key in data.column_names}
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"][:2], attention_mask=batch["attention_mask"][:2]).logits
-    losses = torch.nn.functional.cross_entropy(logits, batch["labels"][:2], reduction="none")
+    losses = F.cross_entropy(logits, batch["labels"][:2], reduction="none")
     ((torch.tensor([1.0, 3.0]) * losses).sum() / 2).backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    expected = {key: p.grad.clone() for key, p in model.named_parameters()}
     model.zero_grad()
     trainer.training_step(model, batch)
     for key, p in model.named_parameters():

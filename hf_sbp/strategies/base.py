@@ -183,9 +183,10 @@ class SelectionStrategy:
                 return fewer or more rows (Jiang's coin flips do) but at least one.
 
         Returns:
-            ``(indices, weights)``: distinct row indices in ``[0, n)`` and non-negative weights of the same
-            length. The subset's loss is ``(1/m) sum_S w_i l_i`` with ``m`` rows, so weight 1 means "counts
-            like one example of a smaller batch".
+            ``(indices, weights)``: distinct integer row indices in ``[0, n)`` and finite non-negative weights of the
+            same length, not all 0 (the trainer raises, naming the strategy, for anything else). The subset's loss
+            is ``(1/m) sum_S w_i l_i`` with ``m`` rows, so weight 1 means "counts like one example of a smaller
+            batch". Weights that are all NaN give up on the batch: the step trains it whole (``sbp/fallback_steps``).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement select(batch, k).")
 
