@@ -324,6 +324,18 @@ def test_arguments_changed_after_building_are_checked_before_training_starts(tmp
     assert_unchanged(model, before)
 
 
+def test_a_compute_loss_func_given_after_building_is_probed_when_training_starts(tmp_path):
+    # What the first examples' forward pass checks changed (another loss): it runs again, before the loop begins.
+    began = Began()
+    data = tiny_dataset(labels=[0, 1, 2] * 16)
+    args = make_args(tmp_path, sbp_strategy="loss")
+    trainer = SelectiveBackpropTrainer(model=tiny_bert(), args=args, train_dataset=data, callbacks=[began])
+    trainer.compute_loss_func = class_weighted_cross_entropy
+    with pytest.raises(ValueError, match=r"compute_loss_func's loss .*Checked when train\(\) started"):
+        trainer.train()
+    assert not began.began and trainer.state.global_step == 0
+
+
 def test_a_loss_check_that_fails_on_non_finite_values_says_so(tmp_path):
     # NaN parameters: the loss check cannot compare anything, and must not blame the problem type.
     model = tiny_bert()
