@@ -1,9 +1,10 @@
 """The trainer's checks: what selection cannot serve is refused when the trainer is built, not at the first step.
 
-:func:`check_setup` runs once in ``SelectiveBackpropTrainer.__init__``: the model's config and head, a
-``compute_loss`` override, the training set's label column, and a probe of the first training examples through the
-first step's checks, the model's own loss against the per-example losses included. :func:`check_training_set` runs
-when ``train()`` starts, so that a trainer built for evaluation needs no training set.
+:func:`check_setup` runs in ``SelectiveBackpropTrainer.__init__``, and again when ``train()`` starts (the arguments
+may have changed since): the model's config and head, a ``compute_loss`` override, the training set's label column,
+and a probe of the first training examples through the first step's checks, the model's own loss (or
+``compute_loss_func``'s) against the per-example losses included. :func:`check_training_set` runs when ``train()``
+starts, so that a trainer built for evaluation needs no training set.
 :func:`batch_labels` and :func:`batch_problem_type` are the per-batch checks the trainer runs at every step.
 """
 
@@ -167,8 +168,27 @@ def check_sharding(args: Any, sbp: Any, trainer: SelectiveBackpropTrainer | None
         raise ValueError(SHARDING_REFUSED.format(what=" and ".join(refuse), strategy=strategy, zero=zero))
 
 
-def check_setup(trainer: SelectiveBackpropTrainer) -> None:
-    """Raise, when the trainer is built, for set-ups that the strategy cannot serve."""
+def check_setup(trainer: SelectiveBackpropTrainer, when_training: bool = False, probe: bool = True) -> None:
+    """Raise, when the trainer is built and again when ``train()`` starts (``when_training``, after which the
+    arguments may have changed), for set-ups that the strategy cannot serve. ``probe``: run the first examples
+    through the first step's checks too (a forward pass, which ``train()`` skips when nothing has changed)."""
+    try:
+        _check_setup(trainer, probe)
+    except ValueError as error:
+        if when_training and error.args and isinstance(error.args[0], str):
+            # The same error, of the same type, saying when it was found: the arguments may differ from the build's.
+            error.args = (f"{error.args[0]} (Checked when train() started, on the arguments as they are now.)",)
+        raise
+
+
+def setup_key(trainer: SelectiveBackpropTrainer) -> tuple:
+    """What :func:`check_setup` checks, to tell whether it changed: the arguments' values, and which model, training
+    set, collator and ``compute_loss_func`` the trainer holds."""
+    held = (trainer.model, trainer.train_dataset, trainer.data_collator, trainer.compute_loss_func)
+    return (repr(trainer.args.to_dict()), *map(id, held))
+
+
+def _check_setup(trainer: SelectiveBackpropTrainer, probe: bool = True) -> None:
     from .trainer import SelectiveBackpropTrainer
 
     args, sbp, strategy = trainer.args, trainer.sbp_args, trainer.strategy
@@ -195,7 +215,7 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
         return  # the subset trains with the model's own loss: any model whose batches have rows will do
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     config = model_config(unwrapped, sbp.sbp_strategy)
-    if args.label_smoothing_factor and config.problem_type not in (None, "single_label_classification"):
+    if trainer.label_smoothing and config.problem_type not in (None, "single_label_classification"):
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor} applies to single-label classification "
             f"only, but the model's problem_type is {config.problem_type!r}."
@@ -225,7 +245,8 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
                 "the name of the head's final nn.Linear."
             )
     check_label_column(trainer.train_dataset, config)
-    probe_first_batch(trainer, config)
+    if probe:
+        probe_first_batch(trainer, config)
 
 
 def check_epoch_pruning(trainer: SelectiveBackpropTrainer) -> None:
@@ -241,7 +262,8 @@ def check_epoch_pruning(trainer: SelectiveBackpropTrainer) -> None:
             f"{value} with sbp_strategy={name!r}: {name} chooses each epoch's examples and order with its own "
             "sampler, so it cannot also group or rebalance batches by length. Use the default random sampling."
         )
-    scheduler = trainer.lr_scheduler
+    # A scheduler the trainer created in an earlier train() is replaced by a new one: only a user-given one counts.
+    scheduler = None if getattr(trainer, "_created_lr_scheduler", False) else trainer.lr_scheduler
     step_based = scheduler is not None and not isinstance(
         scheduler, (torch.optim.lr_scheduler.LambdaLR, torch.optim.lr_scheduler.ReduceLROnPlateau)
     )
@@ -333,7 +355,7 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
             if batch is None:
                 return
             labels = batch_labels(batch, trainer.label_key)
-            problem_type = batch_problem_type(config, labels, trainer.args.label_smoothing_factor)
+            problem_type = batch_problem_type(config, labels, trainer.label_smoothing)
             with trainer.compute_loss_context_manager():
                 outputs = no_grad_outputs(trainer.model, batch)
             logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
@@ -343,8 +365,13 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
                     f"{list(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__}); use "
                     "sbp_strategy='random' or 'none'."
                 )
-            losses = example_losses(logits, labels, problem_type, 0.0, strategy)
-            if outputs.get("loss") is not None:  # the model's own loss, without Trainer's label smoothing
+            custom = trainer.compute_loss_func
+            losses = example_losses(logits, labels, problem_type, 0.0, strategy, custom)
+            if custom is not None:  # the loss Trainer trains with, called as Trainer calls it
+                num_items = labels.ne(-100).sum()
+                loss = custom(outputs, labels, num_items_in_batch=num_items)
+                verify_model_loss(loss, losses, problem_type, num_items, custom=True)
+            elif outputs.get("loss") is not None:  # the model's own loss, without Trainer's label smoothing
                 verify_model_loss(outputs["loss"], losses, problem_type)
             if trainer.runs_scoring_pass:
                 trainer.score_batch(trainer.model, batch)
@@ -353,19 +380,52 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
         np.random.set_state(numpy_state)
 
 
-def checked_selection(
-    indices: torch.Tensor, weights: torch.Tensor, n: int, strategy: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A strategy's choice for a batch of ``n`` as CPU tensors (long indices, float32 weights), or a clear error if
-    it broke the contract of ``SelectionStrategy.select``."""
-    indices = torch.as_tensor(indices).detach().cpu().long().reshape(-1)
+def checked_selection(indices: Any, weights: Any, n: int, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A strategy's choice for a batch of ``n`` as CPU tensors (long indices, float32 weights), or a clear error naming
+    the strategy and the bad value if it broke the contract of ``SelectionStrategy.select``: integer indices, distinct,
+    in ``[0, n)``, at least one; one finite weight ``>= 0`` per index, not all 0. Weights that are all NaN are the
+    strategy's way to give up on the batch (the trainer then trains it whole), so they pass."""
+    indices = torch.as_tensor(indices).detach().cpu()
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        # long() would truncate 2.7 to 2 (or turn a mask into rows 0 and 1): another subset than the one meant.
+        raise ValueError(
+            f"strategy {strategy!r} returned indices of dtype {indices.dtype} ({_shown(indices)}); "
+            "select() must return integer row indices (a LongTensor), not floats or a mask."
+        )
+    indices = indices.long().reshape(-1)
     weights = torch.as_tensor(weights).detach().cpu().float()
     m = indices.numel()
     in_range = m > 0 and int(indices.min()) >= 0 and int(indices.max()) < n
     if weights.shape != (m,) or not in_range or indices.unique().numel() != m:
         raise ValueError(
-            f"strategy {strategy!r} returned {m} indices ({indices.tolist()[:10]}...) and weights of shape "
+            f"strategy {strategy!r} returned {m} indices ({_shown(indices)}) and weights of shape "
             f"{tuple(weights.shape)} for a batch of {n}; select() must return at least one distinct index in "
             f"[0, {n}) and one weight per index."
         )
+    if bool(weights.isnan().all()):
+        return indices, weights
+    shown = _shown(weights)
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(
+            f"strategy {strategy!r} returned non-finite weights ({shown}); select() must return finite weights >= 0 "
+            "(or all NaN to give up on the batch, which then trains whole)."
+        )
+    if bool((weights < 0).any()):
+        row = int(torch.argmin(weights))
+        raise ValueError(
+            f"strategy {strategy!r} returned a negative weight ({float(weights[row]):.4g} for row {int(indices[row])}; "
+            f"weights {shown}); select() must return weights >= 0: a negative weight would ascend that row's loss."
+        )
+    if not bool((weights > 0).any()):
+        raise ValueError(
+            f"strategy {strategy!r} returned weights that are all 0 for its {m} rows; the step would train nothing. "
+            "select() must give at least one row a positive weight."
+        )
     return indices, weights
+
+
+def _shown(values: torch.Tensor, most: int = 10) -> str:
+    """The first ``most`` values, as an error message quotes them (``[0.9, 2.7]``, not float32's ``0.899999976``)."""
+    flat = values.reshape(-1)
+    items = [str(v) if isinstance(v, bool) else f"{v:.4g}" for v in flat[:most].tolist()]
+    return "[" + ", ".join(items) + (", ...]" if flat.numel() > most else "]")

@@ -6,17 +6,25 @@ label smoother computes on its rows: a smaller batch. A weighted subset (``gradm
 ``c (1/m) sum_S w_i l_i``, where ``l_i`` are the per-example losses and ``c`` (held constant) is the model's loss over
 ``mean(l_i)``: with weights all 1 that is the model's loss, value and gradient, whatever its normalisation (a mean,
 or a sum over ``num_items_in_batch``).
+
+With a ``compute_loss_func`` (the ``Trainer`` argument), the per-example loss ``l_i`` is that function on row ``i``
+alone (:func:`custom_example_losses`), and the loss it returns on the batch is checked to be their mean (or their
+sum over ``num_items_in_batch``) as the model's loss is otherwise.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .selection import per_example_loss
+
+COMPUTE_LOSS_FUNC = "compute_loss_func"
 
 
 @dataclass
@@ -42,10 +50,16 @@ class SubsetStep:
 
 
 def example_losses(
-    logits: torch.Tensor, labels: torch.Tensor, problem_type: str, label_smoothing: float, strategy: str
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    problem_type: str,
+    label_smoothing: float,
+    strategy: str,
+    compute_loss_func: Callable[..., torch.Tensor] | None = None,
 ):
-    """:func:`~hf_sbp.selection.per_example_loss`, or a clear error for outputs that are not one row of logits per
-    example (a language model's, a token classifier's)."""
+    """:func:`~hf_sbp.selection.per_example_loss`, or :func:`custom_example_losses` of ``compute_loss_func`` when
+    there is one; a clear error for outputs that are not one row of logits per example (a language model's, a token
+    classifier's)."""
     if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError(
             f"sbp_strategy={strategy!r} computes one loss per example from (n, num_labels) logits, but the model "
@@ -53,7 +67,56 @@ def example_losses(
             f"{problem_type!r}). Selective backprop with per-example losses serves sequence classification heads; "
             "use sbp_strategy='random' or 'none', which train with the model's own loss."
         )
+    if compute_loss_func is not None:
+        return custom_example_losses(compute_loss_func, logits, labels, strategy)
     return per_example_loss(logits, labels, problem_type, label_smoothing)
+
+
+def custom_example_losses(
+    compute_loss_func: Callable[..., torch.Tensor], logits: torch.Tensor, labels: torch.Tensor, strategy: str = ""
+) -> torch.Tensor:
+    """``(n,)`` float32 per-example losses of a ``Trainer`` ``compute_loss_func``: the function called, as ``Trainer``
+    calls it, on each row alone, with an output that holds that row's ``logits`` and ``num_items_in_batch`` that row's
+    label count. Differentiable in ``logits``. One call per row: a Python loop, cheap next to a forward pass."""
+    rows = []
+    for i in range(logits.shape[0]):
+        row_labels = labels[i : i + 1]
+        try:
+            loss = compute_loss_func(
+                SequenceClassifierOutput(logits=logits[i : i + 1]),
+                row_labels,
+                num_items_in_batch=row_labels.ne(-100).sum(),
+            )
+        except Exception as error:
+            raise ValueError(
+                f"sbp_strategy={strategy!r} scores, weights or observes each example by its own loss, so it calls "
+                f"{COMPUTE_LOSS_FUNC} on one row at a time, with an output that holds only that row's logits; that "
+                f"call failed ({error!r}). Make {COMPUTE_LOSS_FUNC} read only outputs.logits, or use "
+                "sbp_strategy='random' or 'none', which train with its loss on whole (sub)batches."
+            ) from error
+        loss = torch.as_tensor(loss)
+        if loss.numel() != 1:
+            raise ValueError(
+                f"{COMPUTE_LOSS_FUNC} returned a loss of shape {tuple(loss.shape)} for one row; it must return a "
+                "scalar."
+            )
+        rows.append(loss.reshape(()).float())
+    return torch.stack(rows)
+
+
+def custom_losses_and_residuals(
+    example_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(losses, residuals)``, float32, of per-example losses ``l_i = example_loss(z, y)_i`` in which each ``l_i``
+    depends on row ``z_i`` only: the residuals ``r_i = dl_i/dz_i`` are the gradient of ``sum_i l_i`` (one backward
+    through the loss alone, on a detached copy of the logits)."""
+    z = logits.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        losses = example_loss(z, labels)
+        if not losses.requires_grad:  # a loss that does not depend on the logits has no gradient
+            return losses.detach(), torch.zeros_like(z)
+        (residuals,) = torch.autograd.grad(losses.sum(), z, allow_unused=True)
+    return losses.detach(), torch.zeros_like(z) if residuals is None else residuals
 
 
 def verify_model_loss(
@@ -62,10 +125,11 @@ def verify_model_loss(
     problem_type: str,
     num_items_in_batch: Any = None,
     processes: int = 1,
+    custom: bool = False,
 ) -> None:
-    """Raise unless the model's own loss is the mean of the per-example ``losses`` or their sum over
-    ``num_items_in_batch``, up to round-off; either may be multiplied by the number of processes (what ``Trainer``
-    does with ``average_tokens_across_devices``)."""
+    """Raise unless the model's own loss (``compute_loss_func``'s, when ``custom``) is the mean of the per-example
+    ``losses`` or their sum over ``num_items_in_batch``, up to round-off; either may be multiplied by the number of
+    processes (what ``Trainer`` does with ``average_tokens_across_devices``)."""
     value = float(model_loss.detach().float().mean())
     losses = losses.detach()
     expected = [float(losses.mean())]
@@ -74,8 +138,24 @@ def verify_model_loss(
     candidates = [e * scale for e in expected for scale in {1, processes}]
     if any(math.isclose(value, e, rel_tol=2e-3, abs_tol=1e-5) for e in candidates):
         return
+    source = f"{COMPUTE_LOSS_FUNC}'s loss" if custom else "the model's own loss"
+    if not all(math.isfinite(v) for v in [value, *expected]):
+        # Not a question of which loss: the forward pass produced NaN or infinity.
+        raise ValueError(
+            f"{source} ({value:.6g}) or the mean of the per-example losses ({expected[0]:.6g}) is not finite: the "
+            "forward pass on these examples produced NaN or infinity (check the inputs, the learning rate, the "
+            "model's dtype), so the losses cannot be compared."
+        )
+    if custom:
+        raise ValueError(
+            f"{source} ({value:.6g}) is not the mean of its per-example losses ({expected[0]:.6g}: "
+            f"{COMPUTE_LOSS_FUNC} on each row alone), so selecting or weighting rows by them would train with another "
+            f"loss than yours. Selective backprop needs a {COMPUTE_LOSS_FUNC} that is the mean (or the sum over "
+            "num_items_in_batch) of one term per example; for another loss (e.g. cross-entropy with class weights, "
+            "which divides by the weights' sum) use sbp_strategy='random' or 'none', which train with it as it is."
+        )
     raise ValueError(
-        f"the model's own loss ({value:.6g}) is not the mean of the per-example losses that selective backprop "
+        f"{source} ({value:.6g}) is not the mean of the per-example losses that selective backprop "
         f"computes for problem type {problem_type!r} ({expected[0]:.6g}), so selecting or weighting by them would "
         "train with a different loss than the model's. Set config.problem_type ('single_label_classification', "
         "'multi_label_classification' or 'regression') if that one was inferred wrongly, use sbp_strategy='random' "

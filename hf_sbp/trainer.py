@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -35,7 +36,14 @@ from .selection_metrics import (
 )
 from .setup_checks import batch_labels, checked_selection
 from .strategies import SelectionBatch, SelectionStrategy
-from .subset_loss import SubsetStep, example_losses, subset_num_items, verify_model_loss, weighted_subset_loss
+from .subset_loss import (
+    SubsetStep,
+    custom_example_losses,
+    example_losses,
+    subset_num_items,
+    verify_model_loss,
+    weighted_subset_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +97,10 @@ class SelectiveBackpropTrainer(
         self._cache: ExampleStatsCache | None = None
         self.sbp_backprop_examples = 0
         """Examples this process has run forward + backward on in this run (full batches for ``none``)."""
+        self._resumed_checkpoint: str | None = None
+        self._training_loops = 0
         setup_checks.check_setup(self)
+        self._checked_setup = setup_checks.setup_key(self)
         self._new_cache()
         self._new_irreducible_losses()
 
@@ -110,6 +121,7 @@ class SelectiveBackpropTrainer(
         self._generator = torch.Generator().manual_seed(seed + self.args.process_index)
         self._strategy: SelectionStrategy = sbp.strategy_class()(sbp)
         self._head_name: str | None = sbp.sbp_head_module
+        self._head_setting = sbp.sbp_head_module
 
     # ---- public read-only state --------------------------------------------------------------
 
@@ -162,18 +174,34 @@ class SelectiveBackpropTrainer(
         s = self._strategy
         return s.selective and (self.runs_scoring_pass or s.weighted or s.observes() or s.uses_example_cache)
 
+    @property
+    def label_smoothing(self) -> float:
+        """The label smoothing of the loss: ``label_smoothing_factor``, unless a ``compute_loss_func`` computes the
+        loss instead (``Trainer`` then applies no smoothing, and neither does selection)."""
+        return 0.0 if self.compute_loss_func is not None else self.args.label_smoothing_factor
+
+    @property
+    def example_loss(self) -> Any:
+        """With a ``compute_loss_func``: the per-example losses it defines, ``(logits, labels) -> (n,)``, which
+        selection scores and weights rows by (see :func:`hf_sbp.subset_loss.custom_example_losses`); else ``None``
+        (the rule of ``*ForSequenceClassification`` models)."""
+        if self.compute_loss_func is None:
+            return None
+        return functools.partial(custom_example_losses, self.compute_loss_func, strategy=self.sbp_args.sbp_strategy)
+
     # ---- scoring and selection ---------------------------------------------------------------
 
     def _model_config(self):
         return setup_checks.model_config(self.accelerator.unwrap_model(self.model), self.sbp_args.sbp_strategy)
 
     def _problem_type(self, labels: torch.Tensor) -> str:
-        return setup_checks.batch_problem_type(self._model_config(), labels, self.args.label_smoothing_factor)
+        return setup_checks.batch_problem_type(self._model_config(), labels, self.label_smoothing)
 
     def _batch(self, labels: torch.Tensor, problem_type: str | None, *scores: Any) -> SelectionBatch:
         """A :class:`SelectionBatch` of these rows; ``scores``: logits, features, head bias, in that order."""
-        step, smoothing = self.state.global_step, self.args.label_smoothing_factor
-        return SelectionBatch(labels.shape[0], labels, problem_type, self._generator, step, smoothing, *scores)
+        step, smoothing, loss = self.state.global_step, self.label_smoothing, self.example_loss
+        return SelectionBatch(labels.shape[0], labels, problem_type, self._generator, step, smoothing, *scores,
+                              example_loss=loss)  # fmt: skip
 
     def _head_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         unwrapped = self.accelerator.unwrap_model(model)
@@ -258,9 +286,10 @@ class SelectiveBackpropTrainer(
         start = time.perf_counter()
         indices = weights = None
         if usable:
-            indices, weights = checked_selection(*self._strategy.select(batch, k), n, self.sbp_args.sbp_strategy)
+            choice = self._strategy.select(batch, k)
+            indices, weights = checked_selection(*choice, n, self.sbp_args.sbp_strategy)
             record.strategy_metrics = self._strategy.step_metrics()
-            if not all_finite(weights):
+            if bool(weights.isnan().all()):  # the strategy gave up on this batch (gradmatch: a broken estimate)
                 indices = weights = None
             elif record.scored and batch.scored_rows is None:
                 # Of the gradient actually trained, (1/m) sum_S w_i g_i: magnitude included.
@@ -303,26 +332,48 @@ class SelectiveBackpropTrainer(
         self._signature_columns = columns + ([EXAMPLE_ID_KEY] if self._strategy.uses_example_cache else [])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
-        """``Trainer.train``. The ``sbp_*`` settings are validated again (a new strategy if ``sbp_strategy`` changed),
-        and the selection statistics start afresh, or from the checkpoint resumed."""
+        """``Trainer.train``. Every check made when the trainer was built is made again, on the arguments as they are
+        now (a new strategy if ``sbp_strategy`` changed), before anything is created or trained; the selection
+        statistics start afresh, or from the checkpoint resumed."""
         if self.sbp_args.sbp_strategy != self._strategy.name:
             self._new_strategy()  # validates the settings too
         else:
             self.sbp_args.validate_sbp(self.args.per_device_train_batch_size)
+        if self.sbp_args.sbp_head_module != self._head_setting:
+            self._head_name = self._head_setting = self.sbp_args.sbp_head_module
+        # The first examples' forward pass is not repeated (hooks would see it) unless what it checks has changed.
+        changed = setup_checks.setup_key(self) != self._checked_setup
+        setup_checks.check_setup(self, when_training=True, probe=changed)
+        self._checked_setup = setup_checks.setup_key(self)
         setup_checks.check_training_set(self.train_dataset)
+        last = resume_from_checkpoint is True
+        checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
+        resumed = isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint)
+        self._resumed_checkpoint = os.fspath(checkpoint) if resumed else None
+        self._start_selection()
+        self._prepare_irreducible_losses(resumed)  # before the first step; its time is sbp_il_seconds
+        self._training_loops = 0
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _start_selection(self) -> None:
+        """The selection statistics, counters and caches of a run: afresh, or from the checkpoint resumed."""
         self._metrics.reset()
         self.sbp_backprop_examples = 0
         self._new_cache()
         self._new_pruning_history()
         self._new_irreducible_losses()
-        last = resume_from_checkpoint is True
-        checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
-        resumed = isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint)
-        if resumed:
+        if self._resumed_checkpoint is not None:
             self._irreducible = None  # the checkpoint's, or an error: never values computed from another model
-            self._load_selection_state(os.fspath(checkpoint))
-        self._prepare_irreducible_losses(resumed)  # before the first step; its time is sbp_il_seconds
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+            self._load_selection_state(self._resumed_checkpoint)
+
+    def _inner_training_loop(self, batch_size: int | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
+        # `auto_find_batch_size` runs the loop again, with a smaller batch, after running out of memory: the failed
+        # attempt's steps did not happen, so what they selected, counted, cached or taught the strategy goes.
+        if self._training_loops:
+            self._new_strategy()
+            self._start_selection()
+        self._training_loops += 1
+        return super()._inner_training_loop(batch_size, *args, **kwargs)
 
     def training_step(
         self,
@@ -357,7 +408,11 @@ class SelectiveBackpropTrainer(
             num_items_in_batch = subset_num_items(num_items_in_batch, subset[self.label_key], labels)
         record.selection_s += time.perf_counter() - index_start
         uniform = bool((weights == 1).all())
-        verify = self.needs_example_losses and not self._loss_verified
+        if not uniform and record.problem_type is None:
+            # A strategy that does not declare `weighted` (nor scores rows) returned weights: they are applied as a
+            # weighted strategy's are, with per-example losses checked against the model's loss at their first use.
+            record.problem_type = self._problem_type(labels)
+        verify = (self.needs_example_losses or not uniform) and not self._loss_verified
         self._step = SubsetStep(subset[self.label_key], record.problem_type, None if uniform else weights, verify)
         capture = HeadCapture(self._head_modules(model) if self._strategy.observes() or self._cache else [])
         try:
@@ -413,10 +468,13 @@ class SelectiveBackpropTrainer(
         if step is None or (step.weights is None and not step.verify):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        logits, smoothing = head.output_logits(outputs), self.args.label_smoothing_factor
-        losses = example_losses(logits, step.labels, step.problem_type, smoothing, self.sbp_args.sbp_strategy)
+        logits, custom = head.output_logits(outputs), self.compute_loss_func
+        losses = example_losses(
+            logits, step.labels, step.problem_type, self.label_smoothing, self.sbp_args.sbp_strategy, custom
+        )
         if step.verify:
-            verify_model_loss(loss, losses, step.problem_type, num_items_in_batch, self.accelerator.num_processes)
+            processes = self.accelerator.num_processes
+            verify_model_loss(loss, losses, step.problem_type, num_items_in_batch, processes, custom is not None)
             self._loss_verified = True
         if step.weights is not None:
             loss, step.applied = weighted_subset_loss(loss, losses, step.weights), True

@@ -18,6 +18,7 @@ import torch
 
 from ..example_cache import CachedStats
 from ..selection import head_residuals, last_layer_gram, mean_gradient_target, per_example_loss
+from ..subset_loss import custom_losses_and_residuals
 
 
 @dataclass(eq=False)
@@ -49,6 +50,10 @@ class SelectionBatch:
             gives each row (see :mod:`hf_sbp.pruning`); else ``None``.
         irreducible_losses: for strategies that set ``needs_irreducible_loss``: ``(n,)`` every row's irreducible
             loss (CPU; see :mod:`hf_sbp.irreducible_loss`); else ``None``.
+        example_loss: when the trainer has a ``compute_loss_func``, the per-example losses it defines,
+            ``(logits, labels) -> (n,)`` (see :func:`hf_sbp.subset_loss.custom_example_losses`): ``losses`` and
+            ``residuals`` are then its values and their gradients in the logits. ``None``: the rule of
+            ``problem_type``.
 
     ``residuals``, ``losses``, ``gram`` and ``gram_target`` are computed from ``logits`` and ``features`` on first
     use and then kept, so a strategy that does not read them does not pay for them. They describe the scored rows.
@@ -68,6 +73,7 @@ class SelectionBatch:
     cached: CachedStats | None = None
     epoch_weights: torch.Tensor | None = None
     irreducible_losses: torch.Tensor | None = None
+    example_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def _scores(self, what: str) -> None:
         if self.logits is None or self.problem_type is None or (what == "gram" and self.features is None):
@@ -86,13 +92,22 @@ class SelectionBatch:
     def residuals(self) -> torch.Tensor:
         """``(n, C)`` head residuals ``r_i = dl_i/dz_i`` (float32); see :func:`hf_sbp.selection.head_residuals`."""
         self._scores("residuals")
+        if self.example_loss is not None:
+            return self._custom_scores[1]
         return head_residuals(self.logits, self.scored_labels, self.problem_type, self.label_smoothing)
 
     @cached_property
     def losses(self) -> torch.Tensor:
         """``(n,)`` per-example losses (float32); their mean is the model's loss on the batch."""
         self._scores("losses")
+        if self.example_loss is not None:
+            return self._custom_scores[0]
         return per_example_loss(self.logits, self.scored_labels, self.problem_type, self.label_smoothing)
+
+    @cached_property
+    def _custom_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # compute_loss_func's losses and their residuals: one pass through the loss computes both.
+        return custom_losses_and_residuals(self.example_loss, self.logits, self.scored_labels)
 
     @cached_property
     def gram(self) -> torch.Tensor:
@@ -175,9 +190,10 @@ class SelectionStrategy:
                 return fewer or more rows (Jiang's coin flips do) but at least one.
 
         Returns:
-            ``(indices, weights)``: distinct row indices in ``[0, n)`` and non-negative weights of the same
-            length. The subset's loss is ``(1/m) sum_S w_i l_i`` with ``m`` rows, so weight 1 means "counts
-            like one example of a smaller batch".
+            ``(indices, weights)``: distinct integer row indices in ``[0, n)`` and finite non-negative weights of the
+            same length, not all 0 (the trainer raises, naming the strategy, for anything else). The subset's loss
+            is ``(1/m) sum_S w_i l_i`` with ``m`` rows, so weight 1 means "counts like one example of a smaller
+            batch". Weights that are all NaN give up on the batch: the step trains it whole (``sbp/fallback_steps``).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement select(batch, k).")
 
