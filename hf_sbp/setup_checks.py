@@ -137,7 +137,7 @@ def check_setup(trainer: SelectiveBackpropTrainer) -> None:
         check_epoch_pruning(trainer)
     if not trainer.needs_example_losses:
         return  # the subset trains with the model's own loss: any model whose batches have rows will do
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     config = model_config(unwrapped, sbp.sbp_strategy)
     if args.label_smoothing_factor and config.problem_type not in (None, "single_label_classification"):
         raise ValueError(
@@ -289,7 +289,7 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
                 )
             losses = example_losses(logits, labels, problem_type, 0.0, strategy)
             if outputs.get("loss") is not None:  # the model's own loss, without Trainer's label smoothing
-                verify_model_loss(outputs["loss"], losses, problem_type)
+                verify_model_loss(outputs["loss"], losses, problem_type, logits=logits)
             if trainer.runs_scoring_pass:
                 trainer.score_batch(trainer.model, batch)
     finally:
