@@ -193,19 +193,20 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             return [(self._head_name, head.named_head(unwrapped, self._head_name))]
         return head.head_candidates(unwrapped, self._model_config().num_labels)
 
-    def _compiles(self, model: nn.Module) -> bool:
-        """Whether ``model`` is, or will be when training starts, a ``torch.compile``'d model."""
-        return self.args.torch_compile or self.accelerator.unwrap_model(model) is not self._unwrapped(model)
+    def _is_compiled(self, model: nn.Module) -> bool:
+        """Whether ``model`` is a ``torch.compile``'d model (possibly inside accelerate's wrappers)."""
+        return self.accelerator.unwrap_model(model) is not self._unwrapped(model)
 
     def _check_compiled_capture(self, model: nn.Module, capture: HeadCapture) -> None:
         """The error of a compiled model whose graph was traced without the head hooks (so they never fire), rather
         than the misleading one of a model without a head."""
-        if not capture.calls and self._compiles(model):
+        if not capture.calls and self._is_compiled(model):
             raise HeadNotFoundError(
                 f"the classification head of the compiled model ({[name for name, _ in capture.modules]}) recorded "
-                "nothing: its compiled graph was traced before the trainer hooked the head, and a compiled model runs "
-                "only the hooks it was traced with. Call torch.compiler.reset() before calling select_batch or "
-                "score_batch by hand on a model compiled and run before the trainer was built (train() does it)."
+                "nothing: its compiled graph was traced without the trainer's head hooks (before the trainer was "
+                "built, or for another model of its class in this process), and a compiled model runs only the hooks "
+                "it was traced with. Call torch.compiler.reset() before calling select_batch or score_batch by hand "
+                "on such a model (train() does it)."
             )
 
     def score_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> HeadScores:
@@ -344,7 +345,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
         if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
             self._load_selection_state(os.fspath(checkpoint))
-        if self._captures_head and self._compiles(self.model):
+        if self._captures_head and (self.args.torch_compile or self._is_compiled(self.model)):
             # Compiled graphs are cached per code object, shared by every instance of the model's class, and dynamo
             # does not guard on hooks: a graph traced earlier in this process (another trainer's model, this model
             # compiled and run before its head was hooked) would run here without the head hooks. Resetting makes the
