@@ -222,6 +222,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self._check_compiled_capture(model, capture)
         pad_token_id = getattr(self._model_config(), "pad_token_id", None)
         self._head_name, features = head.resolve_head_call(capture, logits, inputs.get("input_ids"), pad_token_id)
+        capture.calls = []  # the trainer keeps its capture: hold no batch's activations past their use
         return HeadScores(logits.float(), features, dict(modules)[self._head_name].bias is not None)
 
     def select_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,6 +403,7 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             self._check_compiled_capture(model, capture)
             pad_token_id = getattr(self._model_config(), "pad_token_id", None)
             self._head_name, features, logits = head.captured_head_call(capture, subset.get("input_ids"), pad_token_id)
+            capture.calls = []
             bias = dict(capture.modules)[self._head_name].bias is not None
             observed = self._batch(subset[self.label_key], record.problem_type, logits, features, bias)
             observed.example_ids = ids[indices].cpu() if ids is not None else None
