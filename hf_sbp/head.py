@@ -8,7 +8,7 @@ decoders with a ``score`` head, whose per-token outputs are pooled at the last n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -23,7 +23,8 @@ class HeadNotFoundError(ValueError):
 
 
 class HeadScores(NamedTuple):
-    """The scoring pass's output: the logits, the head's ``(n, d)`` input, and whether the head has a bias."""
+    """The scoring pass's output: the ``(n, C)`` logits and the head's ``(n, d)`` input, both in float32 whatever the
+    model's precision, and whether the head has a bias."""
 
     logits: torch.Tensor
     features: torch.Tensor
@@ -89,28 +90,60 @@ def last_token_positions(input_ids: torch.Tensor | None, pad_token_id: int | Non
     return (positions * non_pad).argmax(-1)
 
 
+class _CaptureHook:
+    """A forward hook that records one head module's calls while its :class:`HeadCapture` is capturing (a class, not
+    a closure, so that a model carrying it can still be pickled whole)."""
+
+    def __init__(self, capture: HeadCapture, name: str) -> None:
+        self.capture, self.name = capture, name
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        if self.capture.recording:
+            self.capture.calls.append((self.name, args[0].detach(), output.detach()))
+
+
 class HeadCapture:
-    """Records the inputs and outputs of candidate head modules during one forward pass."""
+    """Records the inputs and outputs of candidate head modules during the forward passes it is capturing.
 
-    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
-        self.modules = modules
+    Its hooks are registered once per module and then stay, switched off outside :meth:`capturing`, because a
+    ``torch.compile``'d model runs the hooks that existed when it was traced, and only those: dynamo does not guard on
+    a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a hook added after the first compiled
+    call would never fire, and one removed later would keep firing. A hook present from the start is traced with a
+    guard on its switch: one graph that records, one that does not. Eagerly, a switched-off hook costs one Python
+    call per head call.
+    """
+
+    def __init__(self, modules: list[tuple[str, nn.Module]] = ()) -> None:
+        self.modules = list(modules)
         self.calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.recording = False
 
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            self.calls.append((name, args[0].detach(), output.detach()))
-
-        return hook
+    def attach(self, modules: list[tuple[str, nn.Module]]) -> None:
+        """Register the recording hook on each of ``modules`` (by name) that does not carry it yet. Call it before a
+        compiled model's first forward (see the class docstring)."""
+        for name, module in modules:
+            hooks = module._forward_hooks.values()
+            if not any(isinstance(h, _CaptureHook) and h.capture is self and h.name == name for h in hooks):
+                module.register_forward_hook(_CaptureHook(self, name))
 
     @contextmanager
-    def capturing(self):
-        handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules]
-        self.calls = []
+    def capturing(self, modules: list[tuple[str, nn.Module]] | None = None):
+        """Record the calls of ``modules`` (default: those given when built) in the forward passes run inside; after,
+        :attr:`calls` holds theirs only, in call order, and :attr:`modules` names them."""
+        if modules is not None:
+            self.modules = list(modules)
+        self.attach(self.modules)
+        self.calls, self.recording = [], True
         try:
             yield self
         finally:
-            for handle in handles:
-                handle.remove()
+            self.recording = False
+            wanted = {name for name, _ in self.modules}
+            self.calls = [call for call in self.calls if call[0] in wanted]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A model pickled whole carries the hooks, and through them this object: not its tensors or modules.
+        return {"modules": [], "calls": [], "recording": False}
 
 
 def pool_head_call(
@@ -119,20 +152,21 @@ def pool_head_call(
     input_ids: torch.Tensor | None,
     pad_token_id: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduce a head call to one ``(n, d)`` feature row and ``(n, C)`` output row per example.
+    """Reduce a head call to one ``(n, d)`` feature row and ``(n, C)`` output row per example, in float32.
 
     Encoder heads see ``(n, d)`` already. Decoder ``score`` heads see ``(n, T, d)``: keep the last
-    non-pad token, the position whose logits the model returns.
+    non-pad token, the position whose logits the model returns. The selection math runs in float32 whatever the
+    model's precision (a model in bfloat16, or autocast), so the rows are upcast here, once, after pooling.
     """
     if features.dim() == 2:
-        return features, head_output
+        return features.float(), head_output.float()
     if features.dim() != 3:
         raise HeadNotFoundError(f"the head's input has shape {tuple(features.shape)}; expected (n, d) or (n, T, d).")
     positions = last_token_positions(input_ids, pad_token_id, features.shape[1]).to(features.device)
     if positions.numel() == 1 and features.shape[0] != 1:
         positions = positions.expand(features.shape[0])
     rows = torch.arange(features.shape[0], device=features.device)
-    return features[rows, positions], head_output[rows, positions]
+    return features[rows, positions].float(), head_output[rows, positions].float()
 
 
 def resolve_head_call(

@@ -213,7 +213,7 @@ def _check_setup(trainer: SelectiveBackpropTrainer, probe: bool = True) -> None:
         check_epoch_pruning(trainer)
     if not trainer.needs_example_losses:
         return  # the subset trains with the model's own loss: any model whose batches have rows will do
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     config = model_config(unwrapped, sbp.sbp_strategy)
     if trainer.label_smoothing and config.problem_type not in (None, "single_label_classification"):
         raise ValueError(
@@ -370,9 +370,9 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
             if custom is not None:  # the loss Trainer trains with, called as Trainer calls it
                 num_items = labels.ne(-100).sum()
                 loss = custom(outputs, labels, num_items_in_batch=num_items)
-                verify_model_loss(loss, losses, problem_type, num_items, custom=True)
+                verify_model_loss(loss, losses, problem_type, num_items, custom=True, logits=logits)
             elif outputs.get("loss") is not None:  # the model's own loss, without Trainer's label smoothing
-                verify_model_loss(outputs["loss"], losses, problem_type)
+                verify_model_loss(outputs["loss"], losses, problem_type, logits=logits)
             if trainer.runs_scoring_pass:
                 trainer.score_batch(trainer.model, batch)
     finally:

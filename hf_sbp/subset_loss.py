@@ -119,6 +119,19 @@ def custom_losses_and_residuals(
     return losses.detach(), torch.zeros_like(z) if residuals is None else residuals
 
 
+def loss_check_tolerance(model_loss: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[float, float]:
+    """``(rel_tol, abs_tol)`` of :func:`verify_model_loss`: the round-off of the least precise of the model's loss and
+    logits. In float32, 2e-3 and 1e-5. In a lower precision (a model in bfloat16 or float16) the model computes its
+    loss in that precision while the per-example losses are computed in float32, so they differ by its round-off:
+    measured up to 1.3 ``eps`` relative for a bfloat16 ``BertForSequenceClassification`` (16 seeds, logits scaled up to
+    100x), hence 4 ``eps`` relative, and ``4 eps (1 + max |z|)`` absolute for the cancellation in ``z_y - logsumexp(z)``
+    of a small loss. Wrong losses (another loss family, a sum for a mean) differ by far more."""
+    floating = [t.dtype for t in (model_loss, logits) if t is not None and t.dtype.is_floating_point]
+    eps = max((torch.finfo(dtype).eps for dtype in floating), default=0.0)
+    scale = 1.0 + (float(logits.detach().abs().max()) if logits is not None and logits.numel() else 0.0)
+    return max(2e-3, 4 * eps), max(1e-5, 4 * eps * scale)
+
+
 def verify_model_loss(
     model_loss: torch.Tensor,
     losses: torch.Tensor,
@@ -126,9 +139,12 @@ def verify_model_loss(
     num_items_in_batch: Any = None,
     processes: int = 1,
     custom: bool = False,
+    logits: torch.Tensor | None = None,
 ) -> None:
     """Raise unless the model's own loss (``compute_loss_func``'s, when ``custom``) is the mean of the per-example
-    ``losses`` or their sum over ``num_items_in_batch``, up to round-off; either may be multiplied by the number of
+    ``losses`` or their sum over ``num_items_in_batch``, up to round-off in the precision of the model's loss and
+    ``logits`` (the model's, which the losses were computed from; see :func:`loss_check_tolerance`); either may be
+    multiplied by the number of
     processes (what ``Trainer`` does with ``average_tokens_across_devices``)."""
     value = float(model_loss.detach().float().mean())
     losses = losses.detach()
@@ -136,7 +152,8 @@ def verify_model_loss(
     if num_items_in_batch is not None:
         expected.append(float(losses.sum()) / float(num_items_in_batch))
     candidates = [e * scale for e in expected for scale in {1, processes}]
-    if any(math.isclose(value, e, rel_tol=2e-3, abs_tol=1e-5) for e in candidates):
+    rel_tol, abs_tol = loss_check_tolerance(model_loss, logits)
+    if any(math.isclose(value, e, rel_tol=rel_tol, abs_tol=abs_tol) for e in candidates):
         return
     source = f"{COMPUTE_LOSS_FUNC}'s loss" if custom else "the model's own loss"
     if not all(math.isfinite(v) for v in [value, *expected]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -19,7 +20,7 @@ from ._utils import all_finite, synchronize
 from .config import SelectiveBackpropArguments
 from .epoch_pruning import EpochPruningMixin
 from .example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, check_indexable, with_example_ids
-from .head import HeadCapture, HeadScores
+from .head import HeadCapture, HeadNotFoundError, HeadScores
 from .irreducible_loss import IrreducibleLossMixin
 from .model_card import MODEL_TAGS, ModelCardMixin
 from .padding import trim_padding, truncate_for_scoring
@@ -99,10 +100,25 @@ class SelectiveBackpropTrainer(
         """Examples this process has run forward + backward on in this run (full batches for ``none``)."""
         self._resumed_checkpoint: str | None = None
         self._training_loops = 0
+        self._capture = HeadCapture()
         setup_checks.check_setup(self)
         self._checked_setup = setup_checks.setup_key(self)
         self._new_cache()
         self._new_irreducible_losses()
+        self._attach_head_hooks(self.model)
+
+    def _attach_head_hooks(self, model: nn.Module) -> None:
+        """Hook the head (candidates) of ``model`` now, before its first forward: a model that ``torch_compile``
+        compiles runs only the hooks it had when it was traced (see :class:`~hf_sbp.head.HeadCapture`)."""
+        if self._captures_head:
+            self._capture.attach(self._head_modules(model))
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """``Trainer.call_model_init``; the new model's head is hooked at once (see :meth:`_attach_head_hooks`)."""
+        model = super().call_model_init(trial)
+        if hasattr(self, "_capture"):  # not within Trainer.__init__, after which __init__ hooks the model itself
+            self._attach_head_hooks(model)
+        return model
 
     def _new_cache(self) -> None:
         """An empty per-example statistics cache over the training set, for a strategy that uses one."""
@@ -168,6 +184,13 @@ class SelectiveBackpropTrainer(
         return self._strategy.needs_scoring or (self._strategy.selective and self.sbp_args.sbp_diagnostic_scoring)
 
     @property
+    def _captures_head(self) -> bool:
+        """Whether some forward pass captures the head's input: the scoring pass, or the subset's forward (for a
+        strategy that observes it or keeps per-example statistics)."""
+        s = self._strategy
+        return s.selective and (self.runs_scoring_pass or s.observes() or s.uses_example_cache)
+
+    @property
     def needs_example_losses(self) -> bool:
         """Whether the trainer computes per-example losses (to score, weight or observe rows), checked against the
         model's own loss; a random subset trains with the model's own loss and needs none."""
@@ -191,8 +214,13 @@ class SelectiveBackpropTrainer(
 
     # ---- scoring and selection ---------------------------------------------------------------
 
+    def _unwrapped(self, model: nn.Module) -> nn.Module:
+        """``model`` without the wrappers of ``accelerate`` (DDP, mixed precision) and of ``torch.compile``, whose
+        ``OptimizedModule`` names every module with an ``_orig_mod.`` prefix: the model whose modules the user named."""
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+
     def _model_config(self):
-        return setup_checks.model_config(self.accelerator.unwrap_model(self.model), self.sbp_args.sbp_strategy)
+        return setup_checks.model_config(self._unwrapped(self.model), self.sbp_args.sbp_strategy)
 
     def _problem_type(self, labels: torch.Tensor) -> str:
         return setup_checks.batch_problem_type(self._model_config(), labels, self.label_smoothing)
@@ -204,23 +232,42 @@ class SelectiveBackpropTrainer(
                               example_loss=loss)  # fmt: skip
 
     def _head_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = self._unwrapped(model)
         if self._head_name is not None:
             return [(self._head_name, head.named_head(unwrapped, self._head_name))]
         return head.head_candidates(unwrapped, self._model_config().num_labels)
+
+    def _is_compiled(self, model: nn.Module) -> bool:
+        """Whether ``model`` is a ``torch.compile``'d model (possibly inside accelerate's wrappers)."""
+        return self.accelerator.unwrap_model(model) is not self._unwrapped(model)
+
+    def _check_compiled_capture(self, model: nn.Module, capture: HeadCapture) -> None:
+        """The error of a compiled model whose graph was traced without the head hooks (so they never fire), rather
+        than the misleading one of a model without a head."""
+        if not capture.calls and self._is_compiled(model):
+            raise HeadNotFoundError(
+                f"the classification head of the compiled model ({[name for name, _ in capture.modules]}) recorded "
+                "nothing: its compiled graph was traced without the trainer's head hooks (before the trainer was "
+                "built, or for another model of its class in this process), and a compiled model runs only the hooks "
+                "it was traced with. Call torch.compiler.reset() before calling select_batch or score_batch by hand "
+                "on such a model (train() does it)."
+            )
 
     def score_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> HeadScores:
         """The scoring pass: a forward without autograd, in eval mode, over the whole batch, capturing the head's
         input. ``inputs`` are collated and on the model's device; their labels are not passed to the model."""
         if self.sbp_args.sbp_scoring_max_length is not None:  # a cheaper pass over each row's first L tokens
             inputs = truncate_for_scoring(inputs, self.sbp_args.sbp_scoring_max_length, label_names=[self.label_key])
-        modules = self._head_modules(model)
-        capture = HeadCapture(modules)
-        with self.compute_loss_context_manager(), capture.capturing():
+        modules, capture = self._head_modules(model), self._capture
+        # The training forward's autocast: accelerate's, which the prepared model applies itself (nested, it changes
+        # nothing) and which a model not yet prepared (the check when the trainer is built, select_batch) needs.
+        with self.compute_loss_context_manager(), self.accelerator.autocast(), capture.capturing(modules):
             logits = head.no_grad_logits(model, {key: value for key, value in inputs.items() if key != self.label_key})
+        self._check_compiled_capture(model, capture)
         pad_token_id = getattr(self._model_config(), "pad_token_id", None)
         self._head_name, features = head.resolve_head_call(capture, logits, inputs.get("input_ids"), pad_token_id)
-        return HeadScores(logits, features, dict(modules)[self._head_name].bias is not None)
+        capture.calls = []  # the trainer keeps its capture: hold no batch's activations past their use
+        return HeadScores(logits.float(), features, dict(modules)[self._head_name].bias is not None)
 
     def select_batch(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose the rows of one collated batch (on the model's device, with labels) to backpropagate: returns
@@ -353,6 +400,12 @@ class SelectiveBackpropTrainer(
         self._start_selection()
         self._prepare_irreducible_losses(resumed)  # before the first step; its time is sbp_il_seconds
         self._training_loops = 0
+        if self._captures_head and (self.args.torch_compile or self._is_compiled(self.model)):
+            # Compiled graphs are cached per code object, shared by every instance of the model's class, and dynamo
+            # does not guard on hooks: a graph traced earlier in this process (another trainer's model, this model
+            # compiled and run before its head was hooked) would run here without the head hooks. Resetting makes the
+            # first compiled call trace this model, hooks included.
+            torch.compiler.reset()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _start_selection(self) -> None:
@@ -414,18 +467,21 @@ class SelectiveBackpropTrainer(
             record.problem_type = self._problem_type(labels)
         verify = (self.needs_example_losses or not uniform) and not self._loss_verified
         self._step = SubsetStep(subset[self.label_key], record.problem_type, None if uniform else weights, verify)
-        capture = HeadCapture(self._head_modules(model) if self._strategy.observes() or self._cache else [])
+        observed_modules = self._head_modules(model) if self._strategy.observes() or self._cache else []
+        capture = self._capture
         try:
-            with capture.capturing():
+            with capture.capturing(observed_modules) if observed_modules else contextlib.nullcontext():
                 loss = super().training_step(model, subset, num_items_in_batch)
             step = self._step
         finally:
             self._step = None
         if not (uniform or step.applied or self.supports_selection_weights):
             step.weights_not_applied(type(self).__name__, sbp.sbp_strategy)
-        if capture.modules:  # what the gradient forward computed for the subset's rows, for the strategy's history
+        if observed_modules:  # what the gradient forward computed for the subset's rows, for the strategy's history
+            self._check_compiled_capture(model, capture)
             pad_token_id = getattr(self._model_config(), "pad_token_id", None)
             self._head_name, features, logits = head.captured_head_call(capture, subset.get("input_ids"), pad_token_id)
+            capture.calls = []
             bias = dict(capture.modules)[self._head_name].bias is not None
             observed = self._batch(subset[self.label_key], record.problem_type, logits, features, bias)
             observed.example_ids = ids[indices].cpu() if ids is not None else None
@@ -435,7 +491,7 @@ class SelectiveBackpropTrainer(
                 epoch = self.state.epoch or 0.0
                 self._cache.write(observed.example_ids, epoch, observed.losses, observed.residuals, features, bias)
         if self._cache is not None and self.args.world_size > 1 and self._head_name is not None:
-            unwrapped_head = head.named_head(self.accelerator.unwrap_model(model), self._head_name)
+            unwrapped_head = head.named_head(self._unwrapped(model), self._head_name)
             self._cache.exchange(self._gather_rows, unwrapped_head.out_features, unwrapped_head.in_features)
 
         if self._strategy.ends_steps():
@@ -474,7 +530,9 @@ class SelectiveBackpropTrainer(
         )
         if step.verify:
             processes = self.accelerator.num_processes
-            verify_model_loss(loss, losses, step.problem_type, num_items_in_batch, processes, custom is not None)
+            verify_model_loss(
+                loss, losses, step.problem_type, num_items_in_batch, processes, custom is not None, logits=logits
+            )
             self._loss_verified = True
         if step.weights is not None:
             loss, step.applied = weighted_subset_loss(loss, losses, step.weights), True
