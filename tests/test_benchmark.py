@@ -87,7 +87,7 @@ def test_report_writes_tables_and_plots(tmp_path):
     text = open(path).read()
     assert text.startswith("# Benchmark tables")
     assert not (tmp_path / "summary.md").exists()  # no time-to-accuracy summary: no summary.md
-    assert "| 64 | 64 | 0.5 | cpu | 500.0 | 2.00 | 0.40% |" in text
+    assert "| 64 | 64 | 0.5 | cpu | numba | 500.0 | 2.00 | 0.40% |" in text  # rows before omp_impl: the Numba loop
     assert "Accuracy at an equal wall-clock budget" in text
     for png in ("accuracy_vs_time.png", "accuracy_vs_backprop.png"):
         assert (tmp_path / png).stat().st_size > 1000
