@@ -6,11 +6,10 @@ uniformly random, or any strategy registered with :func:`register_strategy`) and
 subset only.
 """
 
+from ._version import __version__
 from .config import SelectiveBackpropArguments, SelectiveBackpropConfig
 from .strategies import SelectionBatch, SelectionStrategy, register_strategy, registered_strategies
 from .trainer import SelectiveBackpropTrainer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "SelectionBatch",

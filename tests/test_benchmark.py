@@ -412,7 +412,7 @@ def test_overhead_part_times_both_omp_loops_at_the_batch_sizes_asked(tmp_path):
     ]  # fmt: skip
     assert all(row["omp_s"] > 0 and row["selection_s"] > 0 for row in rows)
     assert rows[0]["forward_s"] == rows[1]["forward_s"] and rows[2]["forward_s"] == rows[3]["forward_s"]
-    report = (out / "README.md").read_text()
+    report = (out / "report.md").read_text()
     assert "| 16 | 64 | 0.5 | cpu | numba |" in report and "| 16 | 64 | 0.5 | cpu | torch |" in report
     with pytest.raises(ValueError, match="'jax' in --omp_impls is invalid"):
         hf_sbp.benchmark.cli.parse_arguments(["overhead", "--omp_impls", "numba,jax"])

@@ -276,13 +276,14 @@ def test_run_glue_trains_a_strategy_from_a_module_on_the_path(tmp_path, monkeypa
     assert "| strategy (`sbp_strategy`) | test-highest-loss-module | all |" in card
 
 
-def test_the_readme_example_strategy_trains(tmp_path):
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    section = readme.split("### Your own strategy", 1)[1]
+def test_the_documented_example_strategy_trains(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    usage = open(os.path.join(root, "docs", "usage.md")).read()
+    section = usage.split("## Your own strategy", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert len(code.strip().splitlines()) <= 12
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/usage.md", "exec"), namespace)
     trainer = SelectiveBackpropTrainer(
         model=tiny_bert(), args=make_args(tmp_path, sbp_strategy="largest-residual"), train_dataset=tiny_dataset()
     )

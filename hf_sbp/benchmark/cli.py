@@ -22,19 +22,34 @@ from .throughput import measure_peak_memory, merge_rows, run_throughput
 from .time_to_accuracy import run_time_to_accuracy
 from .training import run_training
 
+USAGE = """Benchmarks of selective backprop.
+
+    python scripts/benchmark.py all --quick          # every part, short
+    python scripts/benchmark.py all                  # every part, the full sizes
+    python scripts/benchmark.py overhead|throughput|grad-match|training|time-to-accuracy|padding [--quick]
+    python scripts/benchmark.py throughput --peft lora   # the step times with LoRA, beside full fine-tuning's
+    python scripts/benchmark.py report               # report.md, summary.md and the README's results block
+
+Data: the bundled datasets by name (--datasets tweets,bbc-news), any datasets name that run_glue.py takes, or local
+CSV/JSON files (--train_file, --validation_file, --test_file), with the text/label column rules of run_glue.py.
+Strategies: --strategies picks the selective strategies compared with the full batch (default: every registered
+one; --sbp_strategy_modules imports modules that register more); the dataset-level ones (infobatch, random-prune)
+run in time-to-accuracy only. Every JSON file is {"machine": {...}, "rows": [...]} in --output_dir
+(docs/benchmarks by default). time-to-accuracy is resumable: a rerun skips the runs already in its JSON file.
+docs/benchmarks/README.md describes every part and how to read its results.
+"""
+
 TIMING_PARTS = ("overhead", "throughput", "grad-match")
 """The parts that time fixed batches of the first dataset."""
 
 
 def parse_arguments(argv: list[str] | None = None) -> BenchmarkArguments:
     """The arguments of ``argv`` (``sys.argv[1:]`` if ``None``); the command may come first without ``--command``."""
-    from . import __doc__ as usage
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):  # the command is positional: `benchmark.py overhead --quick`
         argv = ["--command", argv[0], *argv[1:]]
     parser = HfArgumentParser(
-        BenchmarkArguments, description=usage, formatter_class=argparse.RawDescriptionHelpFormatter
+        BenchmarkArguments, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     (bench,) = parser.parse_args_into_dataclasses(args=argv)
     return bench

@@ -22,10 +22,10 @@ from transformers import (
     set_seed,
 )
 
-from .. import SelectiveBackpropConfig, SelectiveBackpropTrainer
-from ..config import import_strategy_modules
+from ..config import SelectiveBackpropConfig, import_strategy_modules
 from ..glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
 from ..strategies import registered_strategies, strategy_class
+from ..trainer import SelectiveBackpropTrainer
 
 DEFAULT_OUTPUT_DIR = "docs/benchmarks"
 """Where the committed results live; the report rewrites the README's results block only from there."""

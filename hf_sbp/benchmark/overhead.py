@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .. import SelectiveBackpropTrainer
 from ..head import HeadCapture
 from ..selection import index_rows
 from ..strategies import gradmatch
+from ..trainer import SelectiveBackpropTrainer
 from .common import OVERHEAD_STRATEGY, BenchmarkContext, Data, fixed_batches, load_model, make_trainer, sync
 
 BATCH_SIZES = (16, 32, 64, 128, 256, 1024, 2048)

@@ -21,7 +21,6 @@ from transformers import (
     TrainerCallback,
 )
 
-from .. import SelectiveBackpropTrainer
 from ..glue import apply_label_noise
 from ..selection_metrics import (
     BACKPROP_FRACTION,
@@ -30,6 +29,7 @@ from ..selection_metrics import (
     SELECTION_TIME_SHARE,
     run_key,
 )
+from ..trainer import SelectiveBackpropTrainer
 from .common import (
     BUDGET_STRATEGY,
     FULL_BATCH,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from .. import SelectiveBackpropTrainer
+from ..trainer import SelectiveBackpropTrainer
 
 WARMUP_FRACTION = 0.1
 """Every run's learning rate warms up linearly over this fraction of its schedule, then decays linearly to 0."""
