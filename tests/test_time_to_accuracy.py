@@ -348,6 +348,28 @@ def test_the_readme_block_is_rewritten_from_the_summary_and_nothing_else(tmp_pat
     assert not tta_report.update_readme(str(plain), str(tmp_path)) and plain.read_text() == "no block"
 
 
+def test_the_committed_readme_block_is_what_the_committed_summary_renders():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = os.path.join(root, "README.md")
+    results = os.path.join(root, common.DEFAULT_OUTPUT_DIR)
+    with open(readme) as handle:
+        text = handle.read()
+    assert tta_report.README_START in text and tta_report.README_END in text
+    with open(os.path.join(results, f"{tta.SUMMARY_NAME}.json")) as handle:
+        summary = json.load(handle)
+    block = text.split(tta_report.README_START)[1].split(tta_report.README_END)[0]
+    expected = tta_report.readme_block(summary, "docs/benchmarks/time_to_accuracy.png")
+    assert tta_report.README_START + block + tta_report.README_END == expected, (
+        "README.md's results block differs from what docs/benchmarks/time_to_accuracy_summary.json renders: run "
+        "`python scripts/benchmark.py report`."
+    )
+    # The summary itself recomputes from the committed rows.
+    with open(os.path.join(results, f"{tta.JSON_NAME}.json")) as handle:
+        rows = json.load(handle)["rows"]
+    recomputed = tta.summarize(rows)
+    assert json.dumps(recomputed["rows"]) == json.dumps(summary["rows"])  # as text: NaN equals NaN
+
+
 def test_the_report_skips_the_summary_without_its_file(tmp_path):
     assert tta_report.render_summary(str(tmp_path)) is None
 

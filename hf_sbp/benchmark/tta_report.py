@@ -11,7 +11,7 @@ from typing import Any
 from .._utils import markdown_table
 from .common import load_rows
 from .palette import strategy_colors
-from .time_to_accuracy import JSON_NAME, SUMMARY_NAME, current_rows
+from .time_to_accuracy import JSON_NAME, SUMMARY_NAME, current_rows, write_summary
 from .tta_stats import MIN_SEEDS_FOR_VERDICT, median_curves, paired_seeds
 
 SUMMARY_FILE = "summary.md"
@@ -166,8 +166,12 @@ def _extras(rows: list[dict[str, Any]]) -> str:
 
 
 def render_summary(output_dir: str) -> str | None:
-    """Write ``<output_dir>/summary.md`` and its plots from the two time-to-accuracy JSON files; returns its path, or
-    ``None`` when there is no summary file."""
+    """Write ``<output_dir>/summary.md`` and its plots from the time-to-accuracy rows: the summary JSON is computed
+    from them afresh first (so it always matches the rows, an interrupted grid's included); returns its path, or
+    ``None`` when there are no rows of the current protocol."""
+    row_machine, all_rows = load_rows(output_dir, JSON_NAME)
+    if current_rows(all_rows):
+        write_summary(output_dir, row_machine, all_rows)
     path = os.path.join(output_dir, f"{SUMMARY_NAME}.json")
     if not os.path.isfile(path):
         return None
