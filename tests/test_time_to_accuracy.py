@@ -68,10 +68,9 @@ def tiny_dataset(rows=64, seed=0):
 
 
 def test_a_budgeted_run_follows_the_time_schedule_and_stops_within_one_step_of_the_budget(tmp_path):
-    from glue_fixtures import save_tiny_model as save
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(save(str(tmp_path / "m")))
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_model(str(tmp_path / "m")))
     clock, step_s, budget_s, peak = FakeClock(), 0.7, 10.0, 1e-3
     trainer = common.evaluating_trainer(
         tiny_bert(), strategy="random", keep=0.5, seed=0, steps=1000, warmup_steps=0, batch_size=8,

@@ -48,7 +48,7 @@ from .common import (
     write_json,
 )
 from .tta_stats import drift_ratios, summary_row
-from .wall_clock import WARMUP_FRACTION, AccuracyEvaluator, MarkedRun, TrainingClock, WallClockScheduleTrainer
+from .wall_clock import AccuracyEvaluator, MarkedRun, TrainingClock, WallClockScheduleTrainer, warmup_steps
 
 JSON_NAME = "time_to_accuracy"
 """The rows: ``<output_dir>/time_to_accuracy.json``."""
@@ -257,7 +257,7 @@ def train_run(
     full_steps = settings.full_batch_steps(len(cell.train))
     epochs = settings.epochs_for(len(cell.train))
     steps = {"steps": full_steps, "epochs": -1, "time": STEP_CAP_FACTOR * full_steps}[schedule]
-    warmup = math.ceil(WARMUP_FRACTION * full_steps - 1e-9) if schedule != "time" else 0
+    warmup = warmup_steps(full_steps) if schedule != "time" else 0  # unused by the time schedule
     trainer = evaluating_trainer(
         model,
         strategy=strategy,
