@@ -402,7 +402,8 @@ def current_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_time_to_accuracy(ctx: BenchmarkContext, machine: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every seed x dataset x noise unit (seeds outermost, so an interrupted grid covers every cell evenly), each
+    """Every dataset x noise x seed unit (cells outermost, seeds inside: a cell reaches the seeds a verdict needs
+    before the next cell starts, instead of every cell reaching them only at the grid's end), each
     run of :func:`runs_to_make`, appended to ``time_to_accuracy.json`` after every run and summarised in
     ``time_to_accuracy_summary.json`` after every unit; returns all its rows."""
     bench = ctx.bench
@@ -412,8 +413,8 @@ def run_time_to_accuracy(ctx: BenchmarkContext, machine: dict[str, Any]) -> list
     sitting = new_sitting_id()
     grid = strategy_grid(bench.tta_strategy_names, bench.training_keep_values)
     specs = bench.dataset_specs()
-    units = [(i, seed, name, spec, noise) for i, seed in enumerate(bench.tta_seed_values) for name, spec in specs
-             for noise in bench.tta_noise_values]  # fmt: skip
+    units = [(i, seed, name, spec, noise) for name, spec in specs for noise in bench.tta_noise_values
+             for i, seed in enumerate(bench.tta_seed_values)]  # fmt: skip
     data_cache: dict[str, Data] = {}
     for number, (index, seed, name, spec, noise) in enumerate(units, 1):
         unit_grid = [(s, k) for s, k in grid if index < bench.tta_seed_limit(s)]
