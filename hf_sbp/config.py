@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ._utils import check_int_at_least, is_int_at_least, is_number
-from .selection import OMP_IMPLS, subset_size
+from .core.selection import OMP_IMPLS, subset_size
 from .strategies import registered_strategies, strategy_class
 
 WEIGHT_NORMALIZATIONS = ("subset_size", "none", "sum_constrained")

@@ -5,10 +5,10 @@ against ``max_steps``, where a resumed run starts, and the learning-rate schedul
 and how much shorter is known only when it starts (it depends on the losses recorded so far). So, for a strategy
 that ``prunes_dataset``:
 
-- the training sampler is a :class:`~hf_sbp.pruning.PlannedEpochSampler`; at the start of every epoch the strategy's
-  :meth:`~hf_sbp.SelectionStrategy.keep_examples` plans it from each example's last recorded loss (a generator that
-  depends only on the seed and the epoch shuffles it, so every process draws the same plan), and the epoch's steps
-  are counted from the data loader's new length;
+- the training sampler is a :class:`~hf_sbp.core.pruning.PlannedEpochSampler`; at the start of every epoch the
+  strategy's :meth:`~hf_sbp.SelectionStrategy.keep_examples` plans it from each example's last recorded loss (a
+  generator that depends only on the seed and the epoch shuffles it, so every process draws the same plan), and the
+  epoch's steps are counted from the data loader's new length;
 - with ``max_steps > 0`` the run makes exactly ``max_steps`` optimizer steps, through as many (pruned) epochs as
   that takes; the schedule is ``Trainer``'s, over ``max_steps``, and the annealing (``sbp_prune_anneal``) is a
   fraction of it;
@@ -19,7 +19,7 @@ that ``prunes_dataset``:
   of that epoch, so the warm-up covers the same share of training and the schedule ends at the last step.
   ``state.max_steps`` is updated at every epoch start to an upper bound that is exact in the last epoch;
   fractional ``logging_steps``, ``eval_steps`` and ``save_steps`` are fractions of the unpruned step count;
-- a resumed run finds its epoch and step in it from the saved :class:`~hf_sbp.pruning.PruningHistory`, and the
+- a resumed run finds its epoch and step in it from the saved :class:`~hf_sbp.core.pruning.PruningHistory`, and the
   interrupted epoch's plan is the saved one (its losses have changed since it was planned).
 
 This relies on ``Trainer._run_epoch``, ``Trainer._init_training_state`` and ``Trainer.set_initial_training_values``
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .pruning import (
+from .core.pruning import (
     EpochPlan,
     PlannedEpochSampler,
     PruningHistory,

@@ -2,7 +2,7 @@
 before its first step, stored per example (by dataset index), saved with every checkpoint and restored on resume.
 
 Two IL models (``sbp_il_model``), each trained on one half of the training set (a seeded, per-class split; see
-:func:`hf_sbp.rho_loss.split_halves`) and scoring the other half, so that every example's IL comes from a model
+:func:`hf_sbp.core.rho_loss.split_halves`) and scoring the other half, so that every example's IL comes from a model
 that never trained on it and the target model trains on all the data:
 
 - ``double`` (the default): a deep copy of the initial model fine-tuned for ``sbp_il_epochs`` epochs on its half
@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
+from .core.rho_loss import check_splittable, fit_linear_probe, split_halves
+from .core.selection import per_example_loss
 from .example_cache import EXAMPLE_ID_KEY
-from .rho_loss import check_splittable, fit_linear_probe, split_halves
-from .selection import per_example_loss
-from .setup_checks import LABEL_COLUMNS
+from .labels import LABEL_COLUMNS
 
 logger = logging.getLogger(__name__)
 

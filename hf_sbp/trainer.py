@@ -18,14 +18,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 from . import checkpoint_state, head, setup_checks
 from ._utils import all_finite, synchronize
 from .config import SelectiveBackpropArguments
+from .core.padding import trim_padding, truncate_for_scoring
+from .core.schedule import selection_active
+from .core.selection import gradient_match_error, gram_cannot_overflow, index_rows, subset_size
 from .epoch_pruning import EpochPruningMixin
 from .example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, check_indexable, with_example_ids
 from .head import HeadCapture, HeadNotFoundError, HeadScores
 from .irreducible_loss import IrreducibleLossMixin
+from .labels import batch_labels, batch_problem_type, model_config
 from .model_card import MODEL_TAGS, ModelCardMixin
-from .padding import trim_padding, truncate_for_scoring
-from .schedule import selection_active
-from .selection import gradient_match_error, gram_cannot_overflow, index_rows, subset_size
 from .selection_metrics import (
     EPOCH_EXAMPLES,
     EPOCH_PRUNED,
@@ -35,8 +36,8 @@ from .selection_metrics import (
     SelectionRecord,
     run_key,
 )
-from .setup_checks import batch_labels, checked_selection
 from .strategies import SelectionBatch, SelectionStrategy
+from .strategies.base import checked_selection
 from .subset_loss import (
     SubsetStep,
     custom_example_losses,
@@ -214,16 +215,21 @@ class SelectiveBackpropTrainer(
 
     # ---- scoring and selection ---------------------------------------------------------------
 
+    @property
+    def overrides_compute_loss(self) -> bool:
+        """Whether a subclass overrides :meth:`compute_loss` (which applies the selection weights)."""
+        return type(self).compute_loss is not SelectiveBackpropTrainer.compute_loss
+
     def _unwrapped(self, model: nn.Module) -> nn.Module:
         """``model`` without the wrappers of ``accelerate`` (DDP, mixed precision) and of ``torch.compile``, whose
         ``OptimizedModule`` names every module with an ``_orig_mod.`` prefix: the model whose modules the user named."""
         return self.accelerator.unwrap_model(model, keep_torch_compile=False)
 
     def _model_config(self):
-        return setup_checks.model_config(self._unwrapped(self.model), self.sbp_args.sbp_strategy)
+        return model_config(self._unwrapped(self.model), self.sbp_args.sbp_strategy)
 
     def _problem_type(self, labels: torch.Tensor) -> str:
-        return setup_checks.batch_problem_type(self._model_config(), labels, self.label_smoothing)
+        return batch_problem_type(self._model_config(), labels, self.label_smoothing)
 
     def _batch(self, labels: torch.Tensor, problem_type: str | None, *scores: Any) -> SelectionBatch:
         """A :class:`SelectionBatch` of these rows; ``scores``: logits, features, head bias, in that order."""

@@ -14,7 +14,7 @@ run to compare with in the model card). Offline, it takes local folders and CSV/
 
 It saves ``train_results.json``, ``eval_results.json``, ``all_results.json``, ``predict_results_<task>.txt`` and
 the model card ``README.md`` in ``--output_dir``; ``--push_to_hub`` uploads the model, tokenizer and card.
-The reusable logic lives in :mod:`hf_sbp.glue`.
+The reusable logic lives in :mod:`hf_sbp.glue.run_glue`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
-from hf_sbp.data import BUNDLED_DATASETS
-from hf_sbp.glue import (
+from hf_sbp.glue.bundled import BUNDLED_DATASETS, bundled_card_info
+from hf_sbp.glue.run_glue import (
     GLUE_DATASET,
     LABEL_COLUMN,
     DataTrainingArguments,
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data_collator=data_collator,
     )
     card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
+    card.update(bundled_card_info(model=model_args.model_name_or_path))
     if data_args.task_name is not None:
         card.update(
             language="en",
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     elif data_args.dataset_name is not None:
         card["dataset"] = data_args.dataset_name
+        card.update(bundled_card_info(dataset=data_args.dataset_name))
         if data_args.dataset_name not in BUNDLED_DATASETS and not os.path.isdir(data_args.dataset_name):
             card["dataset_tags"] = data_args.dataset_name
             if data_args.dataset_config_name is not None:

@@ -11,7 +11,7 @@ import transformers as tf
 from tiny_models import tiny_dataset
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
-from hf_sbp.selection import head_residuals, last_layer_gram
+from hf_sbp.core.selection import head_residuals, last_layer_gram
 
 COMMON = dict(vocab_size=100, num_labels=3, pad_token_id=0)
 ENCODER = dict(

@@ -21,7 +21,7 @@ from transformers import BertModel, TrainerCallback
 import hf_sbp.strategies.base as strategy_base
 import hf_sbp.strategies.gradmatch as gradmatch_module
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
-from hf_sbp.data import add_symmetric_label_noise
+from hf_sbp.glue.bundled import add_symmetric_label_noise
 from hf_sbp.head import HeadNotFoundError
 
 BATCH = 8

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_sbp.selection import gradient_match_error, last_layer_gram, normalize_weights, omp_gram
+from hf_sbp.core.selection import gradient_match_error, last_layer_gram, normalize_weights, omp_gram
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -206,7 +206,7 @@ def test_normalize_weights_on_extreme_magnitudes(weights):
 def test_cholesky_delete_against_refactorising(size, j_fraction, seed):
     """OMP drops atoms from its Cholesky factor in place; the result must be the factor of the reduced matrix, and the
     forward solution ``z = L^-1 b`` it carries must become that of the reduced factor and right-hand side."""
-    from hf_sbp.omp_loop import _cholesky_delete
+    from hf_sbp.core.omp_loop import _cholesky_delete
 
     rng = np.random.default_rng(seed)
     B = rng.standard_normal((size, size + 2))
@@ -235,7 +235,7 @@ def test_cholesky_delete_against_refactorising(size, j_fraction, seed):
 )
 def test_gram_cannot_overflow_only_when_the_gram_is_finite(n, scale_r, scale_h, bias, seed):
     """The trainer skips checking the Gram matrix when this bound holds: it must never hold for an overflowing one."""
-    from hf_sbp.selection import gram_cannot_overflow
+    from hf_sbp.core.selection import gram_cannot_overflow
 
     rng = np.random.default_rng(seed)
     residuals = torch.from_numpy(rng.standard_normal((n, 3)) * 10.0**scale_r).float()

@@ -21,7 +21,7 @@ from tiny_models import make_args, tiny_bert, tiny_dataset
 from transformers import TrainerCallback
 
 from hf_sbp import SelectiveBackpropTrainer, omp_torch
-from hf_sbp.selection import mean_gradient_target
+from hf_sbp.core.selection import mean_gradient_target
 from hf_sbp.strategies import gradmatch, registered_strategies, strategy_class
 
 pytestmark = pytest.mark.gpu

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from tiny_models import collated, make_args, tiny_bert, tiny_dataset
 
 from hf_sbp import SelectiveBackpropTrainer
-from hf_sbp.importance import (
+from hf_sbp.core.importance import (
     SmoothedVarianceReduction,
     gradient_norms,
     importance_break_even,
     importance_sample,
     variance_reduction,
 )
-from hf_sbp.selection import head_residuals
+from hf_sbp.core.selection import head_residuals
 from hf_sbp.strategies import SelectionBatch
 
 

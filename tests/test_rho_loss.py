@@ -12,7 +12,7 @@ from tiny_models import collated, make_args, tiny_bert, tiny_dataset
 
 from hf_sbp import SelectiveBackpropTrainer
 from hf_sbp.checkpoint_state import SBP_STATE_NAME
-from hf_sbp.rho_loss import check_splittable, fit_linear_probe, reducible_loss_top_k, split_halves
+from hf_sbp.core.rho_loss import check_splittable, fit_linear_probe, reducible_loss_top_k, split_halves
 
 SINGLE = "single_label_classification"
 

@@ -1,5 +1,6 @@
-"""scripts/run_glue.py and hf_sbp.glue: local CSV data (single sentences, pairs, regression), label noise, offline
-metrics checked against scikit-learn/SciPy, config files, and bad values failing before any output is written."""
+"""scripts/run_glue.py and hf_sbp.glue.run_glue: local CSV data (single sentences, pairs, regression), label noise,
+offline metrics checked against scikit-learn/SciPy, config files, and bad values failing before any output is
+written."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from glue_fixtures import (
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from hf_sbp import glue
-from hf_sbp.glue_metric import GLUE_OFFLINE_PATH, load_glue_offline
+from hf_sbp.glue import run_glue as glue
+from hf_sbp.glue.metric import GLUE_OFFLINE_PATH, load_glue_offline
 
 STEPS, BATCH, KEEP = 4, 8, 0.5
 
@@ -284,7 +285,7 @@ def test_json_config_parses_like_flags(run_glue, tmp_path):
     )
     model_args, data_args, training_args, _ = run_glue.parse_args([str(path)])
     assert (training_args.sbp_strategy, training_args.sbp_keep, data_args.label_noise) == ("loss", 0.25, 0.3)
-    from hf_sbp.data import bundled_model_path
+    from hf_sbp.glue.bundled import bundled_model_path
 
     assert model_args.resolved(model_args.model_name_or_path) == bundled_model_path()
     # Every SelectiveBackpropConfig field is a flag.

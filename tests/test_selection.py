@@ -11,7 +11,7 @@ from scipy.optimize import nnls
 from sklearn.linear_model import orthogonal_mp_gram
 from threadpoolctl import threadpool_limits
 
-from hf_sbp.selection import (
+from hf_sbp.core.selection import (
     LossHistory,
     gradient_match_error,
     gram_cannot_overflow,

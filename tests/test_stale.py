@@ -17,8 +17,8 @@ from tiny_models import tiny_bert
 from transformers import BertTokenizerFast, DataCollatorWithPadding, TrainerCallback, default_data_collator
 
 from hf_sbp import SelectionBatch, SelectionStrategy, SelectiveBackpropConfig, SelectiveBackpropTrainer
+from hf_sbp.core.selection import last_layer_gram
 from hf_sbp.example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, with_example_ids
-from hf_sbp.selection import last_layer_gram
 from hf_sbp.strategies import register_strategy
 
 N, BATCH, LABELS = 40, 8, 3

@@ -298,7 +298,7 @@ def test_a_gradmatch_strategy_readies_omp_for_its_gram_dtype_when_built(tmp_path
     # A fresh interpreter, since this one has run OMP already.
     code = textwrap.dedent(f"""
         from hf_sbp import SelectiveBackpropConfig
-        from hf_sbp.omp_loop import omp_loop
+        from hf_sbp.core.omp_loop import omp_loop
         from hf_sbp.strategies import strategy_class
         sbp = SelectiveBackpropConfig(output_dir={str(tmp_path)!r}, sbp_strategy="gradmatch",
                                       sbp_weight_normalization={normalization!r}, report_to="none")

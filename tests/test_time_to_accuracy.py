@@ -474,7 +474,7 @@ def test_the_unit_knows_which_labels_the_noise_flipped(tiny_files):
 
 
 def test_plan_recorder_measures_the_share_of_flipped_rows_visited():
-    from hf_sbp.pruning import EpochPlan
+    from hf_sbp.core.pruning import EpochPlan
 
     class History:
         current = None

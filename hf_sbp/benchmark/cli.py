@@ -12,7 +12,7 @@ import datasets
 from transformers import AutoTokenizer, HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from ..data import resolve_model_name
+from ..glue.bundled import resolve_model_name
 from .common import PARTS, BenchmarkArguments, BenchmarkContext, Data, load_rows, machine_info, write_json
 from .grad_match import run_grad_match
 from .overhead import run_overhead

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from ..config import SelectiveBackpropConfig, import_strategy_modules
-from ..glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
+from ..glue.run_glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
 from ..strategies import registered_strategies, strategy_class
 from ..trainer import SelectiveBackpropTrainer
 

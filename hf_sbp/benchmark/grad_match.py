@@ -20,7 +20,7 @@ from datasets import Value
 from transformers import DataCollatorWithPadding, PreTrainedModel
 
 from ..config import WEIGHT_NORMALIZATIONS
-from ..selection import index_rows, per_example_loss
+from ..core.selection import index_rows, per_example_loss
 from ..strategies import strategy_class
 from .common import BenchmarkContext, Data, fixed_batches, full_batch_step, load_model, make_trainer, per_batch
 
@@ -57,7 +57,7 @@ def trained_gradient(
         batch: a collated batch on the model's device, with ``labels``.
         indices: the subset's rows.
         weights: their loss weights as the trainer uses them (``select_batch``'s), one per row of ``indices``.
-        problem_type: the loss family, as in :func:`~hf_sbp.selection.per_example_loss`.
+        problem_type: the loss family, as in :func:`~hf_sbp.core.selection.per_example_loss`.
     """
     model.zero_grad(set_to_none=True)
     rows = index_rows(batch, indices, batch["labels"].shape[0])

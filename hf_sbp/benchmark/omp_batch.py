@@ -19,8 +19,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from ..data import resolve_model_name
-from ..selection import (
+from ..core.selection import (
     gradient_match_error,
     head_residuals,
     last_layer_gram,
@@ -29,6 +28,7 @@ from ..selection import (
     omp_gram,
     subset_size,
 )
+from ..glue.bundled import resolve_model_name
 from .cli import parse_arguments
 from .common import Data, fixed_batches, load_model, make_trainer
 

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from ..core.selection import index_rows
 from ..head import HeadCapture
-from ..selection import index_rows
 from ..strategies import gradmatch
 from ..trainer import SelectiveBackpropTrainer
 from .common import OVERHEAD_STRATEGY, BenchmarkContext, Data, fixed_batches, load_model, make_trainer, sync
@@ -110,7 +110,7 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
 
     ``selection_s`` is everything ``select_batch`` does besides its scoring forward (residuals, Gram matrix,
     finiteness checks, OMP, match error), plus gathering the subset's rows and the capture hook's cost; ``omp_s``
-    is OMP alone (:func:`hf_sbp.selection.omp_gram`, as the ``gradmatch`` strategy calls it); ``omp_batch`` is
+    is OMP alone (:func:`hf_sbp.core.selection.omp_gram`, as the ``gradmatch`` strategy calls it); ``omp_batch`` is
     ``sbp_omp_batch`` (1: OMP; :data:`OMP_BATCH` in the extra rows of large batches, timed right after OMP on the
     same batches, beside the same forwards); ``omp_impl`` is the OMP loop (``sbp_omp_impl``: ``"numba"`` on the CPU,
     ``"torch"`` on the Gram matrix's device), one row each for ``--omp_impls``.

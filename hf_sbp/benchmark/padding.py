@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PreTrainedModel
 
-from ..padding import trim_padding
-from ..selection import index_rows
+from ..core.padding import trim_padding
+from ..core.selection import index_rows
 from .common import FULL_BATCH, BenchmarkContext, Data, full_batch_step, load_model, make_trainer, sync
 from .grad_match import flat_grad
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from ..data import resolve_model_name
 from ..example_cache import EXAMPLE_ID_KEY
-from ..glue import DataTrainingArguments
+from ..glue.bundled import resolve_model_name
+from ..glue.run_glue import DataTrainingArguments
 from ..strategies import strategy_class
 from ..trainer import SelectiveBackpropTrainer
 from .common import (

@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from ..glue import apply_label_noise
+from ..glue.run_glue import apply_label_noise
 from ..selection_metrics import PRUNED_FRACTION, run_key
 from .common import (
     BUDGET_STRATEGY,

@@ -21,7 +21,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from ..glue import apply_label_noise
+from ..glue.run_glue import apply_label_noise
 from ..selection_metrics import (
     BACKPROP_FRACTION,
     GRAD_MATCH_ERROR,

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..core.selection import head_residuals, last_layer_gram, mean_gradient_target, per_example_loss
 from ..example_cache import CachedStats
-from ..selection import head_residuals, last_layer_gram, mean_gradient_target, per_example_loss
 from ..subset_loss import custom_losses_and_residuals
 
 
@@ -47,7 +47,7 @@ class SelectionBatch:
         cached: for strategies that set ``uses_example_cache``: every row's cached statistics (see
             :class:`hf_sbp.example_cache.CachedStats`), the rows just scored included.
         epoch_weights: for strategies that set ``prunes_dataset``: ``(n,)`` the loss weight the current epoch's plan
-            gives each row (see :mod:`hf_sbp.pruning`); else ``None``.
+            gives each row (see :mod:`hf_sbp.core.pruning`); else ``None``.
         irreducible_losses: for strategies that set ``needs_irreducible_loss``: ``(n,)`` every row's irreducible
             loss (CPU; see :mod:`hf_sbp.irreducible_loss`); else ``None``.
         example_loss: when the trainer has a ``compute_loss_func``, the per-example losses it defines,
@@ -90,7 +90,7 @@ class SelectionBatch:
 
     @cached_property
     def residuals(self) -> torch.Tensor:
-        """``(n, C)`` head residuals ``r_i = dl_i/dz_i`` (float32); see :func:`hf_sbp.selection.head_residuals`."""
+        """``(n, C)`` head residuals ``r_i = dl_i/dz_i`` (float32); see :func:`hf_sbp.core.selection.head_residuals`."""
         self._scores("residuals")
         if self.example_loss is not None:
             return self._custom_scores[1]
@@ -118,7 +118,7 @@ class SelectionBatch:
     @cached_property
     def gram_target(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch-mean gradient ``gbar`` seen through ``gram``: ``(c, s)`` with ``c_i = <g_i, gbar>`` and
-        ``s = ||gbar||^2`` in float64 (see :func:`hf_sbp.selection.mean_gradient_target`); computed once, for OMP's
+        ``s = ||gbar||^2`` in float64 (see :func:`hf_sbp.core.selection.mean_gradient_target`); computed once, for OMP's
         target and the trainer's match error alike."""
         return mean_gradient_target(self.gram)
 
@@ -310,3 +310,54 @@ def strategy_class(name: str) -> type[SelectionStrategy]:
             "--sbp_strategy_modules)."
         )
     return _REGISTRY[name]
+
+
+def checked_selection(indices: Any, weights: Any, n: int, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A strategy's choice for a batch of ``n`` as CPU tensors (long indices, float32 weights), or a clear error naming
+    the strategy and the bad value if it broke the contract of ``SelectionStrategy.select``: integer indices, distinct,
+    in ``[0, n)``, at least one; one finite weight ``>= 0`` per index, not all 0. Weights that are all NaN are the
+    strategy's way to give up on the batch (the trainer then trains it whole), so they pass."""
+    indices = torch.as_tensor(indices).detach().cpu()
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        # long() would truncate 2.7 to 2 (or turn a mask into rows 0 and 1): another subset than the one meant.
+        raise ValueError(
+            f"strategy {strategy!r} returned indices of dtype {indices.dtype} ({_shown(indices)}); "
+            "select() must return integer row indices (a LongTensor), not floats or a mask."
+        )
+    indices = indices.long().reshape(-1)
+    weights = torch.as_tensor(weights).detach().cpu().float()
+    m = indices.numel()
+    in_range = m > 0 and int(indices.min()) >= 0 and int(indices.max()) < n
+    if weights.shape != (m,) or not in_range or indices.unique().numel() != m:
+        raise ValueError(
+            f"strategy {strategy!r} returned {m} indices ({_shown(indices)}) and weights of shape "
+            f"{tuple(weights.shape)} for a batch of {n}; select() must return at least one distinct index in "
+            f"[0, {n}) and one weight per index."
+        )
+    if bool(weights.isnan().all()):
+        return indices, weights
+    shown = _shown(weights)
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(
+            f"strategy {strategy!r} returned non-finite weights ({shown}); select() must return finite weights >= 0 "
+            "(or all NaN to give up on the batch, which then trains whole)."
+        )
+    if bool((weights < 0).any()):
+        row = int(torch.argmin(weights))
+        raise ValueError(
+            f"strategy {strategy!r} returned a negative weight ({float(weights[row]):.4g} for row {int(indices[row])}; "
+            f"weights {shown}); select() must return weights >= 0: a negative weight would ascend that row's loss."
+        )
+    if not bool((weights > 0).any()):
+        raise ValueError(
+            f"strategy {strategy!r} returned weights that are all 0 for its {m} rows; the step would train nothing. "
+            "select() must give at least one row a positive weight."
+        )
+    return indices, weights
+
+
+def _shown(values: torch.Tensor, most: int = 10) -> str:
+    """The first ``most`` values, as an error message quotes them (``[0.9, 2.7]``, not float32's ``0.899999976``)."""
+    flat = values.reshape(-1)
+    items = [str(v) if isinstance(v, bool) else f"{v:.4g}" for v in flat[:most].tolist()]
+    return "[" + ", ".join(items) + (", ...]" if flat.numel() > most else "]")

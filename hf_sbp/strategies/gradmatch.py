@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..selection import normalize_weights, omp_gram, prepare_omp, random_subset, sum_constrained_problem
+from ..core.selection import normalize_weights, omp_gram, prepare_omp, random_subset, sum_constrained_problem
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 
 

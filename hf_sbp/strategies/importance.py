@@ -1,6 +1,6 @@
 """``importance`` and ``stale-importance``: importance sampling by the exact last-layer gradient norm (Katharopoulos
 and Fleuret, ICML 2018, "Not All Samples Are Created Equal"), with the switch that pays the scoring forward only
-while it is worth its cost. The math is in :mod:`hf_sbp.importance`."""
+while it is worth its cost. The math is in :mod:`hf_sbp.core.importance`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ..importance import SmoothedVarianceReduction, gradient_norms, importance_break_even, importance_sample
-from ..selection import random_subset, subset_size
+from ..core.importance import SmoothedVarianceReduction, gradient_norms, importance_break_even, importance_sample
+from ..core.selection import random_subset, subset_size
 from ..selection_metrics import IMPORTANCE_SAMPLING, VARIANCE_REDUCTION
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 from .stale import STALE_SETTINGS, StaleStatistics
@@ -21,7 +21,7 @@ class ImportanceSampling(SelectionStrategy):
     """``k`` draws with replacement with ``p_i`` proportional to ``||r_i|| sqrt(||h_i||^2 + 1)``, each weighted
     ``1/(n p_i)``: an unbiased estimate of the batch's mean gradient with less variance than a uniform subset's.
 
-    The switch: the smoothed variance reduction ``tau`` (see :class:`~hf_sbp.importance.SmoothedVarianceReduction`)
+    The switch: the smoothed variance reduction ``tau`` (see :class:`~hf_sbp.core.importance.SmoothedVarianceReduction`)
     is estimated from the scoring pass while sampling is on, and from the trained rows' own scores in the gradient
     forward (which costs nothing extra) while it is off. A step scores and samples only while ``tau`` exceeds the
     break-even ``sbp_importance_break_even`` (by default ``(n + 3k) / (3k)``); otherwise it trains a uniform subset

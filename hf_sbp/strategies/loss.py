@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..selection import LossHistory, loss_cdf_sample, loss_rank_sample
+from ..core.selection import LossHistory, loss_cdf_sample, loss_rank_sample
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 
 

@@ -1,6 +1,6 @@
 """``infobatch`` and ``random-prune``: dataset-level pruning, each epoch visiting part of the training set.
 
-The rules are the pure functions of :mod:`hf_sbp.pruning`; the trainer plans every epoch with them (see
+The rules are the pure functions of :mod:`hf_sbp.core.pruning`; the trainer plans every epoch with them (see
 :mod:`hf_sbp.epoch_pruning`) from each example's loss, recorded by the forward passes it already runs, and trains
 every row of each batch with the epoch's loss weights.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pruning import infobatch_keep, random_prune_keep
+from ..core.pruning import infobatch_keep, random_prune_keep
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 
 PRUNING_SETTINGS = ("sbp_prune_ratio", "sbp_prune_anneal")

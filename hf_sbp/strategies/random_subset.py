@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..selection import random_subset
+from ..core.selection import random_subset
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 
 

@@ -1,13 +1,13 @@
 """``rho-loss`` and ``stale-rho-loss``: the rows of largest reducible loss (Mindermann et al., ICML 2022,
 "Prioritized Training on Points that are Learnable, Worth Learning, and Not Yet Learnt"). The irreducible losses
 come from IL models trained on the other half of the training set (:mod:`hf_sbp.irreducible_loss`); the selection
-is :func:`hf_sbp.rho_loss.reducible_loss_top_k`."""
+is :func:`hf_sbp.core.rho_loss.reducible_loss_top_k`."""
 
 from __future__ import annotations
 
 import torch
 
-from ..rho_loss import reducible_loss_top_k
+from ..core.rho_loss import reducible_loss_top_k
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 from .stale import STALE_SETTINGS, StaleStatistics
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..selection import last_layer_gram
+from ..core.selection import last_layer_gram
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 from .gradmatch import GradientMatching
 from .loss import LossBased

@@ -12,7 +12,7 @@ holds what tests and other scripts can reuse:
   non-label columns) and whether the task is regression (float labels, or STS-B).
 - :func:`metric_config_name`, :func:`load_metric`, :func:`make_compute_metrics`: the GLUE per-task metrics (accuracy;
   F1 for MRPC and QQP; Matthews correlation for CoLA; Pearson and Spearman for STS-B; macro-F1 for multi-class
-  non-GLUE data) computed offline by the ``evaluate`` module shipped in :mod:`hf_sbp.glue_metric`.
+  non-GLUE data) computed offline by the ``evaluate`` module shipped in :mod:`hf_sbp.glue.metric`.
 - :func:`validate_label_noise`, :func:`apply_label_noise`: symmetric label noise on the training split.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 
-from ._utils import check_int_at_least, is_int_at_least, is_number
-from .data import BUNDLED_DATASETS, add_symmetric_label_noise, load_bundled_dataset, resolve_model_name
-from .model_card import load_baseline_results
+from .._utils import check_int_at_least, is_int_at_least, is_number
+from ..model_card import load_baseline_results
+from .bundled import BUNDLED_DATASETS, add_symmetric_label_noise, load_bundled_dataset, resolve_model_name
 
 TASK_TO_KEYS: dict[str, tuple[str, str | None]] = {
     "cola": ("sentence", None),
@@ -471,8 +471,8 @@ def metric_config_name(task_name: str | None, is_regression: bool, num_labels: i
 
 
 def load_metric(task_name: str | None, is_regression: bool, num_labels: int, **kwargs):
-    """The ``evaluate`` module for the task, loaded by path from :mod:`hf_sbp.glue_metric` (no Hub needed)."""
-    from .glue_metric import load_glue_offline
+    """The ``evaluate`` module for the task, loaded by path from :mod:`hf_sbp.glue.metric` (no Hub needed)."""
+    from .metric import load_glue_offline
 
     return load_glue_offline(metric_config_name(task_name, is_regression, num_labels), **kwargs)
 
@@ -498,7 +498,7 @@ def apply_label_noise(
     """``dataset`` with symmetric noise on its (integer class id) labels, and the number of labels flipped.
 
     Each label is flipped with probability ``rate`` to one of the other ``num_classes - 1`` classes, uniformly,
-    with :func:`hf_sbp.data.add_symmetric_label_noise` seeded by ``seed``. The column keeps its feature type.
+    with :func:`hf_sbp.glue.bundled.add_symmetric_label_noise` seeded by ``seed``. The column keeps its feature type.
     """
     validate_label_noise(rate)
     if rate == 0:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import check_int_at_least
+from .._utils import check_int_at_least
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_int_at_least
+from .._utils import check_int_at_least
 from .omp_loop import omp_loop
 from .omp_torch import omp_torch_loop
 
@@ -266,7 +266,7 @@ def omp_gram(
         tol: relative residual at which to stop early; ``None`` never stops early.
         batch: the atoms added per step, at least 1; 1 (the default) is OMP.
         impl: which loop runs OMP, one of :data:`OMP_IMPLS`: ``"numba"`` (compiled, on the CPU: the matrix is copied
-            there), ``"torch"`` (:mod:`hf_sbp.omp_torch`, on ``gram``'s device, without reading the device inside
+            there), ``"torch"`` (:mod:`hf_sbp.core.omp_torch`, on ``gram``'s device, without reading the device inside
             the loop), or ``"auto"`` (the default): ``"torch"`` for a matrix on CUDA or XPU, ``"numba"`` otherwise
             (MPS has no float64). Both run the same algorithm on the same checked inputs.
 
@@ -275,7 +275,7 @@ def omp_gram(
 
     Returns:
         An :class:`OMPResult` on ``gram``'s device. Computation is in float64: on the CPU, in one thread, compiled
-        (:mod:`hf_sbp.omp_loop`), or on ``gram``'s device (:mod:`hf_sbp.omp_torch`).
+        (:mod:`hf_sbp.core.omp_loop`), or on ``gram``'s device (:mod:`hf_sbp.core.omp_torch`).
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square (n, n) matrix; got shape {tuple(gram.shape)}.")

