@@ -114,9 +114,9 @@ class SelectiveBackpropArguments:
         default=1,
         metadata={
             "help": "Examples OMP adds per step: 1 (the default) is OMP; b > 1 is generalized OMP, the b largest "
-            "residual correlations at once and one refit, a method change: about b times fewer steps (at 1024 to "
-            "2048 rows, 0.34 to 0.65 times OMP's time) for a greedier subset, whose last-layer match error was up to "
-            "1.35 times OMP's (docs/method.md, section 2.3)."
+            "residual correlations at once and one refit, a method change: about b times fewer steps for a greedier "
+            "subset, whose match error is above OMP's (measured by scripts/omp_batch_quality.py; docs/method.md, "
+            "section 2.3)."
         },
     )
     sbp_omp_impl: str = field(

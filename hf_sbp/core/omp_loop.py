@@ -1,10 +1,10 @@
 """OMP's inner loop, compiled with Numba: :func:`hf_sbp.core.selection.omp_gram` checks the inputs, this module loops.
 
-Compiled because as NumPy calls the loop was dispatch-bound: at 1024 rows and keep 0.5 it takes about 620 steps of a
-few dozen small operations each, and at a few microseconds a call those cost more than the step's arithmetic. The
-compiled loop took 0.35 to 0.49 of the NumPy loop's time on the bundled model's Gram matrices at 1024 rows, 0.43 to
-0.56 at 2048 (same atoms, same weights to 1e-10; side by side in one process). Everything here is plain loops on
-arrays; nothing calls BLAS, so no thread pool is involved.
+Compiled because as NumPy calls the loop was dispatch-bound: at ``n`` rows and keep ``q`` it takes at least ``q n``
+steps (more when atoms are removed) of a few dozen small operations each, and at a few microseconds of dispatch a
+call those cost more than the step's arithmetic. Everything here is plain loops on arrays; nothing calls BLAS, so no
+thread pool is involved. What OMP costs per step is measured by ``scripts/benchmark.py overhead``
+(``docs/benchmarks/overhead.json``).
 
 Reductions (dot products) may reassociate (:func:`_dot`), so that they vectorise; every other operation runs in the
 order it is written. Results therefore differ from a NumPy implementation's in the last bits of a float64, no more.

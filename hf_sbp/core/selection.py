@@ -349,8 +349,8 @@ def resolve_omp_impl(impl: str, device: torch.device | str) -> str:
 
 def prepare_omp(dtype: torch.dtype = torch.float32) -> None:
     """Make :func:`omp_gram`'s compiled loop ready for Gram matrices of ``dtype`` (float32 or float64): compiled at
-    its first use on a machine (about 10 to 20 s, then cached on disk), loaded from that cache in later processes (a
-    fraction of a second). Call it before timing anything that runs OMP."""
+    its first use on a machine (seconds, then cached on disk), loaded from that cache in later processes (a fraction
+    of a second). Call it before timing anything that runs OMP."""
     omp_gram(torch.eye(2, dtype=dtype), 1)
 
 
