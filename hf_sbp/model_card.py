@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
-import math
 import os
 import re
 import string
@@ -34,6 +33,7 @@ import yaml
 from . import selection_metrics as sm
 from ._utils import format_number, is_number, markdown_table
 from ._version import __version__
+from .selection_metrics import selection_statistics
 from .strategies import registered_strategies, strategy_class
 
 TEMPLATE_NAME = "selective_backprop.md"
@@ -102,62 +102,6 @@ def model_card_info(trainer) -> dict[str, Any]:
 
 
 # ---- what the run did --------------------------------------------------------------------------
-
-
-def selection_statistics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The selection metrics over a run, from ``trainer.state.log_history``.
-
-    Each training log holds the ``sbp/*`` means over its logging interval; the run's means weight each interval by
-    its number of steps (the ``step`` difference to the previous training log). ``sbp/selective_steps`` and
-    ``sbp/fallback_steps`` are summed. Keys: ``logged_intervals``, ``logged_steps``, ``mean_backprop_fraction``,
-    ``mean_scoring_time_share``, ``mean_selection_time_share``, ``mean_selecting_time_share`` (their sum),
-    ``mean_grad_match_error``, ``selective_steps``, ``fallback_steps``; a mean is ``None`` when never logged.
-    """
-    means = {key: "mean_" + key.removeprefix(sm.PREFIX) for key, kind in sm.METRICS.items() if kind == sm.MEAN}
-    sums = {key: 0.0 for key in means}
-    weights = {key: 0.0 for key in means}
-    totals = {key: 0.0 for key, kind in sm.METRICS.items() if kind != sm.MEAN}
-    intervals, steps, previous_step = 0, 0, 0
-    for entry in log_history:
-        if not any(key in entry for key in (*means, *totals)):
-            if "loss" in entry and "step" in entry:
-                previous_step = int(entry["step"])
-            continue
-        step = int(entry.get("step", previous_step + 1))
-        weight = max(step - previous_step, 1)
-        previous_step = step
-        intervals += 1
-        steps += weight
-        for key in means:
-            value = entry.get(key)
-            if is_number(value) and math.isfinite(value):
-                sums[key] += weight * value
-                weights[key] += weight
-        for key in totals:
-            if is_number(entry.get(key)):
-                totals[key] += entry[key]
-    stats: dict[str, Any] = {"logged_intervals": intervals, "logged_steps": steps}
-    for key, name in means.items():
-        stats[name] = sums[key] / weights[key] if weights[key] > 0 else None
-    # The end-of-training summary holds the same metrics over every step of the run, the last partial
-    # logging interval included: prefer them.
-    summary = next((entry for entry in reversed(log_history) if sm.run_key(sm.SELECTIVE_STEPS) in entry), None)
-    stats["whole_run"] = summary is not None
-    if summary is not None:
-        stats["logged_steps"] = int(summary.get("step", steps))
-        for key, name in means.items():
-            value = summary.get(sm.run_key(key))
-            stats[name] = value if is_number(value) and math.isfinite(value) else stats[name]
-        for key in totals:
-            if is_number(summary.get(sm.run_key(key))):
-                totals[key] = summary[sm.run_key(key)]
-    scoring, selection = stats["mean_scoring_time_share"], stats["mean_selection_time_share"]
-    stats["mean_selecting_time_share"] = (
-        None if scoring is None and selection is None else (scoring or 0) + (selection or 0)
-    )
-    stats["selective_steps"] = int(round(totals[sm.SELECTIVE_STEPS]))
-    stats["fallback_steps"] = int(round(totals[sm.FALLBACK_STEPS]))
-    return stats
 
 
 def run_results(log_history: Sequence[Mapping[str, Any]], results: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -9,11 +9,13 @@ reduction is declared once, here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ._utils import is_number
 
 PREFIX = "sbp/"
 RUN_PREFIX = "train_"
@@ -183,3 +185,59 @@ class SelectionMetrics:
         self._run = torch.stack([saved.get(key, torch.zeros(2, dtype=torch.float64)) for key in KEYS], dim=1).to(
             torch.float64
         )
+
+
+def selection_statistics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The selection metrics over a run, from ``trainer.state.log_history``.
+
+    Each training log holds the ``sbp/*`` means over its logging interval; the run's means weight each interval by
+    its number of steps (the ``step`` difference to the previous training log). ``sbp/selective_steps`` and
+    ``sbp/fallback_steps`` are summed. Keys: ``logged_intervals``, ``logged_steps``, ``mean_backprop_fraction``,
+    ``mean_scoring_time_share``, ``mean_selection_time_share``, ``mean_selecting_time_share`` (their sum),
+    ``mean_grad_match_error``, ``selective_steps``, ``fallback_steps``; a mean is ``None`` when never logged.
+    """
+    means = {key: "mean_" + key.removeprefix(PREFIX) for key, kind in METRICS.items() if kind == MEAN}
+    sums = {key: 0.0 for key in means}
+    weights = {key: 0.0 for key in means}
+    totals = {key: 0.0 for key, kind in METRICS.items() if kind != MEAN}
+    intervals, steps, previous_step = 0, 0, 0
+    for entry in log_history:
+        if not any(key in entry for key in (*means, *totals)):
+            if "loss" in entry and "step" in entry:
+                previous_step = int(entry["step"])
+            continue
+        step = int(entry.get("step", previous_step + 1))
+        weight = max(step - previous_step, 1)
+        previous_step = step
+        intervals += 1
+        steps += weight
+        for key in means:
+            value = entry.get(key)
+            if is_number(value) and math.isfinite(value):
+                sums[key] += weight * value
+                weights[key] += weight
+        for key in totals:
+            if is_number(entry.get(key)):
+                totals[key] += entry[key]
+    stats: dict[str, Any] = {"logged_intervals": intervals, "logged_steps": steps}
+    for key, name in means.items():
+        stats[name] = sums[key] / weights[key] if weights[key] > 0 else None
+    # The end-of-training summary holds the same metrics over every step of the run, the last partial
+    # logging interval included: prefer them.
+    summary = next((entry for entry in reversed(log_history) if run_key(SELECTIVE_STEPS) in entry), None)
+    stats["whole_run"] = summary is not None
+    if summary is not None:
+        stats["logged_steps"] = int(summary.get("step", steps))
+        for key, name in means.items():
+            value = summary.get(run_key(key))
+            stats[name] = value if is_number(value) and math.isfinite(value) else stats[name]
+        for key in totals:
+            if is_number(summary.get(run_key(key))):
+                totals[key] = summary[run_key(key)]
+    scoring, selection = stats["mean_scoring_time_share"], stats["mean_selection_time_share"]
+    stats["mean_selecting_time_share"] = (
+        None if scoring is None and selection is None else (scoring or 0) + (selection or 0)
+    )
+    stats["selective_steps"] = int(round(totals[SELECTIVE_STEPS]))
+    stats["fallback_steps"] = int(round(totals[FALLBACK_STEPS]))
+    return stats

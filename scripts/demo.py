@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from hf_sbp.benchmark.common import BUDGET_STRATEGY, Data, run_keep
-from hf_sbp.benchmark.training import TrainingRun, equal_budget_table, selection_statistics, train_run
+from hf_sbp.benchmark.training import TrainingRun, equal_budget_table, train_run, whole_run_statistics
 from hf_sbp.config import import_strategy_modules
 from hf_sbp.glue.bundled import BUNDLED_DATASETS, bundled_model_path
 from hf_sbp.glue.run_glue import DataTrainingArguments
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         outcome = train_run(
             run, data, tokenizer, model_path, os.path.join(demo.output_dir, strategy), progress_bar=True
         )
-        rows.append({**outcome.row, **selection_statistics(outcome.metrics)})
+        rows.append({**outcome.row, **whole_run_statistics(outcome.metrics)})
         print(
             f"  {strategy:>9}: test accuracy {outcome.row['test_accuracy']:.4f}, training "
             f"{outcome.row['train_time_s']:.1f} s (run {time.perf_counter() - started:.1f} s with evaluations)",

@@ -17,7 +17,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import hf_sbp
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
 from hf_sbp.glue.bundled import bundled_card_info, bundled_model_path
-from hf_sbp.model_card import selection_statistics, set_model_card_info, template_path
+from hf_sbp.model_card import set_model_card_info, template_path
+from hf_sbp.selection_metrics import selection_statistics
 
 STEPS, LOGGING_STEPS = 5, 2
 

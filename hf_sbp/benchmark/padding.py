@@ -32,13 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PreTrainedModel
 
 from ..core.padding import trim_padding
 from ..core.selection import index_rows
 from .common import FULL_BATCH, BenchmarkContext, Data, full_batch_step, load_model, make_trainer, sync
-from .grad_match import flat_grad
+from .grad_match import PROBLEM_TYPES, flat_grad, trained_gradient
 
 PADDING_STRATEGIES = ("random", "gradmatch", "loss")
 """The strategies whose subsets are trimmed, when they are registered and in ``--strategies``."""
@@ -190,18 +189,6 @@ def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) ->
     return rows
 
 
-def trained_gradient(
-    model: PreTrainedModel, batch: dict[str, torch.Tensor], indices: torch.Tensor, weights: torch.Tensor
-) -> None:
-    """The gradient of ``(1/m) sum_S w_i l_i`` (the cross-entropy a selective step trains, ``m = |S|``) into
-    ``.grad``; every row with weight 1 gives the gradient of the batch's mean loss."""
-    model.zero_grad(set_to_none=True)
-    rows = index_rows(batch, indices, batch["labels"].shape[0])
-    labels = rows.pop("labels")
-    losses = F.cross_entropy(model(**rows).logits.float(), labels, reduction="none")
-    ((weights.to(losses.device, losses.dtype) * losses).sum() / losses.numel()).backward()
-
-
 def _grad_errors(
     model: PreTrainedModel, probes: list, trainers: dict, head_params: list[str]
 ) -> dict[Any, list[float]]:
@@ -211,14 +198,14 @@ def _grad_errors(
     for batch in probes:
         n = batch["labels"].shape[0]
         model.eval()  # gradients without dropout noise
-        trained_gradient(model, batch, torch.arange(n), torch.ones(n))
+        trained_gradient(model, batch, torch.arange(n), torch.ones(n), PROBLEM_TYPES["classification"])
         target = {"full": flat_grad(model), "last": flat_grad(model, head_params)}
         chosen = {}
         for key, trainer in trainers.items():
             indices, weights = trainer.select_batch(model, batch)
             chosen[key] = set(indices.tolist())
             model.eval()
-            trained_gradient(model, batch, indices, weights)
+            trained_gradient(model, batch, indices, weights, PROBLEM_TYPES["classification"])
             for layer in ("full", "last"):
                 sub = flat_grad(model, None if layer == "full" else head_params)
                 error = torch.linalg.norm(sub - target[layer]) / torch.linalg.norm(target[layer])

@@ -22,13 +22,7 @@ from transformers import (
 )
 
 from ..glue.run_glue import apply_label_noise
-from ..selection_metrics import (
-    BACKPROP_FRACTION,
-    GRAD_MATCH_ERROR,
-    SCORING_TIME_SHARE,
-    SELECTION_TIME_SHARE,
-    run_key,
-)
+from ..selection_metrics import selection_statistics
 from ..trainer import SelectiveBackpropTrainer
 from .common import (
     BUDGET_STRATEGY,
@@ -184,19 +178,15 @@ def train_run(
     return RunOutcome(row, metrics)
 
 
-SELECTION_STATISTICS = {
-    "backprop_fraction": BACKPROP_FRACTION,
-    "grad_match_error": GRAD_MATCH_ERROR,
-    "scoring_time_share": SCORING_TIME_SHARE,
-    "selection_time_share": SELECTION_TIME_SHARE,
-}
-"""Names of the whole-run selection statistics that :func:`selection_statistics` reads, and their metric keys."""
+RUN_STATISTICS = ("backprop_fraction", "grad_match_error", "scoring_time_share", "selection_time_share")
+"""The whole-run selection statistics a row of the demo reports (the means of :func:`selection_statistics`)."""
 
 
-def selection_statistics(metrics: dict[str, float]) -> dict[str, float | None]:
-    """The whole-run selection metrics in ``train()``'s returned ``metrics`` (``None`` where a run did not log one,
-    e.g. the match error without a scoring pass, or anything for ``none``)."""
-    return {name: metrics.get(run_key(key)) for name, key in SELECTION_STATISTICS.items()}
+def whole_run_statistics(metrics: dict[str, float]) -> dict[str, float | None]:
+    """:data:`RUN_STATISTICS` from ``train()``'s returned ``metrics`` (``None`` where a run did not log one, e.g. the
+    match error without a scoring pass, or anything for ``none``)."""
+    stats = selection_statistics([metrics])
+    return {name: stats[f"mean_{name}"] for name in RUN_STATISTICS}
 
 
 def run_training(ctx: BenchmarkContext) -> list[dict[str, Any]]:
