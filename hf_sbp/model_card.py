@@ -330,7 +330,12 @@ def _statistics_section(args, log_history, backprop_examples: Any) -> str:
     )
 
 
-def _baseline_section(args, current: Mapping[str, Any], baseline: Mapping[str, Any] | None, source: str | None) -> str:
+def _baseline_section(args, current: Mapping[str, Any], baseline_results: str | Mapping[str, Any] | None) -> str:
+    if isinstance(baseline_results, (str, os.PathLike)):
+        source: str | None = os.fspath(baseline_results)
+        baseline = load_baseline_results(source)
+    else:
+        source, baseline = None, baseline_results
     text = RANDOM_BASELINE_NOTE
     if args.sbp_strategy == "random":
         text += "\n\nThis run *is* a random-subset run: use it as the baseline for selective runs."
@@ -383,6 +388,61 @@ def _listify(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _metadata(trainer, model, base_id: str | None, model_name: str, tags, tasks, **summary_args: Any) -> dict:
+    """The card's YAML metadata. ``transformers``' summary gives it (model-index, metrics) as its own cards have it;
+    the base model is set afterwards, so that building the summary never looks the checkpoint up on the Hub."""
+    from transformers.modelcard import TrainingSummary
+
+    all_tags = []
+    for tag in [*_listify(tags), *(getattr(model, "model_tags", None) or []), *MODEL_TAGS, "generated_from_trainer"]:
+        if tag not in all_tags:
+            all_tags.append(tag)
+    summary = TrainingSummary.from_trainer(
+        trainer,
+        tags=all_tags,
+        model_name=model_name,
+        finetuned_from="",
+        tasks=tasks if tasks is not None else "text-classification",
+        **summary_args,
+    )
+    summary.finetuned_from = base_id
+    return summary.create_metadata()
+
+
+def _results_text(current: Mapping[str, Any], label_noise: float | None) -> str:
+    """The results table (evaluation and test metrics) and the final training loss."""
+    rows = _metric_rows(current)
+    if rows:
+        text = markdown_table(["split", "metric", "value"], rows)
+    else:
+        text = "No evaluation results were recorded for this run."
+    if is_number(current.get("train_loss")):
+        text += f"\n\nFinal training loss: {format_number(current['train_loss'])}"
+        if label_noise:
+            text += " (on the noisy training labels)"
+        text += "."
+    return text
+
+
+def _dataset_text(names: list[str], descriptions: Mapping[str, str] | None) -> str:
+    if not names:
+        return "an unknown dataset"
+    described = dict(descriptions or {})
+    return " and ".join(f"{name} ({described[name]})" if name in described else name for name in names)
+
+
+def _training_texts(trainer, sbp: Any, log_history: list) -> tuple[str, str]:
+    """``(hyperparameters, evaluation during training)`` as ``transformers``' cards list them, plus the strategy."""
+    from transformers.modelcard import extract_hyperparameters_from_trainer, make_markdown_table, parse_log_history
+
+    hyperparameters = extract_hyperparameters_from_trainer(trainer)
+    hyper_text = "\n".join(f"- {key}: {value}" for key, value in hyperparameters.items())
+    hyper_text += f"\n- sbp_strategy: {sbp.sbp_strategy}\n- sbp_keep: {sbp.sbp_effective_keep}"
+    _, eval_lines, _ = parse_log_history(log_history)
+    training_results = make_markdown_table(eval_lines).strip() if eval_lines else "No evaluation during training."
+    return hyper_text, training_results
+
+
 def render_model_card(
     trainer,
     language: str | list[str] | None = None,
@@ -421,13 +481,6 @@ def render_model_card(
             summary and evaluation in ``trainer.state.log_history``.
         template: path of a ``string.Template`` to render instead of the packaged one.
     """
-    from transformers.modelcard import (
-        TrainingSummary,
-        extract_hyperparameters_from_trainer,
-        make_markdown_table,
-        parse_log_history,
-    )
-
     args = trainer.args
     sbp = getattr(trainer, "sbp_args", args)  # the sbp_* settings (args itself when it has them)
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
@@ -435,62 +488,16 @@ def render_model_card(
     log_history = list(trainer.state.log_history)
 
     base_text, base_id = _base_model(finetuned_from, config, base_model_description)
-    all_tags = []
-    for tag in [*_listify(tags), *(getattr(model, "model_tags", None) or []), *MODEL_TAGS, "generated_from_trainer"]:
-        if tag not in all_tags:
-            all_tags.append(tag)
     if model_name is None:
         model_name = os.path.basename(os.path.normpath(args.output_dir)) or "model"
-    # transformers' summary gives the metadata (model-index, metrics) and hyperparameters as its own cards do. The
-    # base model is set afterwards, so that building the summary never looks the checkpoint up on the Hub.
-    summary = TrainingSummary.from_trainer(
-        trainer,
-        language=language,
-        license=license,
-        tags=all_tags,
-        model_name=model_name,
-        finetuned_from="",
-        tasks=tasks if tasks is not None else "text-classification",
-        dataset_tags=dataset_tags,
-        dataset=dataset,
-        dataset_args=dataset_args,
-    )
-    summary.finetuned_from = base_id
-    metadata = summary.create_metadata()
+    metadata = _metadata(
+        trainer, model, base_id, model_name, language=language, license=license, tags=tags, tasks=tasks,
+        dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+    )  # fmt: skip
 
     current = run_results(log_history, results)
-    if isinstance(baseline_results, (str, os.PathLike)):
-        baseline_source: str | None = os.fspath(baseline_results)
-        baseline = load_baseline_results(baseline_source)
-    else:
-        baseline_source, baseline = None, baseline_results
-
-    rows = _metric_rows(current)
-    if rows:
-        results_text = markdown_table(["split", "metric", "value"], rows)
-    else:
-        results_text = "No evaluation results were recorded for this run."
-    if is_number(current.get("train_loss")):
-        results_text += f"\n\nFinal training loss: {format_number(current['train_loss'])}"
-        if label_noise:
-            results_text += " (on the noisy training labels)"
-        results_text += "."
-
-    dataset_names = _listify(dataset) or _listify(dataset_tags)
-    if not dataset_names:
-        dataset_text = "an unknown dataset"
-    else:
-        described = dict(dataset_descriptions or {})
-        dataset_text = " and ".join(
-            f"{name} ({described[name]})" if name in described else name for name in dataset_names
-        )
-
-    hyperparameters = extract_hyperparameters_from_trainer(trainer)
-    hyper_text = "\n".join(f"- {key}: {value}" for key, value in hyperparameters.items())
-    hyper_text += f"\n- sbp_strategy: {sbp.sbp_strategy}\n- sbp_keep: {sbp.sbp_effective_keep}"
-    _, eval_lines, _ = parse_log_history(log_history)
-    training_results = make_markdown_table(eval_lines).strip() if eval_lines else "No evaluation during training."
-
+    dataset_text = _dataset_text(_listify(dataset) or _listify(dataset_tags), dataset_descriptions)
+    hyper_text, training_results = _training_texts(trainer, sbp, log_history)
     fields = {
         "metadata": yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
         "model_name": model_name,
@@ -498,7 +505,7 @@ def render_model_card(
         "base_model": base_text,
         "dataset": dataset_text,
         "task": _task_text(config, tasks),
-        "results": results_text,
+        "results": _results_text(current, label_noise),
         "selection_settings": _settings_section(
             sbp,
             args.seed,
@@ -510,7 +517,7 @@ def render_model_card(
         "selection_statistics": _statistics_section(
             sbp, log_history, current.get("sbp_backprop_examples", getattr(trainer, "sbp_backprop_examples", None))
         ),
-        "baseline": _baseline_section(sbp, current, baseline, baseline_source),
+        "baseline": _baseline_section(sbp, current, baseline_results),
         "hyperparameters": hyper_text,
         "training_results": training_results,
         "framework_versions": _framework_versions(),
