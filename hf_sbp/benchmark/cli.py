@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from ..glue.bundled import resolve_model_name
-from .common import PARTS, BenchmarkArguments, BenchmarkContext, Data, load_rows, machine_info, write_json
+from .arguments import BenchmarkArguments
+from .common import PARTS, BenchmarkContext, Data, load_rows, machine_info, write_json
 from .grad_match import run_grad_match
 from .overhead import run_overhead
 from .padding import run_padding

@@ -21,11 +21,11 @@ from ..glue.bundled import resolve_model_name
 from ..glue.run_glue import DataTrainingArguments
 from ..strategies import strategy_class
 from ..trainer import SelectiveBackpropTrainer
+from .arguments import BenchmarkArguments
 from .common import (
     BUDGET_STRATEGY,
     FULL_BATCH,
     OVERHEAD_STRATEGY,
-    BenchmarkArguments,
     BenchmarkContext,
     Data,
     fixed_batches,

@@ -31,11 +31,11 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from ..glue.run_glue import apply_label_noise
 from ..selection_metrics import PRUNED_FRACTION, run_key
+from .arguments import BenchmarkArguments
 from .common import (
     BUDGET_STRATEGY,
     FULL_BATCH,
     PRUNING_BASELINE,
-    BenchmarkArguments,
     BenchmarkContext,
     Data,
     evaluating_trainer,
