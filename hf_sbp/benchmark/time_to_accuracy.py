@@ -234,6 +234,67 @@ def schedule_of(strategy: str, budgeted: bool) -> str:
     return "epochs" if prunes_dataset(strategy) else "time"
 
 
+class StepCost:
+    """The cost clock's charge for the step just made: the scoring forward's rows plus 3 per row backpropagated
+    (a forward and a backward that costs two), read off the trainer's counters after each step."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.backprop = 0
+        self.scored = 0.0
+        """Rows the scoring forward covered so far."""
+
+    def __call__(self) -> float:
+        trainer = self.trainer
+        backprop = trainer.sbp_backprop_examples - self.backprop
+        self.backprop = trainer.sbp_backprop_examples
+        record = trainer.last_selection
+        scored = 0.0
+        if trainer.strategy.selective and record is not None and record.scored:
+            scored = record.batch_size * record.scored_fraction
+        self.scored += scored
+        return scored + 3 * backprop
+
+
+def _run_trainer(
+    cell: Cell,
+    strategy: str,
+    keep: float,
+    settings: TimeToAccuracySettings,
+    schedule: str,
+    tokenizer: PreTrainedTokenizerBase,
+    model_path: str,
+    output_dir: str,
+) -> tuple[Any, torch.nn.Module, int | None]:
+    """``(trainer, model, warm-up steps)`` of a run on ``schedule``: the full batch's step count and warm-up
+    (``steps``), the epochs of a dataset-level strategy (``epochs``), or a step cap that the budget ends first
+    (``time``, whose warm-up is a fraction of the budget instead)."""
+    model = load_model(model_path, cell.num_labels, cell.seed, settings.device)
+    full_steps = settings.full_batch_steps(len(cell.train))
+    steps = {"steps": full_steps, "epochs": -1, "time": STEP_CAP_FACTOR * full_steps}[schedule]
+    warmup = warmup_steps(full_steps) if schedule != "time" else None
+    trainer = evaluating_trainer(
+        model,
+        strategy=strategy,
+        keep=keep,
+        seed=cell.seed,
+        steps=steps,
+        warmup_steps=warmup or 0,
+        batch_size=settings.batch_size,
+        eval_batch_size=settings.eval_batch_size,
+        learning_rate=settings.learning_rate,
+        device=settings.device,
+        train=cell.train,
+        validation=None,
+        tokenizer=tokenizer,
+        output_dir=output_dir,
+        lr_scheduler_type="linear",
+        trainer_class=WallClockScheduleTrainer,
+        **({"num_train_epochs": settings.epochs_for(len(cell.train))} if schedule == "epochs" else {}),
+    )
+    return trainer, model, warmup
+
+
 def train_run(
     cell: Cell,
     strategy: str,
@@ -253,48 +314,16 @@ def train_run(
     """
     started = time.perf_counter()
     schedule = schedule_of(strategy, budget is not None)
-    model = load_model(model_path, cell.num_labels, cell.seed, settings.device)
-    full_steps = settings.full_batch_steps(len(cell.train))
-    epochs = settings.epochs_for(len(cell.train))
-    steps = {"steps": full_steps, "epochs": -1, "time": STEP_CAP_FACTOR * full_steps}[schedule]
-    warmup = warmup_steps(full_steps) if schedule != "time" else 0  # unused by the time schedule
-    trainer = evaluating_trainer(
-        model,
-        strategy=strategy,
-        keep=keep,
-        seed=cell.seed,
-        steps=steps,
-        warmup_steps=warmup,
-        batch_size=settings.batch_size,
-        eval_batch_size=settings.eval_batch_size,
-        learning_rate=settings.learning_rate,
-        device=settings.device,
-        train=cell.train,
-        validation=None,
-        tokenizer=tokenizer,
-        output_dir=output_dir,
-        lr_scheduler_type="linear",
-        trainer_class=WallClockScheduleTrainer,
-        **({"num_train_epochs": epochs} if schedule == "epochs" else {}),
-    )
+    trainer, model, warmup = _run_trainer(cell, strategy, keep, settings, schedule, tokenizer, model_path, output_dir)
     training_clock = TrainingClock(clock or device_clock(settings.device))
     evaluate = AccuracyEvaluator(model, cell.validation, tokenizer, settings.eval_batch_size, settings.device)
-    counted = {"backprop": 0, "scored": 0.0}
-
-    def step_cost() -> float:
-        backprop = trainer.sbp_backprop_examples - counted["backprop"]
-        counted["backprop"] = trainer.sbp_backprop_examples
-        record = trainer.last_selection
-        scored = 0.0
-        if trainer.strategy.selective and record is not None and record.scored:
-            scored = record.batch_size * record.scored_fraction
-        counted["scored"] += scored
-        return scored + 3 * backprop
+    step_cost = StepCost(trainer)
+    il_cost = irreducible_loss_cost(trainer.args, len(cell.train), trainer.strategy)
 
     def upfront() -> tuple[float, float]:
-        return trainer.sbp_il_seconds, irreducible_loss_cost(trainer.args, len(cell.train), trainer.strategy)
+        return trainer.sbp_il_seconds, il_cost
 
-    mode = {"steps": full_steps} if budget is None else {"budget_s": budget["budget_s"]}
+    mode = {"steps": settings.full_batch_steps(len(cell.train))} if budget is None else {"budget_s": budget["budget_s"]}
     marks = MarkedRun(evaluate, settings.eval_points, training_clock, step_cost, upfront=upfront, **mode)
     if schedule == "time":
         trainer.schedule_fraction = marks.fraction
@@ -325,15 +354,15 @@ def train_run(
         "cost_to_target": None if reached is None else reached[2],
         "steps": trainer.state.global_step,
         "planned_steps": None if schedule == "time" else trainer.state.max_steps,
-        "warmup_steps": warmup if schedule != "time" else None,
+        "warmup_steps": warmup,
         "backprop_examples": trainer.sbp_backprop_examples,
-        "scoring_forward_examples": counted["scored"],
+        "scoring_forward_examples": step_cost.scored,
         "train_s": marks.curve[-1][1],
         "eval_s": marks.eval_s,
         "wall_s": 0.0,
         "stopped_by_budget": marks.stopped_by_budget,
         "train_examples": len(cell.train),
-        "epochs": epochs,
+        "epochs": settings.epochs_for(len(cell.train)),
         "batch_size": settings.batch_size,
         "max_seq_length": settings.max_seq_length,
         "eval_samples": len(cell.validation),
@@ -344,7 +373,7 @@ def train_run(
         "flipped_share_visited": plans.flipped_share(cell.flipped) if cell.flipped else None,
         "flipped_share_backprop": counter.share() if counter is not None else None,
         "il_s": trainer.sbp_il_seconds,
-        "il_cost": irreducible_loss_cost(trainer.args, len(cell.train), trainer.strategy),
+        "il_cost": il_cost,
     }
     row["wall_s"] = time.perf_counter() - started
     return row
