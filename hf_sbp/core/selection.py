@@ -12,7 +12,7 @@ Notation: a batch of ``n`` examples; the model ends in a linear head ``z_i = W h
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -218,6 +218,61 @@ class OMPResult(NamedTuple):
     residuals: list[float]
 
 
+def _check_omp_arguments(gram: torch.Tensor, n_nonzero: int, ridge: float, tol: float | None, batch: int) -> None:
+    """The errors :func:`omp_gram` raises for bad arguments, before either loop runs."""
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square (n, n) matrix; got shape {tuple(gram.shape)}.")
+    check_int_at_least("n_nonzero", n_nonzero, 1)
+    check_int_at_least("batch", batch, 1)
+    if not (ridge >= 0.0 and math.isfinite(ridge)):
+        raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
+    if tol is not None and not (tol >= 0.0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be None or a finite number >= 0; got {tol!r}.")
+
+
+def _loop_inputs(
+    gram: torch.Tensor,
+    impl: str,
+    target_corr: torch.Tensor | None,
+    target_sq_norm: torch.Tensor | float | None,
+    tol: float | None,
+) -> tuple[Any, torch.Tensor, float]:
+    """``(K, c, ||target||^2)`` as the loop of ``impl`` takes them: ``K`` a float32/float64 NumPy array (``numba``)
+    or the matrix on its device (``torch``), ``c`` float64; the target checked once for both loops (default: the
+    batch mean)."""
+    n = gram.shape[0]
+    if not bool(torch.isfinite(gram.detach()).all()):
+        raise ValueError("gram contains NaN or infinite entries.")
+    if impl == "numba":
+        # float32 stays float32 (every float32 is a float64, so nothing is rounded): the loop reads rows of K into
+        # float64 as it needs them, and keeps the chosen atoms' columns in K's dtype (half the memory traffic).
+        gram_cpu = gram.detach().to("cpu")
+        if gram_cpu.dtype not in (torch.float32, torch.float64):
+            gram_cpu = gram_cpu.double()
+        K = np.ascontiguousarray(gram_cpu.numpy())
+        if target_corr is None:  # NumPy's means, as mean_gradient_target computes them on the CPU
+            corr_np = K.mean(axis=1, dtype=np.float64)
+            corr, mean_sq = torch.from_numpy(corr_np), float(corr_np.mean())
+    else:
+        K = gram.detach()
+        if not K.dtype.is_floating_point:
+            K = K.double()
+        if target_corr is None:  # on the device, as mean_gradient_target computes them there
+            corr = K.mean(dim=1, dtype=torch.float64)
+            mean_sq = float(corr.mean())
+    # The target, checked once for both loops; the default is the batch mean.
+    if target_corr is None:
+        target_sq = mean_sq if target_sq_norm is None else float(target_sq_norm)
+    else:
+        if target_corr.shape != (n,):
+            raise ValueError(f"target_corr must have shape ({n},); got {tuple(target_corr.shape)}.")
+        corr = target_corr.detach().to(torch.float64)
+        if target_sq_norm is None and tol is not None:
+            raise ValueError("target_sq_norm is required with a custom target_corr when tol is set.")
+        target_sq = float("nan") if target_sq_norm is None else float(target_sq_norm)
+    return K, corr, target_sq
+
+
 def omp_gram(
     gram: torch.Tensor,
     n_nonzero: int,
@@ -277,47 +332,10 @@ def omp_gram(
         An :class:`OMPResult` on ``gram``'s device. Computation is in float64: on the CPU, in one thread, compiled
         (:mod:`hf_sbp.core.omp_loop`), or on ``gram``'s device (:mod:`hf_sbp.core.omp_torch`).
     """
-    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"gram must be a square (n, n) matrix; got shape {tuple(gram.shape)}.")
-    n = gram.shape[0]
-    check_int_at_least("n_nonzero", n_nonzero, 1)
-    check_int_at_least("batch", batch, 1)
-    if not (ridge >= 0.0 and math.isfinite(ridge)):
-        raise ValueError(f"ridge must be a finite number >= 0; got {ridge!r}.")
-    if tol is not None and not (tol >= 0.0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be None or a finite number >= 0; got {tol!r}.")
-    impl = resolve_omp_impl(impl, gram.device)
-    if not bool(torch.isfinite(gram.detach()).all()):
-        raise ValueError("gram contains NaN or infinite entries.")
-    device = gram.device
-    if impl == "numba":
-        # float32 stays float32 (every float32 is a float64, so nothing is rounded): the loop reads rows of K into
-        # float64 as it needs them, and keeps the chosen atoms' columns in K's dtype (half the memory traffic).
-        gram_cpu = gram.detach().to("cpu")
-        if gram_cpu.dtype not in (torch.float32, torch.float64):
-            gram_cpu = gram_cpu.double()
-        K = np.ascontiguousarray(gram_cpu.numpy())
-        if target_corr is None:  # NumPy's means, as mean_gradient_target computes them on the CPU
-            corr_np = K.mean(axis=1, dtype=np.float64)
-            corr, mean_sq = torch.from_numpy(corr_np), float(corr_np.mean())
-    else:
-        K = gram.detach()
-        if not K.dtype.is_floating_point:
-            K = K.double()
-        if target_corr is None:  # on the device, as mean_gradient_target computes them there
-            corr = K.mean(dim=1, dtype=torch.float64)
-            mean_sq = float(corr.mean())
-    # The target, checked once for both loops; the default is the batch mean.
-    if target_corr is None:
-        target_sq = mean_sq if target_sq_norm is None else float(target_sq_norm)
-    else:
-        if target_corr.shape != (n,):
-            raise ValueError(f"target_corr must have shape ({n},); got {tuple(target_corr.shape)}.")
-        corr = target_corr.detach().to(torch.float64)
-        if target_sq_norm is None and tol is not None:
-            raise ValueError("target_sq_norm is required with a custom target_corr when tol is set.")
-        target_sq = float("nan") if target_sq_norm is None else float(target_sq_norm)
-
+    _check_omp_arguments(gram, n_nonzero, ridge, tol, batch)
+    n, device = gram.shape[0], gram.device
+    impl = resolve_omp_impl(impl, device)
+    K, corr, target_sq = _loop_inputs(gram, impl, target_corr, target_sq_norm, tol)
     stop_at = -math.inf if tol is None or not math.isfinite(target_sq) else tol * tol * target_sq
     k = min(n_nonzero, n)
     if impl == "numba":
