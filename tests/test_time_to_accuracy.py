@@ -566,3 +566,19 @@ def test_the_peak_memory_process_measures_lora_too():
     assert command[command.index("--peft") + 1] == "lora" and command[command.index("--lora_r") + 1] == "4"
     plain = throughput.peak_memory_command(hf_sbp.benchmark.cli.parse_arguments(["throughput"]), "gradmatch", 0.5)
     assert "--peft" not in plain
+
+
+def test_the_grid_waits_while_the_pause_file_exists(tmp_path):
+    assert tta.wait_while_paused(str(tmp_path), print, sleep=pytest.fail) == 0.0  # no file: no wait, no sleep
+    pause = tmp_path / tta.PAUSE_NAME
+    pause.write_text("")
+    sleeps, messages = [], []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 3:  # someone removes the file while the grid waits
+            pause.unlink()
+
+    assert tta.wait_while_paused(str(tmp_path), messages.append, poll_s=0.5, sleep=sleep) >= 0.0
+    assert sleeps == [0.5, 0.5, 0.5] and not pause.exists()
+    assert "paused" in messages[0] and str(pause) in messages[0] and "resumed" in messages[1]

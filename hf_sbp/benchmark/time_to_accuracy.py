@@ -430,6 +430,28 @@ def current_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("protocol") == PROTOCOL]
 
 
+PAUSE_NAME = "time_to_accuracy.pause"
+"""While a file of this name is in the output folder, the grid waits before its next run: the machine is then free
+for tests or builds without ending the sitting (the runs before and after the pause pair as one sitting's; the
+unit's full-batch repeat still measures the machine's drift across it)."""
+
+
+def wait_while_paused(
+    output_dir: str, progress: Callable[[str], None], poll_s: float = 10.0, sleep: Callable[[float], None] = time.sleep
+) -> float:
+    """Wait while :data:`PAUSE_NAME` exists in ``output_dir``; returns the seconds waited (0 without the file)."""
+    path = os.path.join(output_dir, PAUSE_NAME)
+    if not os.path.exists(path):
+        return 0.0
+    progress(f"paused before the next run: remove {path} to go on")
+    started = time.perf_counter()
+    while os.path.exists(path):
+        sleep(poll_s)
+    waited = time.perf_counter() - started
+    progress(f"resumed after {waited:.0f} s")
+    return waited
+
+
 def run_time_to_accuracy(ctx: BenchmarkContext, machine: dict[str, Any]) -> list[dict[str, Any]]:
     """Every dataset x noise x seed unit (cells outermost, seeds inside: a cell reaches the seeds a verdict needs
     before the next cell starts, instead of every cell reaching them only at the grid's end), each
@@ -458,6 +480,7 @@ def run_time_to_accuracy(ctx: BenchmarkContext, machine: dict[str, Any]) -> list
         cell = Cell.from_data(name, data_cache[name], noise, seed, unit_settings)
         budget = None
         for strategy, keep, repeat in plan:
+            wait_while_paused(bench.output_dir, ctx.progress)
             args = (cell, strategy, keep, unit_settings, ctx.tokenizer, ctx.model_path, ctx.scratch_dir)
             row = train_run(*args, budget=None if repeat else budget)
             gc.collect()  # the run's model and trainer, before the next one loads
