@@ -1,4 +1,5 @@
-"""Epochs of varying length inside ``Trainer``'s loop, for the dataset-level strategies (``prunes_dataset``).
+"""Epochs of varying length inside ``Trainer``'s loop, for the dataset-level strategies (a
+:class:`~hf_sbp.DatasetPruningStrategy`).
 
 ``Trainer`` sizes its loop once, from the training data loader's length: the steps of an epoch, the number of epochs
 against ``max_steps``, where a resumed run starts, and the learning-rate schedule's length. A pruned epoch is shorter,
@@ -6,7 +7,7 @@ and how much shorter is known only when it starts (it depends on the losses reco
 that ``prunes_dataset``:
 
 - the training sampler is a :class:`~hf_sbp.core.pruning.PlannedEpochSampler`; at the start of every epoch the
-  strategy's :meth:`~hf_sbp.SelectionStrategy.keep_examples` plans it from each example's last recorded loss (a
+  strategy's :meth:`~hf_sbp.DatasetPruningStrategy.keep_examples` plans it from each example's last recorded loss (a
   generator that depends only on the seed and the epoch shuffles it, so every process draws the same plan), and the
   epoch's steps are counted from the data loader's new length;
 - with ``max_steps > 0`` the run makes exactly ``max_steps`` optimizer steps, through as many (pruned) epochs as

@@ -11,6 +11,7 @@ trainer records are exactly those of a direct forward pass, and each epoch's pla
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -22,7 +23,14 @@ from test_stale import pad_collator
 from tiny_models import tiny_bert
 from transformers import TrainerCallback
 
-from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
+from hf_sbp import (
+    DatasetPruningStrategy,
+    SelectionStrategy,
+    SelectiveBackpropConfig,
+    SelectiveBackpropTrainer,
+    register_strategy,
+    registered_strategies,
+)
 from hf_sbp.core.pruning import (
     EpochPlan,
     PlannedEpochSampler,
@@ -426,3 +434,47 @@ def test_the_loss_cache_of_a_dataset_level_strategy_holds_losses_alone(tmp_path)
     assert cache.bytes_per_example == 8
     losses, seen = cache.loss_record()
     assert seen.sum() == 3 and losses[:3].tolist() == [1.0, 1.0, 1.0]
+
+
+@register_strategy("test-first-half")
+class FirstHalf(DatasetPruningStrategy):
+    """A user's dataset-level rule: after the first epoch, only the first half of the dataset, at weight 2."""
+
+    weighted = True
+
+    def keep_examples(self, losses, seen, generator):
+        keep = ~seen | (torch.arange(losses.numel()) < losses.numel() // 2)
+        return keep, torch.full_like(losses, 2.0)
+
+
+def test_a_user_dataset_pruning_strategy_implements_keep_examples_only(tmp_path):
+    trainer = build("test-first-half", tmp_path, trainer_class=WeightRecorder)
+    seen = Seen(trainer.model)
+    trainer.add_callback(seen)
+    trainer.train()
+    visited = seen.epochs()
+    assert len(visited) == 3 and sorted(visited[0]) == list(range(N))  # nothing recorded yet: every example
+    for rows in visited[1:]:
+        assert sorted(rows) == list(range(N // 2))
+    assert all(weights == pytest.approx([2.0] * len(ids)) for ids, weights in trainer.recorded)
+    assert trainer.strategy.default_keep == 1.0 and trainer.pruning_history is not None
+
+
+@pytest.mark.parametrize(
+    "base, attributes, message",
+    [
+        (SelectionStrategy, {"prunes_dataset": True}, "subclasses DatasetPruningStrategy"),
+        (SelectionStrategy, {"keep_examples": lambda self, losses, seen, generator: None}, "keep_examples"),
+        (DatasetPruningStrategy, {"prunes_dataset": False}, "prunes_dataset=False"),
+        (DatasetPruningStrategy, {"needs_scoring": True}, "needs_scoring"),
+        (DatasetPruningStrategy, {"select": lambda self, batch, k: None}, "select()"),
+        (DatasetPruningStrategy, {"observe": lambda self, indices, subset: None}, "observe()"),
+    ],
+)
+def test_a_strategy_of_one_kind_with_the_other_kinds_attributes_is_refused_at_registration(base, attributes, message):
+    if base is SelectionStrategy:
+        attributes = {"select": lambda self, batch, k: None, **attributes}
+    cls = type("Mixed", (base,), attributes)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        register_strategy("test-mixed-kind")(cls)
+    assert "test-mixed-kind" not in registered_strategies()

@@ -7,7 +7,14 @@
 works with the trainer, ``HfArgumentParser`` flags, the scripts (``--sbp_strategy_modules``) and the model card.
 """
 
-from .base import SelectionBatch, SelectionStrategy, register_strategy, registered_strategies, strategy_class
+from .base import (
+    DatasetPruningStrategy,
+    SelectionBatch,
+    SelectionStrategy,
+    register_strategy,
+    registered_strategies,
+    strategy_class,
+)
 from .full_batch import FullBatch
 from .gradmatch import GradientMatching
 from .loss import LossBased
@@ -20,10 +27,10 @@ from .rho_loss import RhoLoss, StaleRhoLoss
 
 # Imported last: registration order is the order of --help, the README table and the plots (per-batch ones first).
 # isort: split
-from .pruning import DatasetPruning, InfoBatch, RandomPrune
+from .pruning import InfoBatch, RandomPrune
 
 __all__ = [
-    "DatasetPruning",
+    "DatasetPruningStrategy",
     "FullBatch",
     "GradientMatching",
     "ImportanceSampling",

@@ -46,7 +46,7 @@ class SelectionBatch:
             did not run.
         cached: for strategies that set ``uses_example_cache``: every row's cached statistics (see
             :class:`hf_sbp.example_cache.CachedStats`), the rows just scored included.
-        epoch_weights: for strategies that set ``prunes_dataset``: ``(n,)`` the loss weight the current epoch's plan
+        epoch_weights: for a :class:`DatasetPruningStrategy`: ``(n,)`` the loss weight the current epoch's plan
             gives each row (see :mod:`hf_sbp.core.pruning`); else ``None``.
         irreducible_losses: for strategies that set ``needs_irreducible_loss``: ``(n,)`` every row's irreducible
             loss (CPU; see :mod:`hf_sbp.irreducible_loss`); else ``None``.
@@ -151,11 +151,9 @@ class SelectionStrategy:
             :mod:`hf_sbp.example_cache`). The training set must then be map-style (not an ``IterableDataset``).
         caches_gradients: with ``uses_example_cache``: whether the cache keeps each example's head residual and
             input (the last-layer gradient, for ``stale-gradmatch``), or only its loss (a few bytes per example).
-        prunes_dataset: whether the strategy works on the dataset rather than within batches: at the start of each
-            epoch the trainer asks :meth:`keep_examples` which examples the epoch visits and with which loss
-            weights, and trains every row of each batch (``sbp_keep`` and the batch schedule ``sbp_start``,
-            ``sbp_end``, ``sbp_interrupt`` do not apply). Epochs then have fewer steps; see
-            :mod:`hf_sbp.epoch_pruning`.
+        prunes_dataset: the kind of strategy, not a setting: ``True`` exactly for a :class:`DatasetPruningStrategy`
+            (which works on the dataset, per epoch), ``False`` for a per-batch one; :func:`register_strategy`
+            refuses a class that sets it otherwise.
         default_keep: the keep fraction when ``sbp_keep`` is not given.
         needs_irreducible_loss: with ``uses_example_cache``: whether the trainer computes every training example's
             irreducible loss when ``train()`` starts (RHO-LOSS's IL models, :mod:`hf_sbp.irreducible_loss`), saves
@@ -203,22 +201,6 @@ class SelectionStrategy:
         skips the scoring pass); ``batch.logits`` and ``batch.features`` then describe those rows only."""
         return torch.arange(batch.n)
 
-    def keep_examples(
-        self, losses: torch.Tensor, seen: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a strategy that ``prunes_dataset``: the examples the next epoch visits, and their loss weights.
-
-        Args:
-            losses: ``(N,)`` every training example's loss from the last forward pass that saw it.
-            seen: ``(N,)`` bool, whether the example has been seen (its loss is meaningless otherwise).
-            generator: a generator that depends only on the seed and the epoch (every process draws the same).
-
-        Returns:
-            ``(keep, weights)``: an ``(N,)`` bool mask (at least one example kept) and ``(N,)`` non-negative loss
-            weights, applied as selection weights are, to every step of the epoch.
-        """
-        raise NotImplementedError(f"{type(self).__name__} prunes the dataset and must implement keep_examples().")
-
     def observe(self, indices: torch.Tensor, subset: SelectionBatch) -> None:
         """Receive what the subset's gradient forward computed, for strategies that learn from history.
 
@@ -262,6 +244,90 @@ class SelectionStrategy:
         return cls.end_step is not SelectionStrategy.end_step
 
 
+class DatasetPruningStrategy(SelectionStrategy):
+    """A rule that prunes the dataset per epoch instead of selecting within batches. Subclass it, implement
+    :meth:`keep_examples` and register it by name:
+
+    .. code-block:: python
+
+        @register_strategy("skip-learnt")
+        class SkipLearnt(DatasetPruningStrategy):
+            def keep_examples(self, losses, seen, generator):
+                keep = ~seen | (losses > 0.05)  # examples not seen yet, or not yet learnt
+                return keep, torch.ones_like(losses)
+
+    At the start of each epoch the trainer asks :meth:`keep_examples` which examples the epoch visits and with which
+    loss weights, from each example's loss recorded by the forward passes it already runs (a few bytes per example),
+    and trains every row of each batch with its epoch weight; ``sbp_keep`` and the batch schedule (``sbp_start``,
+    ``sbp_end``, ``sbp_interrupt``) do not apply, and epochs have fewer steps (see :mod:`hf_sbp.epoch_pruning`). Set
+    ``weighted = True`` when the weights are not all 1; ``description`` and ``settings`` mean what they mean for a
+    per-batch strategy, and so do :meth:`state_dict` and :meth:`load_state_dict`. Nothing else is to be set or
+    overridden: the trainer runs no scoring pass for it and it observes nothing.
+    """
+
+    prunes_dataset: ClassVar[bool] = True
+    uses_example_cache: ClassVar[bool] = True
+    caches_gradients: ClassVar[bool] = False
+    default_keep: ClassVar[float] = 1.0
+
+    def keep_examples(
+        self, losses: torch.Tensor, seen: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples the next epoch visits, and their loss weights.
+
+        Args:
+            losses: ``(N,)`` every training example's loss from the last forward pass that saw it.
+            seen: ``(N,)`` bool, whether the example has been seen (its loss is meaningless otherwise).
+            generator: a generator that depends only on the seed and the epoch (every process draws the same).
+
+        Returns:
+            ``(keep, weights)``: an ``(N,)`` bool mask (at least one example kept) and ``(N,)`` non-negative loss
+            weights, applied as selection weights are, to every step of the epoch.
+        """
+        raise NotImplementedError(f"{type(self).__name__} prunes the dataset and must implement keep_examples().")
+
+    def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of the batch, with the weight its epoch's plan gives it (not to be overridden)."""
+        if batch.epoch_weights is None:
+            raise RuntimeError(
+                f"sbp_strategy={self.name!r} prunes the dataset per epoch, and this batch came with no epoch plan: "
+                "train it through SelectiveBackpropTrainer.train()."
+            )
+        return torch.arange(batch.n), batch.epoch_weights.float().cpu()
+
+
+def _check_kind(cls: type[SelectionStrategy], name: str) -> None:
+    """The class attributes that describe the kind of strategy, as its base class fixes them."""
+    pruning = issubclass(cls, DatasetPruningStrategy)
+    if bool(cls.prunes_dataset) != pruning:
+        raise TypeError(
+            f"@register_strategy({name!r}): {cls.__name__} sets prunes_dataset={cls.prunes_dataset!r}; a strategy "
+            "that prunes the dataset per epoch subclasses DatasetPruningStrategy (and only those do), a per-batch one "
+            "subclasses SelectionStrategy."
+        )
+    if pruning:
+        per_batch = [label for label, used in (
+            ("needs_scoring", cls.needs_scoring),
+            ("needs_irreducible_loss", cls.needs_irreducible_loss),
+            ("caches_gradients", cls.caches_gradients),
+            ("uses_example_cache = False", not cls.uses_example_cache),
+            ("selective = False", not cls.selective),
+            ("observe()", cls.observes()),
+            ("end_step()", cls.ends_steps()),
+            ("select()", cls.select is not DatasetPruningStrategy.select),
+        ) if used]  # fmt: skip
+        if per_batch:
+            raise TypeError(
+                f"@register_strategy({name!r}): {cls.__name__} is a DatasetPruningStrategy and sets or overrides "
+                f"{per_batch}, which belong to per-batch strategies; subclass SelectionStrategy for those."
+            )
+    elif "keep_examples" in {attribute for klass in cls.__mro__ for attribute in vars(klass)}:
+        raise TypeError(
+            f"@register_strategy({name!r}): {cls.__name__} defines keep_examples(), which only a strategy that "
+            "prunes the dataset has: subclass DatasetPruningStrategy."
+        )
+
+
 _REGISTRY: dict[str, type[SelectionStrategy]] = {}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -289,6 +355,7 @@ def register_strategy(name: str):
                 f"a strategy named {name!r} is already registered ({existing.__module__}.{existing.__qualname__}); "
                 "choose another name."
             )
+        _check_kind(cls, name)
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -10,36 +10,19 @@ from __future__ import annotations
 import torch
 
 from ..core.pruning import infobatch_keep, random_prune_keep
-from .base import SelectionBatch, SelectionStrategy, register_strategy
+from .base import DatasetPruningStrategy, register_strategy
 
 PRUNING_SETTINGS = ("sbp_prune_ratio", "sbp_prune_anneal")
 
 
-class DatasetPruning(SelectionStrategy):
-    """Base of the dataset-level strategies: every row of a batch, with the weight its epoch's plan gives it."""
-
-    prunes_dataset = True
-    uses_example_cache = True
-    caches_gradients = False
-    default_keep = 1.0
-    settings = PRUNING_SETTINGS
-
-    def select(self, batch: SelectionBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch.epoch_weights is None:
-            raise RuntimeError(
-                f"sbp_strategy={self.name!r} prunes the dataset per epoch, and this batch came with no epoch plan: "
-                "train it through SelectiveBackpropTrainer.train()."
-            )
-        return torch.arange(batch.n), batch.epoch_weights.float().cpu()
-
-
 @register_strategy("infobatch")
-class InfoBatch(DatasetPruning):
+class InfoBatch(DatasetPruningStrategy):
     """InfoBatch (Qin et al., ICLR 2024): each epoch after the first leaves out each example whose last loss is below
     the mean with probability ``sbp_prune_ratio`` and weights the kept ones' losses by ``1 / (1 - ratio)``, so the
     expected gradient is unchanged; nothing is pruned in the last ``sbp_prune_anneal`` of training."""
 
     weighted = True
+    settings = PRUNING_SETTINGS
     description = (
         "InfoBatch: each epoch skips examples whose last loss is below the mean with probability sbp_prune_ratio, "
         "reweighting the kept ones"
@@ -52,10 +35,11 @@ class InfoBatch(DatasetPruning):
 
 
 @register_strategy("random-prune")
-class RandomPrune(DatasetPruning):
+class RandomPrune(DatasetPruningStrategy):
     """InfoBatch's baseline: each epoch leaves out as many examples as InfoBatch's rule would (on this run's own
     losses), drawn uniformly from the whole training set, with weight 1; the same annealing."""
 
+    settings = PRUNING_SETTINGS
     description = "InfoBatch's baseline: each epoch skips as many examples as infobatch would, uniformly at random"
 
     def keep_examples(
