@@ -64,119 +64,130 @@ def dataset_labels(dataset: Any, required: bool = True) -> torch.Tensor | None:
     return torch.stack(values)
 
 
-class IrreducibleLossMixin:
-    """The ``SelectiveBackpropTrainer`` part that computes, checks, saves and restores the irreducible losses."""
+class IrreducibleLosses:
+    """Every training example's irreducible loss for a ``SelectiveBackpropTrainer`` whose strategy
+    ``needs_irreducible_loss``: checked when the trainer is built, computed when ``train()`` starts (unless given or
+    restored), saved with checkpoints and restored on resume.
 
-    sbp_il_seconds: float = 0.0
-    """Wall-clock seconds the irreducible losses took (0 until computed; the first run's on resume)."""
+    Args:
+        trainer: the trainer whose model, data, collator and scoring pass the IL models use.
+    """
 
-    def _new_irreducible_losses(self) -> None:
-        """For a strategy that ``needs_irreducible_loss``: check that the training set splits (a clear error before
-        any training); the values themselves are computed when ``train()`` starts."""
-        self._irreducible: torch.Tensor | None = getattr(self, "_irreducible", None)
-        if not self._strategy.needs_irreducible_loss or self.train_dataset is None:
-            return
-        if self._irreducible is not None and self._irreducible.numel() != len(self.train_dataset):
-            self._irreducible = None  # another training set
-        labels = dataset_labels(self.train_dataset, required=False)
-        if labels is not None:
-            check_splittable(labels, self._problem_type(labels))
-
-    def _rows_irreducible_losses(self, ids: torch.Tensor) -> torch.Tensor:
-        """The irreducible losses of the rows with dataset indices ``ids``."""
-        if self._irreducible is None:
-            raise ValueError(
-                f"sbp_strategy={self.sbp_args.sbp_strategy!r} selects by the irreducible losses, which are computed "
-                "when train() starts; call train() (or select_batch after it)."
-            )
-        return self._irreducible[ids]
-
-    def set_irreducible_losses(self, values: torch.Tensor) -> None:
-        """Give every training example's irreducible loss (``(N,)``, by dataset index) instead of computing them:
-        values from an IL model of your own, or any stand-in where they do not matter (the throughput benchmark's
-        step costs). ``train()`` then uses them (a resume still takes the checkpoint's)."""
-        values = torch.as_tensor(values, dtype=torch.float32).detach().cpu().reshape(-1)
-        if self.train_dataset is not None and values.numel() != len(self.train_dataset):
-            raise ValueError(
-                f"{values.numel()} irreducible losses for a training set of {len(self.train_dataset)} examples; give "
-                "one per example, in dataset order."
-            )
-        self._irreducible, self.sbp_il_seconds = values, 0.0
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.values: torch.Tensor | None = None
+        """``(N,)`` every training example's irreducible loss (by dataset index), or ``None`` before ``train()``."""
+        self.seconds = 0.0
+        """Wall-clock seconds the values took (0 until computed; the first run's on resume)."""
 
     @property
-    def irreducible_losses(self) -> torch.Tensor | None:
-        """``(N,)`` every training example's irreducible loss (by dataset index), or ``None`` before ``train()``."""
-        return self._irreducible
+    def needed(self) -> bool:
+        return self.trainer.strategy.needs_irreducible_loss
 
-    def _il_batches(self, dataset: Any, rows: torch.Tensor, generator: torch.Generator | None = None) -> Iterator:
+    def check(self) -> None:
+        """For a strategy that needs them: check that the training set splits (a clear error before any training);
+        the values themselves are computed when ``train()`` starts. Values of another training set are dropped."""
+        dataset = self.trainer.train_dataset
+        if not self.needed or dataset is None:
+            return
+        if self.values is not None and self.values.numel() != len(dataset):
+            self.values = None  # another training set
+        labels = dataset_labels(dataset, required=False)
+        if labels is not None:
+            check_splittable(labels, self.trainer._problem_type(labels))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The irreducible losses of the rows with dataset indices ``ids``."""
+        if self.values is None:
+            raise ValueError(
+                f"sbp_strategy={self.trainer.sbp_args.sbp_strategy!r} selects by the irreducible losses, which are "
+                "computed when train() starts; call train() (or select_batch after it)."
+            )
+        return self.values[ids]
+
+    def set(self, values: torch.Tensor) -> None:
+        """See ``SelectiveBackpropTrainer.set_irreducible_losses``."""
+        values = torch.as_tensor(values, dtype=torch.float32).detach().cpu().reshape(-1)
+        dataset = self.trainer.train_dataset
+        if dataset is not None and values.numel() != len(dataset):
+            raise ValueError(
+                f"{values.numel()} irreducible losses for a training set of {len(dataset)} examples; give "
+                "one per example, in dataset order."
+            )
+        self.values, self.seconds = values, 0.0
+
+    def _batches(self, dataset: Any, rows: torch.Tensor, generator: torch.Generator | None = None) -> Iterator:
         """The rows ``rows`` of ``dataset`` in batches of the run's size, collated as training collates them and on
         the model's device (shuffled with ``generator`` when given); the labels stay in each batch."""
+        trainer = self.trainer
         rows = rows.tolist()
         part = dataset.select(rows) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, rows)
-        collator = self.data_collator
+        collator = trainer.data_collator
         if hasattr(part, "column_names"):  # a datasets.Dataset: its unused columns dropped as Trainer drops them
-            part = self._remove_unused_columns(part, description="irreducible loss")
+            part = trainer._remove_unused_columns(part, description="irreducible loss")
         else:
-            collator = self._get_collator_with_removed_columns(collator, description="irreducible loss")
+            collator = trainer._get_collator_with_removed_columns(collator, description="irreducible loss")
         loader = torch.utils.data.DataLoader(
             part,
-            batch_size=self.args.per_device_train_batch_size,
+            batch_size=trainer.args.per_device_train_batch_size,
             shuffle=generator is not None,
             generator=generator,
             collate_fn=collator,
         )
         for batch in loader:
-            batch = self._prepare_inputs(batch)
+            batch = trainer._prepare_inputs(batch)
             batch.pop(EXAMPLE_ID_KEY, None)
             yield batch
 
-    def _il_scores(self, model: torch.nn.Module, dataset: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _scores(self, model: torch.nn.Module, dataset: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(logits, features, labels)`` of ``model``'s scoring pass (no grad, eval mode) over ``rows``, in order."""
         logits, features, labels = [], [], []
-        for batch in self._il_batches(dataset, rows):
-            scores = self.score_batch(model, batch)
+        for batch in self._batches(dataset, rows):
+            scores = self.trainer.score_batch(model, batch)
             logits.append(scores.logits.float().cpu())
             features.append(scores.features.float().cpu())
-            labels.append(batch[self.label_key].cpu())
+            labels.append(batch[self.trainer.label_key].cpu())
         return torch.cat(logits), torch.cat(features), torch.cat(labels)
 
-    def _il_fine_tune(self, model: torch.nn.Module, dataset: Any, rows: torch.Tensor, seed: int) -> None:
+    def _fine_tune(self, model: torch.nn.Module, dataset: Any, rows: torch.Tensor, seed: int) -> None:
         """Fine-tune ``model`` (a copy of the initial one) on ``rows`` of ``dataset``: ``sbp_il_epochs`` epochs of
         AdamW on the model's own loss."""
-        sbp = self.sbp_args
-        lr = sbp.sbp_il_learning_rate if sbp.sbp_il_learning_rate is not None else self.args.learning_rate
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.args.weight_decay)
+        trainer = self.trainer
+        sbp, args = trainer.sbp_args, trainer.args
+        lr = sbp.sbp_il_learning_rate if sbp.sbp_il_learning_rate is not None else args.learning_rate
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
         generator = torch.Generator().manual_seed(seed)
         model.train()
         for _ in range(sbp.sbp_il_epochs):
-            for batch in self._il_batches(dataset, rows, generator):
-                with self.compute_loss_context_manager():
+            for batch in self._batches(dataset, rows, generator):
+                with trainer.compute_loss_context_manager():
                     loss = model(**batch).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         model.eval()
 
-    def _compute_irreducible_losses(self) -> None:
+    def compute(self) -> None:
         """Train the two IL models and record every example's IL (see the module's docstring)."""
         start = time.perf_counter()
-        dataset, sbp = self.train_dataset, self.sbp_args
+        trainer = self.trainer
+        dataset, sbp, args = trainer.train_dataset, trainer.sbp_args, trainer.args
         labels = dataset_labels(dataset)
-        problem_type = self._problem_type(labels)
-        seed = sbp.sbp_seed if sbp.sbp_seed is not None else self.args.seed
+        problem_type = trainer._problem_type(labels)
+        seed = sbp.sbp_seed if sbp.sbp_seed is not None else args.seed
         halves = split_halves(labels, problem_type, torch.Generator().manual_seed(seed))
-        smoothing = self.args.label_smoothing_factor if problem_type == "single_label_classification" else 0.0
-        initial = self.accelerator.unwrap_model(self.model)
+        smoothing = args.label_smoothing_factor if problem_type == "single_label_classification" else 0.0
+        initial = trainer.accelerator.unwrap_model(trainer.model)
         irreducible = torch.empty(len(dataset))
-        cuda = self.args.device.type == "cuda"
+        cuda = args.device.type == "cuda"
         # Seeded dropout and shuffling, outside the global random state: every process computes the same values,
         # and training's own random draws are those of a run without the IL models.
-        with torch.random.fork_rng(devices=[self.args.device] if cuda else []):
+        with torch.random.fork_rng(devices=[args.device] if cuda else []):
             torch.manual_seed(seed)
             if sbp.sbp_il_model == "linear_probe":
                 everything = torch.arange(len(dataset))
-                _, features, row_labels = self._il_scores(initial, dataset, everything)
-                num_outputs = self._model_config().num_labels
+                _, features, row_labels = self._scores(initial, dataset, everything)
+                num_outputs = trainer._model_config().num_labels
                 for fit, scored in (halves, halves[::-1]):
                     probe = fit_linear_probe(features[fit], row_labels[fit], problem_type, num_outputs)
                     with torch.no_grad():
@@ -185,41 +196,41 @@ class IrreducibleLossMixin:
             else:
                 for number, (fit, scored) in enumerate((halves, halves[::-1])):
                     model = copy.deepcopy(initial)
-                    self._il_fine_tune(model, dataset, fit, seed + 1 + number)
-                    logits, _, row_labels = self._il_scores(model, dataset, scored)
+                    self._fine_tune(model, dataset, fit, seed + 1 + number)
+                    logits, _, row_labels = self._scores(model, dataset, scored)
                     irreducible[scored] = per_example_loss(logits, row_labels, problem_type, smoothing)
                     del model
-        self._irreducible = irreducible
-        self.sbp_il_seconds = time.perf_counter() - start
-        logger.info(
-            f"Irreducible losses ({sbp.sbp_il_model}) of {len(dataset)} examples in {self.sbp_il_seconds:.1f} s."
-        )
+        self.values = irreducible
+        self.seconds = time.perf_counter() - start
+        logger.info(f"Irreducible losses ({sbp.sbp_il_model}) of {len(dataset)} examples in {self.seconds:.1f} s.")
 
-    def _prepare_irreducible_losses(self, resumed: bool) -> None:
+    def prepare(self, resumed: bool) -> None:
         """At ``train()``'s start: compute the IL unless they are known (restored from the checkpoint resumed, or
         computed by an earlier ``train()`` on the same training set). A resume without them is an error: computing
         them afresh from the resumed (trained) model would not give the run's values."""
-        if not self._strategy.needs_irreducible_loss:
+        if not self.needed:
             return
-        if self._irreducible is None and resumed:
+        if self.values is None and resumed:
             raise ValueError(
-                f"the checkpoint resumed holds no irreducible losses for sbp_strategy={self.sbp_args.sbp_strategy!r} "
-                "(its sbp_state_rank*.pt is missing, or it was written by another strategy); they were computed "
-                "from the initial model, which a resumed run no longer has. Resume a checkpoint of this run, or "
-                "start afresh."
+                "the checkpoint resumed holds no irreducible losses for "
+                f"sbp_strategy={self.trainer.sbp_args.sbp_strategy!r} (its sbp_state_rank*.pt is missing, or it was "
+                "written by another strategy); they were computed from the initial model, which a resumed run no "
+                "longer has. Resume a checkpoint of this run, or start afresh."
             )
-        if self._irreducible is None:
-            self._compute_irreducible_losses()
+        if self.values is None:
+            self.compute()
 
-    def _irreducible_state(self) -> dict[str, Any] | None:
-        if self._irreducible is None:
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint saves (``None`` before the values exist)."""
+        if self.values is None:
             return None
-        return {"values": self._irreducible, "seconds": self.sbp_il_seconds}
+        return {"values": self.values, "seconds": self.seconds}
 
-    def _load_irreducible_state(self, state: dict[str, Any] | None) -> None:
-        if not self._strategy.needs_irreducible_loss:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore what :meth:`state_dict` saved; without it (or for another training set), no values."""
+        if not self.needed:
             return
-        if state is None or state["values"].numel() != len(self.train_dataset):
-            self._irreducible = None
+        if state is None or state["values"].numel() != len(self.trainer.train_dataset):
+            self.values = None
             return
-        self._irreducible, self.sbp_il_seconds = state["values"], float(state["seconds"])
+        self.values, self.seconds = state["values"], float(state["seconds"])

@@ -24,7 +24,7 @@ from .core.selection import gradient_match_error, gram_cannot_overflow, index_ro
 from .epoch_pruning import EpochPruningMixin
 from .example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, check_indexable, with_example_ids
 from .head import HeadCapture, HeadNotFoundError, HeadScores
-from .irreducible_loss import IrreducibleLossMixin
+from .irreducible_loss import IrreducibleLosses
 from .labels import batch_labels, batch_problem_type, model_config
 from .model_card import MODEL_TAGS, ModelCardMixin
 from .selection_metrics import (
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 class SelectiveBackpropTrainer(
-    ModelCardMixin, checkpoint_state.PortableArgumentsMixin, EpochPruningMixin, IrreducibleLossMixin, Trainer
+    ModelCardMixin, checkpoint_state.PortableArgumentsMixin, EpochPruningMixin, Trainer
 ):
     """A ``transformers.Trainer`` that runs forward + backward on a selected subset of each batch.
 
@@ -105,7 +105,8 @@ class SelectiveBackpropTrainer(
         setup_checks.check_setup(self)
         self._checked_setup = setup_checks.setup_key(self)
         self._new_cache()
-        self._new_irreducible_losses()
+        self._il = IrreducibleLosses(self)
+        self._il.check()
         self._attach_head_hooks(self.model)
 
     def _attach_head_hooks(self, model: nn.Module) -> None:
@@ -213,6 +214,23 @@ class SelectiveBackpropTrainer(
             return None
         return functools.partial(custom_example_losses, self.compute_loss_func, strategy=self.sbp_args.sbp_strategy)
 
+    @property
+    def irreducible_losses(self) -> torch.Tensor | None:
+        """``(N,)`` every training example's irreducible loss (by dataset index), or ``None`` before ``train()``
+        (strategies that ``needs_irreducible_loss``; see :mod:`hf_sbp.irreducible_loss`)."""
+        return self._il.values
+
+    @property
+    def sbp_il_seconds(self) -> float:
+        """Wall-clock seconds the irreducible losses took (0 until computed; the first run's on resume)."""
+        return self._il.seconds
+
+    def set_irreducible_losses(self, values: torch.Tensor) -> None:
+        """Give every training example's irreducible loss (``(N,)``, by dataset index) instead of computing them:
+        values from an IL model of your own, or any stand-in where they do not matter (the throughput benchmark's
+        step costs). ``train()`` then uses them (a resume still takes the checkpoint's)."""
+        self._il.set(values)
+
     # ---- scoring and selection ---------------------------------------------------------------
 
     @property
@@ -295,7 +313,7 @@ class SelectiveBackpropTrainer(
             batch.example_ids = ids.detach().cpu().long()
             batch.cached = self._cache.lookup(ids, self.state.epoch or 0.0)
             if self._strategy.needs_irreducible_loss:
-                batch.irreducible_losses = self._rows_irreducible_losses(batch.example_ids)
+                batch.irreducible_losses = self._il.rows(batch.example_ids)
         if not self.runs_scoring_pass:
             return torch.zeros(0, dtype=torch.long)
         if not self._strategy.needs_scoring:  # diagnostic scoring of a random subset
@@ -404,7 +422,7 @@ class SelectiveBackpropTrainer(
         resumed = isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint)
         self._resumed_checkpoint = os.fspath(checkpoint) if resumed else None
         self._start_selection()
-        self._prepare_irreducible_losses(resumed)  # before the first step; its time is sbp_il_seconds
+        self._il.prepare(resumed)  # before the first step; its time is sbp_il_seconds
         self._training_loops = 0
         if self._captures_head and (self.args.torch_compile or self._is_compiled(self.model)):
             # Compiled graphs are cached per code object, shared by every instance of the model's class, and dynamo
@@ -420,9 +438,9 @@ class SelectiveBackpropTrainer(
         self.sbp_backprop_examples = 0
         self._new_cache()
         self._new_pruning_history()
-        self._new_irreducible_losses()
+        self._il.check()
         if self._resumed_checkpoint is not None:
-            self._irreducible = None  # the checkpoint's, or an error: never values computed from another model
+            self._il.values = None  # the checkpoint's, or an error: never values computed from another model
             self._load_selection_state(self._resumed_checkpoint)
 
     def _inner_training_loop(self, batch_size: int | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
@@ -587,7 +605,7 @@ class SelectiveBackpropTrainer(
             state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
             state.update(example_cache=self._cache.state_dict() if self._cache is not None else None)
             state.update(pruning=self._pruning.state_dict() if self._strategy.prunes_dataset else None)
-            state.update(irreducible_losses=self._irreducible_state())
+            state.update(irreducible_losses=self._il.state_dict())
             checkpoint_state.save_selection_state(folder, self.args.process_index, state)
         super()._save_checkpoint(model, trial)
 
@@ -604,4 +622,4 @@ class SelectiveBackpropTrainer(
                 self._cache.load_state_dict(state["example_cache"])
             if self._strategy.prunes_dataset and state.get("pruning") is not None:
                 self._pruning.load_state_dict(state["pruning"])
-            self._load_irreducible_state(state.get("irreducible_losses"))
+            self._il.load_state_dict(state.get("irreducible_losses"))
