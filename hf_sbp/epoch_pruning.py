@@ -45,7 +45,7 @@ from .core.pruning import (
     pruning_active,
     steps_of_share,
 )
-from .selection_metrics import EPOCH_EXAMPLES, EPOCH_PRUNED, PRUNED_FRACTION
+from .selection_metrics import EPOCH_EXAMPLES, EPOCH_PRUNED, PRUNED_FRACTION, run_key
 
 TRAINER_HOOKS = ("_run_epoch", "_init_training_state", "set_initial_training_values")
 """The ``Trainer`` methods the dataset-level strategies override."""
@@ -80,151 +80,143 @@ def _find_sampler(dataloader: Any) -> PlannedEpochSampler | None:
     return None
 
 
-class EpochPruningMixin:
-    """The ``Trainer`` overrides behind dataset-level strategies (see the module's docstring). A no-op for the
-    per-batch ones."""
+class EpochPlanner:
+    """The epochs of a run with a dataset-level strategy (see the module's docstring): their plans, their lengths
+    and the schedule that follows them. The trainer's overrides of ``Trainer``'s loop hooks call it.
 
-    def _new_pruning_history(self) -> None:
-        self._pruning = PruningHistory()
-        self._unpruned_update_steps: int | None = None
-        self._unpruned_max_steps: int | None = None
+    Args:
+        trainer: the trainer whose strategy plans the epochs and whose loop runs them.
+    """
 
-    @property
-    def pruning_history(self) -> PruningHistory | None:
-        """For a dataset-level strategy: the epochs of the current run (what each visited and left out)."""
-        return self._pruning if self.strategy.prunes_dataset else None
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.history = PruningHistory()
+        """The epochs of the current run: what each visited and left out (saved with checkpoints)."""
+        self.unpruned_update_steps: int | None = None
+        self.unpruned_max_steps: int | None = None
 
-    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
-        if not self.strategy.prunes_dataset:
-            return super()._get_train_sampler(train_dataset)
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
+    def sampler(self, dataset: Any) -> PlannedEpochSampler:
+        """The training sampler: it visits what each epoch's plan says."""
         return PlannedEpochSampler(len(dataset))
 
-    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple:
-        values = super().set_initial_training_values(args, dataloader)
-        if not self.strategy.prunes_dataset:
-            return values
+    def initial_values(self, args: Any, values: tuple) -> tuple:
+        """``Trainer.set_initial_training_values``' ``values`` for pruned epochs: with ``max_steps``, as many epochs
+        as it takes (pruned epochs are shorter than the unpruned count behind ``Trainer``'s)."""
         num_train_epochs, num_update_steps_per_epoch, *rest = values
-        self._unpruned_update_steps, self._unpruned_max_steps = num_update_steps_per_epoch, values[-1]
+        self.unpruned_update_steps, self.unpruned_max_steps = num_update_steps_per_epoch, values[-1]
         if args.max_steps > 0:
-            # Pruned epochs are shorter than the unpruned count behind this number; the run ends at max_steps.
             num_train_epochs = sys.maxsize
         return (num_train_epochs, num_update_steps_per_epoch, *rest)
 
-    def _init_training_state(
-        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
-    ):
-        epochs_trained, steps_trained = super()._init_training_state(
-            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
-        )
-        if not self.strategy.prunes_dataset:
-            return epochs_trained, steps_trained
+    def training_state(self, epochs_trained: int, steps_trained: int, resume_from_checkpoint: Any) -> tuple[int, int]:
+        """``Trainer._init_training_state``' ``(epochs trained, steps trained in the current epoch)``, found in the
+        saved history on resume; a fresh start (also ``auto_find_batch_size``'s retry) plans every epoch anew."""
+        trainer = self.trainer
         if resume_from_checkpoint is None:
-            # A fresh start (also auto_find_batch_size's retry after running out of memory): plan every epoch anew.
-            self._pruning = PruningHistory()
-        elif self._pruning.epochs:  # else no selection state was saved: Trainer's count, as the warning said
-            epochs_trained, updates = self._pruning.position(self.state.global_step)
-            steps_trained = 0 if self.args.ignore_data_skip else updates * self.args.gradient_accumulation_steps
+            self.history = PruningHistory()
+        elif self.history.epochs:  # else no selection state was saved: Trainer's count, as the warning said
+            epochs_trained, updates = self.history.position(trainer.state.global_step)
+            steps_trained = 0 if trainer.args.ignore_data_skip else updates * trainer.args.gradient_accumulation_steps
         return epochs_trained, steps_trained
 
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.strategy.prunes_dataset and self.args.max_steps <= 0:
-            self._follow_epochs(scheduler)
-        return scheduler
-
-    def _follow_epochs(self, scheduler: Any) -> None:
+    def follow_epochs(self, scheduler: Any) -> None:
         """Make a ``LambdaLR`` follow the share of the epochs made rather than the step count (epoch-based runs)."""
         if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             return  # ReduceLROnPlateau and the like do not depend on the step count (refused at construction else)
+
+        trainer = self.trainer
 
         def stretched(inner):
             if getattr(inner, "_sbp_follows_epochs", False):
                 return inner
 
             def lr_lambda(step):  # a plain function, so that LambdaLR.state_dict does not pickle it
-                per_epoch, total = self._unpruned_update_steps, self._unpruned_max_steps
-                return inner(self._pruning.unpruned_step(step, per_epoch, total) if per_epoch else step)
+                # The trainer's planner at the time of the step: a retried or resumed loop makes a new one.
+                planner = trainer._epochs
+                per_epoch, total = planner.unpruned_update_steps, planner.unpruned_max_steps
+                return inner(planner.history.unpruned_step(step, per_epoch, total) if per_epoch else step)
 
             lr_lambda._sbp_follows_epochs = True
             return lr_lambda
 
         scheduler.lr_lambdas = [stretched(inner) for inner in scheduler.lr_lambdas]
 
-    def _run_epoch(self, *, epoch: int, train_dataloader: Any, steps_in_epoch: int, num_update_steps_per_epoch: int,
-                   **kwargs: Any):  # fmt: skip
-        if self.strategy.prunes_dataset:
-            self._start_epoch(epoch, train_dataloader)
-            steps_in_epoch = len(train_dataloader)
-            num_update_steps_per_epoch = self._pruning.current.update_steps
-        return super()._run_epoch(
-            epoch=epoch,
-            train_dataloader=train_dataloader,
-            steps_in_epoch=steps_in_epoch,
-            num_update_steps_per_epoch=num_update_steps_per_epoch,
-            **kwargs,
-        )
-
-    def _start_epoch(self, epoch: int, dataloader: Any) -> None:
-        """Plan epoch ``epoch`` (or take the saved plan of the epoch a resumed run is in); point the sampler at it."""
+    def start_epoch(self, epoch: int, dataloader: Any) -> tuple[int, int]:
+        """Plan epoch ``epoch`` (or take the saved plan of the epoch a resumed run is in) and point the sampler at
+        it; returns the epoch's ``(steps, update steps)`` for ``Trainer._run_epoch``."""
+        trainer = self.trainer
+        args = trainer.args
         sampler = _find_sampler(dataloader)
         if sampler is None:
             raise RuntimeError(
-                f"sbp_strategy={self.sbp_args.sbp_strategy!r} plans each epoch through the trainer's training sampler, "
-                "but the training data loader does not draw from it (is get_train_dataloader or _get_train_sampler "
-                "overridden?)."
+                f"sbp_strategy={trainer.sbp_args.sbp_strategy!r} plans each epoch through the trainer's training "
+                "sampler, but the training data loader does not draw from it (is get_train_dataloader or "
+                "_get_train_sampler overridden?)."
             )
-        plan = self._pruning.current
+        plan = self.history.current
         resumed = plan is not None and plan.epoch == epoch
         if not resumed:
             plan = self._plan(epoch, sampler.size)
         sampler.set_order(plan.order)
         if not resumed:
-            updates = max(1, math.ceil(len(dataloader) / self.args.gradient_accumulation_steps))
-            share = epochs_limit(self.args.num_train_epochs, epoch) if self.args.max_steps <= 0 else 1.0
-            self._pruning.start(plan)
-            self._pruning.set_update_steps(updates, max(1, steps_of_share(share, updates)))
-            self.log(
+            updates = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
+            share = epochs_limit(args.num_train_epochs, epoch) if args.max_steps <= 0 else 1.0
+            self.history.start(plan)
+            self.history.set_update_steps(updates, max(1, steps_of_share(share, updates)))
+            trainer.log(
                 {PRUNED_FRACTION: plan.pruned_fraction, EPOCH_EXAMPLES: plan.order.numel(), EPOCH_PRUNED: plan.pruned}
             )
-        if self.args.max_steps <= 0:
-            self.state.max_steps = self._remaining_steps_bound(epoch)
+        if args.max_steps <= 0:
+            trainer.state.max_steps = self._remaining_steps_bound(epoch)
+        return len(dataloader), self.history.current.update_steps
 
     def _plan(self, epoch: int, size: int) -> EpochPlan:
-        args, sbp = self.args, self.sbp_args
+        trainer = self.trainer
+        args, sbp, strategy = trainer.args, trainer.sbp_args, trainer.strategy
         if args.max_steps > 0:
-            progress = self.state.global_step / args.max_steps
+            progress = trainer.state.global_step / args.max_steps
         else:
             progress = epoch / args.num_train_epochs
         seed = sbp.sbp_seed if sbp.sbp_seed is not None else args.seed
         generator = epoch_generator(seed, epoch)
         active = pruning_active(progress, sbp.sbp_prune_anneal)
         if active:
-            losses, seen = self._cache.loss_record()
-            keep, weights = self.strategy.keep_examples(losses, seen, generator)
+            losses, seen = trainer._cache.loss_record()
+            keep, weights = strategy.keep_examples(losses, seen, generator)
         else:
             keep, weights = torch.ones(size, dtype=torch.bool), torch.ones(size)
         if keep.shape != (size,) or weights.shape != (size,) or not bool(keep.any()):
             raise ValueError(
-                f"{type(self.strategy).__name__}.keep_examples must return a bool mask and weights of shape ({size},) "
+                f"{type(strategy).__name__}.keep_examples must return a bool mask and weights of shape ({size},) "
                 f"with at least one example kept; got shapes {tuple(keep.shape)} and {tuple(weights.shape)}."
             )
         if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
-            raise ValueError(f"{type(self.strategy).__name__}.keep_examples returned negative or non-finite weights.")
-        return EpochPlan.from_keep(epoch, keep, weights, generator, self.state.global_step, active)
+            raise ValueError(f"{type(strategy).__name__}.keep_examples returned negative or non-finite weights.")
+        return EpochPlan.from_keep(epoch, keep, weights, generator, trainer.state.global_step, active)
 
     def _remaining_steps_bound(self, epoch: int) -> int:
         """An epoch-based run's step count: the steps made, this epoch's, and the later epochs' unpruned ones (exact
         once the last epoch has started)."""
-        epochs, current = self.args.num_train_epochs, self._pruning.current
+        epochs, current = self.trainer.args.num_train_epochs, self.history.current
         bound = current.start_step + current.run_steps
         for later in range(epoch + 1, math.ceil(epochs)):
-            bound += steps_of_share(epochs_limit(epochs, later), self._unpruned_update_steps)
+            bound += steps_of_share(epochs_limit(epochs, later), self.unpruned_update_steps)
         return bound
 
-    def _epoch_weights(self, example_ids: torch.Tensor) -> torch.Tensor:
+    def weights(self, example_ids: torch.Tensor) -> torch.Tensor:
         """The current epoch's loss weights of these examples."""
-        current = self._pruning.current
+        current = self.history.current
         if current is None:
             raise RuntimeError("no epoch has been planned: train through SelectiveBackpropTrainer.train().")
         return current.weights[example_ids.long()]
+
+    def run_summary(self) -> dict[str, float]:
+        """The whole run's pruning, for the end-of-training summary (nothing before an epoch was planned)."""
+        history = self.history
+        if not history.epochs:
+            return {}
+        return {
+            run_key(PRUNED_FRACTION): history.pruned / (history.pruned + history.visited),
+            run_key(EPOCH_EXAMPLES): history.visited,
+            run_key(EPOCH_PRUNED): history.pruned,
+        }

@@ -19,19 +19,17 @@ from . import checkpoint_state, head, setup_checks
 from ._utils import all_finite, synchronize
 from .config import SelectiveBackpropArguments
 from .core.padding import trim_padding, truncate_for_scoring
+from .core.pruning import PruningHistory
 from .core.schedule import selection_active
 from .core.selection import gradient_match_error, gram_cannot_overflow, index_rows, subset_size
-from .epoch_pruning import EpochPruningMixin
+from .epoch_pruning import EpochPlanner
 from .example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, check_indexable, with_example_ids
 from .head import HeadCapture, HeadNotFoundError, HeadScores
 from .irreducible_loss import IrreducibleLosses
 from .labels import batch_labels, batch_problem_type, model_config
 from .model_card import MODEL_TAGS, ModelCardMixin
 from .selection_metrics import (
-    EPOCH_EXAMPLES,
-    EPOCH_PRUNED,
     IL_SECONDS,
-    PRUNED_FRACTION,
     SelectionMetrics,
     SelectionRecord,
     run_key,
@@ -50,9 +48,7 @@ from .subset_loss import (
 logger = logging.getLogger(__name__)
 
 
-class SelectiveBackpropTrainer(
-    ModelCardMixin, checkpoint_state.PortableArgumentsMixin, EpochPruningMixin, Trainer
-):
+class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgumentsMixin, Trainer):
     """A ``transformers.Trainer`` that runs forward + backward on a selected subset of each batch.
 
     Per training batch, for a strategy that ``needs_scoring`` (``gradmatch``, ``loss``): one forward pass without
@@ -90,7 +86,7 @@ class SelectiveBackpropTrainer(
             self.model.add_model_tags(self._tag_names)
         self._default_sbp_args = SelectiveBackpropArguments()
         self._new_strategy()
-        self._new_pruning_history()
+        self._epochs = EpochPlanner(self)
         self._step: SubsetStep | None = None
         self._loss_verified = False
         self._last_selection: SelectionRecord | None = None
@@ -332,7 +328,7 @@ class SelectiveBackpropTrainer(
         batch = self._batch(labels, problem_type)
         rows = self._rows_to_score(batch, ids)
         if self._strategy.prunes_dataset:
-            batch.epoch_weights = self._epoch_weights(batch.example_ids)
+            batch.epoch_weights = self._epochs.weights(batch.example_ids)
         record = SelectionRecord(n, k, rows.numel() > 0, problem_type=problem_type, scored_rows=rows.numel())
         record.scoring_strategy = self._strategy.needs_scoring
         usable = True
@@ -437,7 +433,7 @@ class SelectiveBackpropTrainer(
         self._metrics.reset()
         self.sbp_backprop_examples = 0
         self._new_cache()
-        self._new_pruning_history()
+        self._epochs = EpochPlanner(self)
         self._il.check()
         if self._resumed_checkpoint is not None:
             self._il.values = None  # the checkpoint's, or an error: never values computed from another model
@@ -451,6 +447,52 @@ class SelectiveBackpropTrainer(
             self._start_selection()
         self._training_loops += 1
         return super()._inner_training_loop(batch_size, *args, **kwargs)
+
+    # ---- the loop hooks behind dataset-level strategies (see hf_sbp.epoch_pruning) ---------------
+
+    @property
+    def pruning_history(self) -> PruningHistory | None:
+        """For a dataset-level strategy: the epochs of the current run (what each visited and left out)."""
+        return self._epochs.history if self._strategy.prunes_dataset else None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        if not self._strategy.prunes_dataset:
+            return super()._get_train_sampler(train_dataset)
+        return self._epochs.sampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple:
+        values = super().set_initial_training_values(args, dataloader)
+        return self._epochs.initial_values(args, values) if self._strategy.prunes_dataset else values
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if not self._strategy.prunes_dataset:
+            return epochs_trained, steps_trained
+        return self._epochs.training_state(epochs_trained, steps_trained, resume_from_checkpoint)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self._strategy.prunes_dataset and self.args.max_steps <= 0:
+            self._epochs.follow_epochs(scheduler)
+        return scheduler
+
+    def _run_epoch(self, *, epoch: int, train_dataloader: Any, steps_in_epoch: int, num_update_steps_per_epoch: int,
+                   **kwargs: Any):  # fmt: skip
+        if self._strategy.prunes_dataset:
+            steps_in_epoch, num_update_steps_per_epoch = self._epochs.start_epoch(epoch, train_dataloader)
+        return super()._run_epoch(
+            epoch=epoch,
+            train_dataloader=train_dataloader,
+            steps_in_epoch=steps_in_epoch,
+            num_update_steps_per_epoch=num_update_steps_per_epoch,
+            **kwargs,
+        )
+
+    # ---- the training step ---------------------------------------------------------------------
 
     def training_step(
         self,
@@ -587,10 +629,8 @@ class SelectiveBackpropTrainer(
                 logs.update({run_key(key): value for key, value in self._reduced_metrics(True).items()})
                 if self._strategy.needs_irreducible_loss:
                     logs[run_key(IL_SECONDS)] = self.sbp_il_seconds
-                if self._strategy.prunes_dataset and self._pruning.epochs:
-                    history = self._pruning
-                    logs[run_key(PRUNED_FRACTION)] = history.pruned / (history.pruned + history.visited)
-                    logs[run_key(EPOCH_EXAMPLES)], logs[run_key(EPOCH_PRUNED)] = history.visited, history.pruned
+                if self._strategy.prunes_dataset:
+                    logs.update(self._epochs.run_summary())
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -604,7 +644,7 @@ class SelectiveBackpropTrainer(
             state.update(strategy_state=self._strategy.state_dict(), head_name=self._head_name)
             state.update(backprop_examples=self.sbp_backprop_examples, metrics=self._metrics.state_dict())
             state.update(example_cache=self._cache.state_dict() if self._cache is not None else None)
-            state.update(pruning=self._pruning.state_dict() if self._strategy.prunes_dataset else None)
+            state.update(pruning=self._epochs.history.state_dict() if self._strategy.prunes_dataset else None)
             state.update(irreducible_losses=self._il.state_dict())
             checkpoint_state.save_selection_state(folder, self.args.process_index, state)
         super()._save_checkpoint(model, trial)
@@ -621,5 +661,5 @@ class SelectiveBackpropTrainer(
             if self._cache is not None and state.get("example_cache") is not None:
                 self._cache.load_state_dict(state["example_cache"])
             if self._strategy.prunes_dataset and state.get("pruning") is not None:
-                self._pruning.load_state_dict(state["pruning"])
+                self._epochs.history.load_state_dict(state["pruning"])
             self._il.load_state_dict(state.get("irreducible_losses"))
