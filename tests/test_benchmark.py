@@ -433,3 +433,34 @@ def test_omp_batch_probe_compares_generalized_omp_with_omp(tmp_path):
         assert len(runs) == 2 and all(error >= 0 and seconds > 0 for error, seconds in runs)
     table = omp_batch.quality_table(results, [24], [1, 4])
     assert table.count("\n| 24 |") == len(omp_batch.KEEPS) * len(omp_batch.HEAD_STEPS)
+
+
+def test_saved_activations_count_what_autograd_keeps_for_backward_once_without_parameters():
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    with throughput.SavedActivations(layer) as saved:
+        y = layer(x)  # saves its input for the weight's gradient, and the weight (a parameter) for the input's
+        (y * y).sum().backward()  # y saved twice by the product: one storage
+    assert saved.bytes == x.nbytes + y.nbytes
+    with throughput.SavedActivations(layer) as unsaved, torch.no_grad():
+        layer(x)
+    assert unsaved.bytes == 0
+
+
+@pytest.mark.parametrize("strategy", ["random", "gradmatch"])
+def test_a_half_subset_step_saves_about_half_the_full_steps_activations(tmp_path, strategy):
+    from tiny_models import tiny_bert
+
+    torch.manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1, 100, (16, 12)),
+        "attention_mask": torch.ones(16, 12, dtype=torch.long),  # every row as long: activations scale with rows
+        "labels": torch.randint(0, 3, (16,)),
+    }
+    model = tiny_bert(3)
+    saved = {}
+    for name, keep in (("none", 1.0), (strategy, 0.5)):
+        trainer = common.make_trainer(model, name, keep, 16, "cpu", str(tmp_path / name))
+        saved[name] = throughput.saved_activations_mb(trainer, model, dict(batch))
+    assert saved["none"] > 0
+    assert saved[strategy] / saved["none"] == pytest.approx(0.5, abs=0.05)  # the scoring forward keeps nothing

@@ -159,6 +159,7 @@ def _throughput_section(rows: list[dict[str, Any]]) -> str:
     table = []
     for r in rows:
         mem = "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
+        saved = "-" if r.get("saved_activations_mb") is None else f"{r['saved_activations_mb']:.1f}"
         ideal = f"{r['ideal_ratio']:.3f}" if "ideal_ratio" in r else "-"
         floor = f"{r['ratio_to_floor']:.3f}" if "ratio_to_floor" in r else "-"
         table.append(
@@ -172,6 +173,7 @@ def _throughput_section(rows: list[dict[str, Any]]) -> str:
                 ideal,
                 floor,
                 mem,
+                saved,
             ]
         )
     return (
@@ -179,11 +181,24 @@ def _throughput_section(rows: list[dict[str, Any]]) -> str:
         "one process; `floor` = scoring forward + random-subset step at the same keep (the best this design "
         "can do); peak memory is the highest memory during three training steps above what the process held "
         "before them (model, optimizer state, data), in a fresh process per strategy (sampled RSS on CPU, "
-        "allocator peak on GPU). `vs full` compares with the full step of the same fine-tuning: LoRA rows "
+        "allocator peak on GPU); `saved MB` counts the tensors one step's autograd graph keeps for its backward (each "
+        "storage once, parameters excluded: the activations, whatever the allocator does; rows measured before it "
+        "existed have none). `vs full` compares with the full step of the same fine-tuning: LoRA rows "
         "(`--peft lora`: rank-8 adapters on the attention projections, the classifier trained in full) against "
         "the LoRA full step, whose ideal selective ratio is `(1 + 2 keep) / 2` instead of `(1 + 3 keep) / 3`.\n\n"
         + markdown_table(
-            ["fine-tuning", "strategy", "keep", "device", "step s", "vs full", "ideal vs full", "vs floor", "peak MB"],
+            [
+                "fine-tuning",
+                "strategy",
+                "keep",
+                "device",
+                "step s",
+                "vs full",
+                "ideal vs full",
+                "vs floor",
+                "peak MB",
+                "saved MB",
+            ],
             table,
             fmt=str,
         )

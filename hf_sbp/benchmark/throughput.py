@@ -1,4 +1,5 @@
-"""Part 2, ``throughput.json``: the training step's time per strategy, and its peak memory in a fresh process; with
+"""Part 2, ``throughput.json``: the training step's time per strategy, its peak memory in a fresh process and the
+activations it saves for backward (:class:`SavedActivations`); with
 ``--peft lora`` the same rows for LoRA fine-tuning (``"peft": "lora"``), kept beside the full fine-tuning rows, and
 the break-even keep of both (:func:`break_even_table`)."""
 
@@ -193,6 +194,52 @@ def peak_memory_mb(bench: BenchmarkArguments, strategy: str, keep: float) -> flo
     return float(out.stdout.strip().splitlines()[-1])
 
 
+class SavedActivations:
+    """While active, counts the bytes of the tensors autograd saves for backward (each storage once; the model's
+    parameters and buffers, and views of them, excluded): the activations a training step holds when its forward
+    ends, which is the main part of its memory peak and, unlike the process's resident memory, does not depend on
+    what the allocator keeps. A no-grad forward (the scoring pass) saves nothing; its transient activations, at most
+    a layer's, are not counted.
+
+    Args:
+        model: the model whose parameters and buffers are not activations.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        tensors = [*model.parameters(), *model.buffers()]
+        self._excluded = {tensor.untyped_storage().data_ptr() for tensor in tensors}
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self._excluded:
+            self._storages[pointer] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        """The bytes counted so far."""
+        return sum(self._storages.values())
+
+    def __enter__(self) -> SavedActivations:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def saved_activations_mb(trainer: SelectiveBackpropTrainer, model: torch.nn.Module, batch: dict) -> float:
+    """The activations one training step of ``trainer`` saves for its backward (:class:`SavedActivations`), in MB;
+    the gradients it makes are dropped."""
+    with SavedActivations(model) as saved:
+        trainer.training_step(model, batch)
+    model.zero_grad(set_to_none=True)
+    return saved.bytes / 2**20
+
+
 def resident_bytes() -> int:
     """This process's resident memory (RSS), in bytes."""
     with open("/proc/self/statm") as handle:
@@ -325,6 +372,7 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
             row.update(peft=LORA, lora_r=bench.lora_r)
         if strategy != SCORING_FORWARD:
             row["peak_mem_mb"] = peak_memory_mb(bench, strategy, keep)
+            row["saved_activations_mb"] = saved_activations_mb(trainers[(strategy, keep)], model, batches[0])
         rows.append(row)
     scoring_s = statistics.median(times[(SCORING_FORWARD, 1.0)])
     for row in rows:
