@@ -314,7 +314,15 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             return torch.zeros(0, dtype=torch.long)
         if not self._strategy.needs_scoring:  # diagnostic scoring of a random subset
             return torch.arange(batch.n)
-        return torch.as_tensor(self._strategy.rows_to_score(batch)).cpu().long().reshape(-1).unique()
+        rows = torch.as_tensor(self._strategy.rows_to_score(batch)).cpu().long().reshape(-1).unique()
+        if self.args.world_size > 1 and type(self._strategy).rows_to_score is not SelectionStrategy.rows_to_score:
+            # DDP's forward broadcasts the model's buffers, a collective: every process runs the scoring forward or
+            # none does. One with no row of its own to score scores its first (fresh statistics, nothing else).
+            flag = torch.tensor([float(rows.numel() > 0)], device=self.args.device)
+            anyone_scores = float(self.accelerator.reduce(flag, "sum")) > 0  # on every process, at every step
+            if anyone_scores and rows.numel() == 0:
+                rows = torch.zeros(1, dtype=torch.long)
+        return rows
 
     def _select(self, model: nn.Module, inputs: Mapping[str, Any], ids: torch.Tensor | None, active: bool = True):
         """``(indices, weights, record)``; the whole batch when the strategy does not select or ``active`` is False."""

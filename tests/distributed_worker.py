@@ -20,6 +20,9 @@ collectives); ``stale-rho-loss`` trains two epochs.
 ``infobatch`` trains three epochs (``num_train_epochs``) over ``2 x world x batch`` rows: the epochs after the first
 are pruned from losses both ranks recorded, so the ranks must agree on each epoch's plan (recorded at every step).
 
+``test-uneven-scoring`` (defined here) has rows to score on one rank only after its first step: the other rank
+must still run a scoring forward (on one row), or DDP's buffer broadcasts would pair with the wrong collectives.
+
 Rank 1 also gets NaN logits in the scoring pass of step ``NAN_STEP`` (gradmatch only), so that one
 process falls back to its full batch while the other selects: the collectives must still line up.
 """
@@ -38,9 +41,30 @@ from datasets import Dataset
 from tiny_models import tiny_bert
 from transformers import BertForSequenceClassification, TrainerCallback
 
-from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
+from hf_sbp import SelectionStrategy, SelectiveBackpropConfig, SelectiveBackpropTrainer, register_strategy
 
 PER_DEVICE_BATCH = 8
+UNEVEN_RANK = 1
+
+
+@register_strategy("test-uneven-scoring")
+class UnevenScoring(SelectionStrategy):
+    """A strategy with cached statistics whose rows to score differ across ranks: after the first step, rank
+    ``UNEVEN_RANK`` scores its whole batch and the other none (as stale-* strategies may, once rows age
+    differently). It keeps each batch's first k rows, whatever the scores."""
+
+    needs_scoring = True
+    uses_example_cache = True
+
+    def rows_to_score(self, batch):
+        if batch.step == 0 or self.args.process_index == UNEVEN_RANK:
+            return torch.arange(batch.n)
+        return torch.zeros(0, dtype=torch.long)
+
+    def select(self, batch, k):
+        return torch.arange(k), torch.ones(k)
+
+
 STEPS = 4
 KEEP = 0.5
 NAN_STEP = 1

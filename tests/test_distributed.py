@@ -58,6 +58,7 @@ def results(tmp_path_factory):
             "stale-importance",
             "rho-loss",
             "stale-rho-loss",
+            "test-uneven-scoring",
         ],
     )
 
@@ -245,3 +246,17 @@ def test_accelerate_launch(tmp_path):
     test_each_rank_selects_on_its_local_batch(launched, "loss")
     test_ranks_end_with_identical_trained_parameters(launched, "loss")
     test_logged_selection_metrics_are_reduced_across_ranks(launched, "loss")
+
+
+def test_every_rank_runs_a_scoring_forward_when_any_rank_has_rows_to_score(results):
+    """After the first step, rank 1 has its whole batch to score and rank 0 none (test-uneven-scoring). DDP's forward
+    broadcasts the buffers, a collective, so rank 0 scores one row rather than skipping the pass, and the ranks stay in
+    step to the end."""
+    for step in range(STEPS):
+        scored = []
+        for rank in range(WORLD):
+            passes = passes_by_step(results["test-uneven-scoring", rank]["calls"])[step]
+            scored.append(split_passes(passes)[0])
+        assert scored[1] is not None and len(scored[1]) == BATCH
+        assert scored[0] is not None and len(scored[0]) == (BATCH if step == 0 else 1)
+    assert len({results["test-uneven-scoring", rank]["param_digest"] for rank in range(WORLD)}) == 1
