@@ -582,3 +582,27 @@ def test_the_grid_waits_while_the_pause_file_exists(tmp_path):
     assert tta.wait_while_paused(str(tmp_path), messages.append, poll_s=0.5, sleep=sleep) >= 0.0
     assert sleeps == [0.5, 0.5, 0.5] and not pause.exists()
     assert "paused" in messages[0] and str(pause) in messages[0] and "resumed" in messages[1]
+
+
+def test_a_strategy_variant_runs_its_strategy_with_its_settings(tmp_path):
+    label = "rho-loss[sbp_il_model=linear_probe;sbp_il_epochs=2]"
+    assert common.parse_variant(label) == ("rho-loss", {"sbp_il_model": "linear_probe", "sbp_il_epochs": 2})
+    assert common.parse_variant("rho-loss") == ("rho-loss", {})
+    assert common.parse_strategies(f"random,{label}") == ["random", label]
+    assert common.run_keep(label, 0.5) == 0.5 and not common.prunes_dataset(label)
+    assert common.strategy_order([label, "stale-rho-loss", "rho-loss", "random"]) == [
+        "random", "rho-loss", label, "stale-rho-loss"
+    ]  # fmt: skip
+    trainer = common.make_trainer(tiny_bert(3), label, 0.5, 4, "cpu", str(tmp_path))
+    assert trainer.strategy.name == "rho-loss" and trainer.sbp_args.sbp_il_model == "linear_probe"
+    assert trainer.sbp_args.sbp_il_epochs == 2
+    for bad in ("rho-loss[sbp_keep=0.3]", "rho-loss[il_model=linear_probe]", "rho-loss[sbp_il_model]"):
+        with pytest.raises(ValueError, match="sbp_key=value"):
+            common.parse_variant(bad)
+    with pytest.raises(ValueError, match="not a registered strategy"):
+        common.parse_strategies("nonsense[sbp_seed=1]")
+    grid = hf_sbp.benchmark.cli.parse_arguments(["time-to-accuracy"])
+    assert grid.tta_strategy_names[-1] == "rho-loss[sbp_il_model=linear_probe]"
+    assert "rho-loss[sbp_il_model=linear_probe]" not in grid.strategy_names  # the other parts: as named
+    mine = hf_sbp.benchmark.cli.parse_arguments(["time-to-accuracy", "--strategies", "random,loss"])
+    assert mine.tta_strategy_names == ["random", "loss"]

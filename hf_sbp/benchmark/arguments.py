@@ -191,6 +191,14 @@ class BenchmarkArguments:
             "count seeds of --seeds)."
         },
     )
+    tta_variants: str = field(
+        default="rho-loss[sbp_il_model=linear_probe]",
+        metadata={
+            "help": "Time-to-accuracy: strategy variants that the default grid (no --strategies) runs beside every "
+            "registered strategy, comma-separated, each 'name[sbp_key=value;...]': a strategy with other sbp_* "
+            "settings (the default: RHO-LOSS with the linear-probe IL model). With --strategies, name them there."
+        },
+    )
     memory_strategy: str = field(
         default=OVERHEAD_STRATEGY, metadata={"help": "Internal: the strategy _peak_memory measures."}
     )
@@ -257,6 +265,9 @@ class BenchmarkArguments:
         self.tta_seed_values = [int(s) for s in (self.seeds or ("0,1" if quick else "0,1,2,3,4")).split(",")]
         # --quick compares the paper's method with its baseline only, unless --strategies names others.
         self.tta_strategy_names = ["random", "gradmatch"] if quick and not self.strategies else self.strategy_names
+        if not quick and not self.strategies and self.tta_variants.strip():
+            variants = parse_strategies(self.tta_variants, "--tta_variants")
+            self.tta_strategy_names = list(dict.fromkeys([*self.strategy_names, *variants]))
         for name, value in (
             ("--tta_epochs", self.tta_epochs),
             ("--tta_train_examples", self.tta_train_examples),

@@ -3,9 +3,11 @@ the data, the model and the trainers it times (its arguments are in :mod:`.argum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from transformers import (
     set_seed,
 )
 
-from ..config import SelectiveBackpropConfig
+from ..config import SelectiveBackpropArguments, SelectiveBackpropConfig
 from ..glue.run_glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
 from ..strategies import registered_strategies, strategy_class
 from ..trainer import SelectiveBackpropTrainer
@@ -53,13 +55,51 @@ def selective_strategies() -> tuple[str, ...]:
     return tuple(name for name in registered_strategies() if strategy_class(name).selective)
 
 
+VARIANT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<settings>[^\[\]]*)\]$")
+"""A strategy variant's label: ``name[sbp_key=value;sbp_key=value]``."""
+
+
+def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
+    """``(strategy, settings)`` of a strategy label: a registered name (no settings), or a variant
+    ``name[sbp_key=value;...]`` that runs ``name`` with those ``sbp_*`` settings of
+    :class:`~hf_sbp.SelectiveBackpropArguments` (``rho-loss[sbp_il_model=linear_probe]``). Values are read as
+    ``true``/``false``, integers, floats or strings; the trainer's arguments check them when a run is built."""
+    match = VARIANT.match(label.strip())
+    if match is None:
+        return label.strip(), {}
+    settings: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(SelectiveBackpropArguments)} - {"sbp_strategy", "sbp_keep"}
+    for item in match["settings"].split(";"):
+        key, equals, text = (part.strip() for part in item.partition("="))
+        if not equals or key not in fields:
+            raise ValueError(
+                f"strategy variant {label!r} has the setting {item.strip()!r}; write name[sbp_key=value;...] with "
+                f"sbp_* settings other than sbp_strategy and sbp_keep (the grid's), one of {sorted(fields)}."
+            )
+        settings[key] = _setting_value(text)
+    return match["name"].strip(), settings
+
+
+def _setting_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_strategies(text: str, option: str = "--strategies") -> list[str]:
-    """The comma-separated selective strategy names of ``text`` (every registered one if empty), checked against
-    the registry: a ``ValueError`` names an unknown or non-selective name and the registered choices."""
-    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    if not names:
+    """The comma-separated selective strategy labels of ``text`` (every registered strategy if empty), checked
+    against the registry: a ``ValueError`` names an unknown or non-selective name and the registered choices. A
+    label is a registered name or a variant of one (:func:`parse_variant`)."""
+    labels = list(dict.fromkeys(label.strip() for label in text.split(",") if label.strip()))
+    if not labels:
         return list(selective_strategies())
-    for name in names:
+    for label in labels:
+        name, _ = parse_variant(label)
         if name not in registered_strategies():
             raise ValueError(
                 f"{option} names {name!r}, which is not a registered strategy; choose from "
@@ -71,19 +111,21 @@ def parse_strategies(text: str, option: str = "--strategies") -> list[str]:
                 f"{option} names {name!r}, which selects no subset: it is the full-batch baseline that every part "
                 f"runs anyway; choose from {list(selective_strategies())}."
             )
-    return names
+    return labels
 
 
-def prunes_dataset(name: str) -> bool:
-    """Whether ``name`` is a dataset-level strategy (``infobatch``, ``random-prune``); ``False`` for a name that is not
-    registered (results of a strategy whose module is not imported)."""
+def prunes_dataset(label: str) -> bool:
+    """Whether ``label`` (a strategy or a variant of one) is a dataset-level strategy (``infobatch``,
+    ``random-prune``); ``False`` for a name that is not registered (results of a strategy whose module is not
+    imported)."""
+    name = parse_variant(label)[0]
     return name in registered_strategies() and strategy_class(name).prunes_dataset
 
 
 def run_keep(name: str, keep: float) -> float:
     """The ``sbp_keep`` a run of ``name`` takes: ``keep`` for a strategy that selects within batches, 1.0 for the
     full batch and the dataset-level strategies (they train whole batches)."""
-    return keep if strategy_class(name).selective and not prunes_dataset(name) else 1.0
+    return keep if strategy_class(parse_variant(name)[0]).selective and not prunes_dataset(name) else 1.0
 
 
 def per_batch(names: Iterable[str]) -> list[str]:
@@ -93,10 +135,15 @@ def per_batch(names: Iterable[str]) -> list[str]:
 
 
 def strategy_order(names: Iterable[str]) -> list[str]:
-    """``names`` without repeats, in registration order; names not registered (results of a strategy whose module
-    is not imported) follow, alphabetically."""
+    """``names`` without repeats, in registration order, each strategy's variants right after it; names not
+    registered (results of a strategy whose module is not imported) follow, alphabetically."""
     registered = {name: position for position, name in enumerate(registered_strategies())}
-    return sorted(set(names), key=lambda name: (registered.get(name, len(registered)), name))
+
+    def key(label: str) -> tuple:
+        name = parse_variant(label)[0]
+        return (registered.get(name, len(registered)), name, label != name, label)
+
+    return sorted(set(names), key=key)
 
 
 def strategy_grid(strategies: list[str], keeps: list[float]) -> list[tuple[str, float]]:
@@ -265,10 +312,12 @@ def make_trainer(
 ) -> SelectiveBackpropTrainer:
     """A trainer whose ``training_step`` and ``select_batch`` are called by hand (no accumulation). ``train_dataset``
     only sizes the per-example cache of a strategy that uses one (batches then carry example ids)."""
+    name, settings = parse_variant(strategy)
     args = SelectiveBackpropConfig(
         output_dir=output_dir,
-        sbp_strategy=strategy,
+        sbp_strategy=name,
         sbp_keep=keep,
+        **settings,
         per_device_train_batch_size=batch_size,
         report_to="none",
         save_strategy="no",
@@ -304,10 +353,12 @@ def evaluating_trainer(
     linear schedule warming up over ``warmup_steps``, dynamic padding, accuracy on ``validation`` (if given), nothing
     saved and no log lines (``extra``: more ``SelectiveBackpropConfig`` fields). The training and time-to-accuracy
     parts train through it."""
+    name, settings = parse_variant(strategy)
     args = SelectiveBackpropConfig(
         output_dir=output_dir,
-        sbp_strategy=strategy,
+        sbp_strategy=name,
         sbp_keep=keep,
+        **settings,
         seed=seed,
         sbp_seed=seed,
         per_device_train_batch_size=batch_size,

@@ -22,7 +22,16 @@ from transformers import DataCollatorWithPadding, PreTrainedModel
 from ..config import WEIGHT_NORMALIZATIONS
 from ..core.selection import index_rows, per_example_loss
 from ..strategies import strategy_class
-from .common import BenchmarkContext, Data, fixed_batches, full_batch_step, load_model, make_trainer, per_batch
+from .common import (
+    BenchmarkContext,
+    Data,
+    fixed_batches,
+    full_batch_step,
+    load_model,
+    make_trainer,
+    parse_variant,
+    per_batch,
+)
 
 TASKS = ("classification", "regression")
 """The tasks of the part: the dataset's own labels, and :func:`regression_data`'s continuous target."""
@@ -112,7 +121,7 @@ def measured_strategies(strategies: list[str]) -> list[tuple[str, str | None]]:
     left out: the probe batches are held-out rows with no dataset index and no cached statistics."""
     pairs = []
     for strategy in strategies:
-        if getattr(strategy_class(strategy), "uses_example_cache", False):
+        if getattr(strategy_class(parse_variant(strategy)[0]), "uses_example_cache", False):
             continue
         if strategy == WEIGHTED_STRATEGY:
             pairs.extend((strategy, mode) for mode in WEIGHT_NORMALIZATIONS)

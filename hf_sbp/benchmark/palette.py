@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..strategies import registered_strategies, strategy_class
-from .common import strategy_order
+from .common import parse_variant, strategy_order
 
 FULL_BATCH_COLOR = "black"
 PALETTE = (
@@ -34,6 +34,7 @@ KEEP_STYLES = {0.5: "-", 0.25: "--", 1.0: "-"}
 
 def _selects_subset(name: str) -> bool:
     # Results of a strategy whose module is not imported are taken for a selective one.
+    name = parse_variant(name)[0]
     return name not in registered_strategies() or strategy_class(name).selective
 
 

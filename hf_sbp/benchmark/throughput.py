@@ -32,6 +32,7 @@ from .common import (
     fixed_batches,
     load_model,
     make_trainer,
+    parse_variant,
     per_batch,
     strategy_grid,
     sync,
@@ -136,7 +137,7 @@ def step_trainer(
     """A trainer for timed steps. A strategy with a per-example cache gets one over the batches' rows, warmed by a
     step on every batch (the gradients are dropped): its timed steps are those after the first epoch, where every
     row was seen recently and no scoring pass runs."""
-    cached = strategy_class(strategy).uses_example_cache
+    cached = strategy_class(parse_variant(strategy)[0]).uses_example_cache
     index_space = range(sum(len(batch["labels"]) for batch in batches)) if cached else None
     trainer = make_trainer(
         model, strategy, keep, bench.batch_size, bench.device, scratch_dir, train_dataset=index_space
