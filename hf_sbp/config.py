@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ._utils import check_int_at_least, is_int_at_least, is_number
-from .core.selection import OMP_IMPLS, subset_size
+from .core.omp import OMP_IMPLS
+from .core.selection import subset_size
 from .strategies import registered_strategies, strategy_class
 
 WEIGHT_NORMALIZATIONS = ("subset_size", "none", "sum_constrained")

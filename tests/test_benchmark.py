@@ -370,10 +370,10 @@ def test_overhead_reuses_the_scoring_pass_and_times_omp_without_changing_the_sel
     assert len(calls) == 2 and torch.equal(got[0], reference[0]) and got[0].numel() == 3
     # Both patches are undone: the trainer's own scoring pass and gradmatch's omp_gram again.
     assert trainer.score_batch.__name__ == "<lambda>"
-    from hf_sbp.core import selection
+    from hf_sbp.core import omp
     from hf_sbp.strategies import gradmatch
 
-    assert gradmatch.omp_gram is selection.omp_gram
+    assert gradmatch.omp_gram is omp.omp_gram
     assert overhead.BATCH_SIZES[:3] == (16, 32, 64) and {1024, 2048} <= set(overhead.BATCH_SIZES)
 
 

@@ -16,7 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_sbp.core.selection import gradient_match_error, last_layer_gram, normalize_weights, omp_gram
+from hf_sbp.core.omp import normalize_weights, omp_gram
+from hf_sbp.core.selection import gradient_match_error, last_layer_gram
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -19,7 +19,8 @@ from test_fuzz import FUZZ, gradient_sets
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_sbp.core import omp_torch
-from hf_sbp.core.selection import OMP_IMPLS, mean_gradient_target, omp_gram, resolve_omp_impl
+from hf_sbp.core.omp import OMP_IMPLS, omp_gram, resolve_omp_impl
+from hf_sbp.core.selection import mean_gradient_target
 
 
 def assert_same_result(K: torch.Tensor, k: int, elementwise: bool = True, **options) -> None:

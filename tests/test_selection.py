@@ -11,6 +11,7 @@ from scipy.optimize import nnls
 from sklearn.linear_model import orthogonal_mp_gram
 from threadpoolctl import threadpool_limits
 
+from hf_sbp.core.omp import normalize_weights, omp_gram, sum_constrained_problem
 from hf_sbp.core.selection import (
     LossHistory,
     gradient_match_error,
@@ -21,12 +22,9 @@ from hf_sbp.core.selection import (
     loss_cdf_sample,
     loss_rank_sample,
     mean_gradient_target,
-    normalize_weights,
-    omp_gram,
     per_example_loss,
     random_subset,
     subset_size,
-    sum_constrained_problem,
 )
 
 PROBLEMS = ["single_label_classification", "multi_label_classification", "regression"]

@@ -286,7 +286,8 @@ def test_logged_match_error_is_that_of_the_trained_gradient(tmp_path, normalizat
 
 
 def test_sbp_omp_batch_selects_with_generalized_omp(tmp_path):
-    from hf_sbp.core.selection import head_residuals, last_layer_gram, omp_gram
+    from hf_sbp.core.omp import omp_gram
+    from hf_sbp.core.selection import head_residuals, last_layer_gram
 
     data = tiny_dataset(n=24)
     batch = collated(data, range(24))

@@ -19,13 +19,12 @@ import time
 import torch
 from transformers import AutoTokenizer
 
+from ..core.omp import normalize_weights, omp_gram
 from ..core.selection import (
     gradient_match_error,
     head_residuals,
     last_layer_gram,
     mean_gradient_target,
-    normalize_weights,
-    omp_gram,
     subset_size,
 )
 from ..glue.bundled import resolve_model_name

@@ -110,7 +110,7 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
 
     ``selection_s`` is everything ``select_batch`` does besides its scoring forward (residuals, Gram matrix,
     finiteness checks, OMP, match error), plus gathering the subset's rows and the capture hook's cost; ``omp_s``
-    is OMP alone (:func:`hf_sbp.core.selection.omp_gram`, as the ``gradmatch`` strategy calls it); ``omp_batch`` is
+    is OMP alone (:func:`hf_sbp.core.omp.omp_gram`, as the ``gradmatch`` strategy calls it); ``omp_batch`` is
     ``sbp_omp_batch`` (1: OMP; :data:`OMP_BATCH` in the extra rows of large batches, timed right after OMP on the
     same batches, beside the same forwards); ``omp_impl`` is the OMP loop (``sbp_omp_impl``: ``"numba"`` on the CPU,
     ``"torch"`` on the Gram matrix's device), one row each for ``--omp_impls``.

@@ -1,4 +1,4 @@
-"""OMP's inner loop, compiled with Numba: :func:`hf_sbp.core.selection.omp_gram` checks the inputs, this module loops.
+"""OMP's inner loop, compiled with Numba: :func:`hf_sbp.core.omp.omp_gram` checks the inputs, this module loops.
 
 Compiled because as NumPy calls the loop was dispatch-bound: at ``n`` rows and keep ``q`` it takes at least ``q n``
 steps (more when atoms are removed) of a few dozen small operations each, and at a few microseconds of dispatch a
@@ -128,7 +128,7 @@ def omp_loop(
     stop_at: float,
     batch: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`hf_sbp.core.selection.omp_gram`'s loop on its checked arrays: ``(support, weights, residuals)``.
+    """:func:`hf_sbp.core.omp.omp_gram`'s loop on its checked arrays: ``(support, weights, residuals)``.
 
     ``K`` is an ``(n, n)`` C-contiguous float32 or float64 Gram matrix, ``corr`` the float64 target correlations,
     ``k <= n``; the loop stops once the objective is at most ``stop_at`` (``-inf``: never). ``target_sq`` may be NaN

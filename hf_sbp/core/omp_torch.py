@@ -1,4 +1,4 @@
-"""OMP's loop in torch, on the Gram matrix's device: :func:`hf_sbp.core.selection.omp_gram` checks the inputs,
+"""OMP's loop in torch, on the Gram matrix's device: :func:`hf_sbp.core.omp.omp_gram` checks the inputs,
 this module loops, as :mod:`hf_sbp.core.omp_loop` does on the CPU.
 
 The algorithm is :func:`hf_sbp.core.omp_loop.omp_loop`'s, step for step: the same choice of atoms (largest residual
@@ -18,7 +18,7 @@ host never waits for the device inside the loop:
   Givens rotations: dropping atoms is then a compaction of the support) and extended by one row per added atom.
 
 All arithmetic is in float64; ``K`` stays in its own dtype and its rows are read into float64 as needed. MPS has no
-float64: :func:`hf_sbp.core.selection.omp_gram` keeps the compiled loop there. Nothing here imports ``transformers``.
+float64: :func:`hf_sbp.core.omp.omp_gram` keeps the compiled loop there. Nothing here imports ``transformers``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def omp_torch_loop(
     stop_at: float,
     batch: int,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """:func:`hf_sbp.core.selection.omp_gram`'s loop on its checked tensors, on ``K``'s device.
+    """:func:`hf_sbp.core.omp.omp_gram`'s loop on its checked tensors, on ``K``'s device.
 
     The arguments are :func:`hf_sbp.core.omp_loop.omp_loop`'s: ``K`` an ``(n, n)`` floating Gram matrix with finite
     entries, ``corr`` the ``(n,)`` float64 target correlations on the same device, ``k <= n``, ``target_sq`` possibly

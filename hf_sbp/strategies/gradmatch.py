@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from ..core.selection import normalize_weights, omp_gram, prepare_omp, random_subset, sum_constrained_problem
+from ..core.omp import normalize_weights, omp_gram, prepare_omp, sum_constrained_problem
+from ..core.selection import random_subset
 from .base import SelectionBatch, SelectionStrategy, register_strategy
 
 
