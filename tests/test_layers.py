@@ -20,7 +20,7 @@ LAYERS = [
     (
         "building blocks",
         ["hf_sbp.head", "hf_sbp.labels", "hf_sbp.example_cache", "hf_sbp.subset_loss", "hf_sbp.selection_metrics"],
-    ),  # fmt: skip
+    ),
     ("strategies", ["hf_sbp.strategies"]),
     (
         "trainer",
@@ -30,10 +30,11 @@ LAYERS = [
             "hf_sbp.epoch_pruning",
             "hf_sbp.irreducible_loss",
             "hf_sbp.setup_checks",
+            "hf_sbp.card_sections",
             "hf_sbp.model_card",
             "hf_sbp.trainer",
         ],
-    ),  # fmt: skip
+    ),
     ("example task", ["hf_sbp.glue"]),
     ("benchmark", ["hf_sbp.benchmark"]),
 ]

@@ -27,7 +27,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 
 from .._utils import check_int_at_least, is_int_at_least, is_number
-from ..model_card import load_baseline_results
+from ..card_sections import load_baseline_results
 from .bundled import BUNDLED_DATASETS, add_symmetric_label_noise, load_bundled_dataset, resolve_model_name
 
 TASK_TO_KEYS: dict[str, tuple[str, str | None]] = {
