@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, get_linear_schedule_with_warmup
 
 import hf_sbp.benchmark
-from hf_sbp.benchmark import common, throughput, tta_report, tta_stats, wall_clock
+from hf_sbp.benchmark import common, throughput, tta_grid, tta_report, tta_stats, wall_clock
 from hf_sbp.benchmark import time_to_accuracy as tta
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -190,25 +190,25 @@ GRID = [("none", 1.0), ("random", 0.5), ("loss", 0.5), ("gradmatch", 0.5)]
 def test_runs_to_make_rotates_the_order_and_repeats_the_full_batch():
     unit = ("d", 0.0, 0)
     full, repeat = ("none", 1.0, False), ("none", 1.0, True)
-    assert tta.runs_to_make([], unit, GRID) == [full, ("random", 0.5, False), ("loss", 0.5, False),
+    assert tta_grid.runs_to_make([], unit, GRID) == [full, ("random", 0.5, False), ("loss", 0.5, False),
                                                 ("gradmatch", 0.5, False), repeat]  # fmt: skip
-    assert tta.runs_to_make([], unit, GRID, rotation=1) == [full, ("loss", 0.5, False), ("gradmatch", 0.5, False),
+    assert tta_grid.runs_to_make([], unit, GRID, rotation=1) == [full, ("loss", 0.5, False), ("gradmatch", 0.5, False),
                                                             ("random", 0.5, False), repeat]  # fmt: skip
-    assert tta.runs_to_make(recorded(*GRID), unit, GRID) == []
-    assert tta.runs_to_make(recorded(*GRID), ("d", 0.2, 0), GRID)[1:-1] == [(s, k, False) for s, k in GRID[1:]]
+    assert tta_grid.runs_to_make(recorded(*GRID), unit, GRID) == []
+    assert tta_grid.runs_to_make(recorded(*GRID), ("d", 0.2, 0), GRID)[1:-1] == [(s, k, False) for s, k in GRID[1:]]
     # A strategy added later: the full batch and the random subset run again beside it, in a new sitting.
-    assert tta.runs_to_make(recorded(*GRID), unit, [*GRID, ("stale-loss", 0.5)]) == [
+    assert tta_grid.runs_to_make(recorded(*GRID), unit, [*GRID, ("stale-loss", 0.5)]) == [
         full, ("random", 0.5, False), ("stale-loss", 0.5, False), repeat
     ]  # fmt: skip
     # Runs recorded without their sitting's full batch (interrupted before it was written) do not count.
-    assert len(tta.runs_to_make(recorded(*GRID[1:]), unit, GRID)) == 5
+    assert len(tta_grid.runs_to_make(recorded(*GRID[1:]), unit, GRID)) == 5
 
 
 def test_runs_to_make_brings_every_keeps_random_subset_and_random_prune_beside_a_pruning_run():
     grid = common.strategy_grid(["random", "gradmatch", "infobatch", "random-prune"], [0.5, 0.25])
     assert grid[-2:] == [("infobatch", 1.0), ("random-prune", 1.0)]  # whole batches, once
     without_infobatch = [r for r in recorded(*grid) if r["strategy"] != "infobatch"]
-    assert [p[:2] for p in tta.runs_to_make(without_infobatch, ("d", 0.0, 0), grid)] == [
+    assert [p[:2] for p in tta_grid.runs_to_make(without_infobatch, ("d", 0.0, 0), grid)] == [
         ("none", 1.0), ("random", 0.5), ("random", 0.25), ("infobatch", 1.0), ("random-prune", 1.0), ("none", 1.0),
     ]  # fmt: skip
 
@@ -269,7 +269,7 @@ def hand_made_rows(seeds=5):
 
 
 def test_the_summary_pairs_every_seed_with_its_own_baselines():
-    summary = tta.summarize(hand_made_rows())
+    summary = tta_grid.summarize(hand_made_rows())
     rows = {r["strategy"]: r for r in summary["rows"]}
     assert list(rows) == ["none", "gradmatch", "random"]  # the full batch, then registration order
     gradmatch = rows["gradmatch"]
@@ -292,7 +292,7 @@ def test_the_summary_pairs_every_seed_with_its_own_baselines():
 
 
 def test_fewer_than_five_seeds_give_no_verdict():
-    rows = {r["strategy"]: r for r in tta.summarize(hand_made_rows(seeds=3))["rows"]}
+    rows = {r["strategy"]: r for r in tta_grid.summarize(hand_made_rows(seeds=3))["rows"]}
     assert rows["random"]["verdict_vs_full"] == tta_stats.TOO_FEW_SEEDS
     assert rows["random"]["time_ratio_vs_full"]["median"] == pytest.approx(2 / 3)
 
@@ -303,7 +303,7 @@ def test_times_compare_only_within_a_sitting():
     for seed in range(5):
         rows += [curve_row("none", seed, 0.75, 200.0, sitting="B"), curve_row("random", seed, 0.75, 200.0, sitting="B")]
         rows.append(curve_row("loss", seed, 0.25, 200.0, sitting="B"))
-    summary = {r["strategy"]: r for r in tta.summarize(rows)["rows"]}
+    summary = {r["strategy"]: r for r in tta_grid.summarize(rows)["rows"]}
     assert summary["loss"]["time_ratio_vs_random"]["median"] == pytest.approx(1 / 3)  # B's random subset, not A's
     assert summary["gradmatch"]["time_ratio_vs_random"]["median"] == pytest.approx(0.5)  # A's
 
@@ -314,7 +314,7 @@ def test_times_compare_only_within_a_sitting():
 def test_the_summary_report_prints_the_numbers_of_the_summary_json(tmp_path):
     rows = hand_made_rows()
     common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, rows)
-    tta.write_summary(str(tmp_path), {"device": "cpu", "cpu_model": "test"}, rows)
+    tta_grid.write_summary(str(tmp_path), {"device": "cpu", "cpu_model": "test"}, rows)
     summary = json.loads((tmp_path / "time_to_accuracy_summary.json").read_text())
     text = open(tta_report.render_summary(str(tmp_path))).read()
     for row in summary["rows"]:
@@ -332,7 +332,7 @@ def test_the_summary_report_prints_the_numbers_of_the_summary_json(tmp_path):
 def test_the_readme_block_is_rewritten_from_the_summary_and_nothing_else(tmp_path):
     rows = hand_made_rows()
     common.write_json(str(tmp_path / "time_to_accuracy.json"), {"device": "cpu"}, rows)
-    tta.write_summary(str(tmp_path), {"device": "cpu"}, rows)
+    tta_grid.write_summary(str(tmp_path), {"device": "cpu"}, rows)
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\n{tta_report.README_START}\nold\n{tta_report.README_END}\n\n## After\n")
     assert tta_report.update_readme(str(readme), str(tmp_path))
@@ -365,7 +365,7 @@ def test_the_committed_readme_block_is_what_the_committed_summary_renders():
     # The summary itself recomputes from the committed rows.
     with open(os.path.join(results, f"{tta.JSON_NAME}.json")) as handle:
         rows = json.load(handle)["rows"]
-    recomputed = tta.summarize(rows)
+    recomputed = tta_grid.summarize(rows)
     assert json.dumps(recomputed["rows"]) == json.dumps(summary["rows"])  # as text: NaN equals NaN
 
 
@@ -569,8 +569,8 @@ def test_the_peak_memory_process_measures_lora_too():
 
 
 def test_the_grid_waits_while_the_pause_file_exists(tmp_path):
-    assert tta.wait_while_paused(str(tmp_path), print, sleep=pytest.fail) == 0.0  # no file: no wait, no sleep
-    pause = tmp_path / tta.PAUSE_NAME
+    assert tta_grid.wait_while_paused(str(tmp_path), print, sleep=pytest.fail) == 0.0  # no file: no wait, no sleep
+    pause = tmp_path / tta_grid.PAUSE_NAME
     pause.write_text("")
     sleeps, messages = [], []
 
@@ -579,7 +579,7 @@ def test_the_grid_waits_while_the_pause_file_exists(tmp_path):
         if len(sleeps) == 3:  # someone removes the file while the grid waits
             pause.unlink()
 
-    assert tta.wait_while_paused(str(tmp_path), messages.append, poll_s=0.5, sleep=sleep) >= 0.0
+    assert tta_grid.wait_while_paused(str(tmp_path), messages.append, poll_s=0.5, sleep=sleep) >= 0.0
     assert sleeps == [0.5, 0.5, 0.5] and not pause.exists()
     assert "paused" in messages[0] and str(pause) in messages[0] and "resumed" in messages[1]
 

@@ -20,8 +20,8 @@ from .overhead import run_overhead
 from .padding import run_padding
 from .report import write_report
 from .throughput import measure_peak_memory, merge_rows, run_throughput
-from .time_to_accuracy import run_time_to_accuracy
 from .training import run_training
+from .tta_grid import run_time_to_accuracy
 
 USAGE = """Benchmarks of selective backprop.
 

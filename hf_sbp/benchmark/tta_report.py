@@ -11,7 +11,8 @@ from typing import Any
 from .._utils import markdown_table
 from .common import load_rows
 from .palette import strategy_colors
-from .time_to_accuracy import JSON_NAME, SUMMARY_NAME, current_rows, write_summary
+from .time_to_accuracy import JSON_NAME, SUMMARY_NAME
+from .tta_grid import current_rows, write_summary
 from .tta_stats import MIN_SEEDS_FOR_VERDICT, median_curves, paired_seeds
 
 SUMMARY_FILE = "summary.md"

@@ -1,0 +1,223 @@
+"""The time-to-accuracy grid (:func:`run_time_to_accuracy`): every unit's runs (:func:`.time_to_accuracy.train_run`),
+appended to ``time_to_accuracy.json`` after every run; a rerun skips what is recorded, and a unit left incomplete is
+run again (its baselines with it) in the new sitting; a pause file holds the grid between runs; and the summary,
+``time_to_accuracy_summary.json`` (:func:`summarize`, the statistics of :mod:`.tta_stats`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    BUDGET_STRATEGY,
+    FULL_BATCH,
+    PRUNING_BASELINE,
+    BenchmarkContext,
+    Data,
+    load_rows,
+    prunes_dataset,
+    strategy_grid,
+    strategy_order,
+    write_json,
+)
+from .time_to_accuracy import (
+    CELL_KEYS,
+    JSON_NAME,
+    PROTOCOL,
+    SUMMARY_NAME,
+    TARGET_FRACTION,
+    Cell,
+    TimeToAccuracySettings,
+    train_run,
+)
+from .tta_stats import drift_ratios, summary_row
+
+# ---- the grid and resuming --------------------------------------------------------------------------
+
+
+def _pair(strategy: str, keep: float) -> tuple[str, float]:
+    return (strategy, round(float(keep), 6))
+
+
+def runs_to_make(
+    existing: Iterable[dict[str, Any]], unit: tuple[str, float, int], grid: list[tuple[str, float]], rotation: int = 0
+) -> list[tuple[str, float, bool]]:
+    """The ``(strategy, keep, repeat)`` runs to make for ``unit`` = (dataset, label noise, seed) in a new sitting.
+
+    Nothing when every (strategy, keep) of ``grid`` is recorded in a sitting that also holds the unit's full batch.
+    Otherwise the missing runs, with their baselines (the random subset at the run's keep, or at every per-batch keep
+    of the grid and ``random-prune`` for a dataset-level strategy, where the grid has them), in the grid's order
+    rotated by ``rotation`` places (the seed's index: no strategy always runs first or last), after the full batch
+    (it sets the budget) and before the full batch's repeat (the drift check)."""
+    unit_rows = [r for r in existing if (r["dataset"], r["label_noise"], r["seed"]) == unit]
+    sittings_with_full = {r.get("sitting") for r in unit_rows if r["strategy"] == FULL_BATCH and not r.get("repeat")}
+    done = {
+        _pair(r["strategy"], r["keep"])
+        for r in unit_rows
+        if r.get("sitting") in sittings_with_full and not r.get("repeat")
+    }
+    wanted = [_pair(s, k) for s, k in grid if s != FULL_BATCH]
+    missing = [pair for pair in wanted if pair not in done]
+    if not missing:
+        return []
+    batch_keeps = sorted({k for s, k in wanted if not prunes_dataset(s)})
+    plan = set(missing)
+    for strategy, keep in missing:
+        baselines = [_pair(BUDGET_STRATEGY, keep)]
+        if prunes_dataset(strategy):
+            baselines = [_pair(BUDGET_STRATEGY, k) for k in batch_keeps] + [_pair(PRUNING_BASELINE, 1.0)]
+        plan.update(b for b in baselines if b in wanted)
+    ordered = [pair for pair in wanted if pair in plan]
+    shift = rotation % len(ordered)
+    ordered = ordered[shift:] + ordered[:shift]
+    return [(FULL_BATCH, 1.0, False)] + [(s, k, False) for s, k in ordered] + [(FULL_BATCH, 1.0, True)]
+
+
+def new_sitting_id() -> str:
+    """An id of this invocation, its start time in UTC (``2025-01-31T12:34:56.789012Z``): ids sort by time."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def current_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the current protocol (:data:`PROTOCOL`)."""
+    return [r for r in rows if r.get("protocol") == PROTOCOL]
+
+
+PAUSE_NAME = "time_to_accuracy.pause"
+"""While a file of this name is in the output folder, the grid waits before its next run: the machine is then free
+for tests or builds without ending the sitting (the runs before and after the pause pair as one sitting's; the
+unit's full-batch repeat still measures the machine's drift across it)."""
+
+
+def wait_while_paused(
+    output_dir: str, progress: Callable[[str], None], poll_s: float = 10.0, sleep: Callable[[float], None] = time.sleep
+) -> float:
+    """Wait while :data:`PAUSE_NAME` exists in ``output_dir``; returns the seconds waited (0 without the file)."""
+    path = os.path.join(output_dir, PAUSE_NAME)
+    if not os.path.exists(path):
+        return 0.0
+    progress(f"paused before the next run: remove {path} to go on")
+    started = time.perf_counter()
+    while os.path.exists(path):
+        sleep(poll_s)
+    waited = time.perf_counter() - started
+    progress(f"resumed after {waited:.0f} s")
+    return waited
+
+
+def run_time_to_accuracy(ctx: BenchmarkContext, machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every dataset x noise x seed unit (cells outermost, seeds inside: a cell reaches the seeds a verdict needs
+    before the next cell starts, instead of every cell reaching them only at the grid's end), each
+    run of :func:`runs_to_make`, appended to ``time_to_accuracy.json`` after every run and summarised in
+    ``time_to_accuracy_summary.json`` after every unit; returns all its rows."""
+    bench = ctx.bench
+    settings = TimeToAccuracySettings.from_arguments(bench)
+    path = os.path.join(bench.output_dir, f"{JSON_NAME}.json")
+    rows = current_rows(load_rows(bench.output_dir, JSON_NAME)[1])
+    sitting = new_sitting_id()
+    grid = strategy_grid(bench.tta_strategy_names, bench.training_keep_values)
+    specs = bench.dataset_specs()
+    units = [(i, seed, name, spec, noise) for name, spec in specs for noise in bench.tta_noise_values
+             for i, seed in enumerate(bench.tta_seed_values)]  # fmt: skip
+    data_cache: dict[str, Data] = {}
+    for number, (index, seed, name, spec, noise) in enumerate(units, 1):
+        unit_grid = [(s, k) for s, k in grid if index < bench.tta_seed_limit(s)]
+        plan = runs_to_make(rows, (name, noise, seed), unit_grid, rotation=index)
+        label = f"time-to-accuracy unit {number}/{len(units)} {name} noise={noise} seed={seed}"
+        if not plan:
+            ctx.progress(f"{label}: every run recorded, skipped")
+            continue
+        if name not in data_cache:
+            data_cache[name] = Data(spec, ctx.tokenizer, bench.seq_len)
+        unit_settings = dataclasses.replace(settings, learning_rate=bench.tta_learning_rate(name))
+        cell = Cell.from_data(name, data_cache[name], noise, seed, unit_settings)
+        budget = None
+        for strategy, keep, repeat in plan:
+            wait_while_paused(bench.output_dir, ctx.progress)
+            args = (cell, strategy, keep, unit_settings, ctx.tokenizer, ctx.model_path, ctx.scratch_dir)
+            row = train_run(*args, budget=None if repeat else budget)
+            gc.collect()  # the run's model and trainer, before the next one loads
+            if budget is None:
+                budget = {key: row[key] for key in ("budget_s", "budget_cost", "target")}
+            row.update(repeat=repeat, sitting=sitting, machine=machine)
+            rows.append(row)
+            write_json(path, machine, rows, verbose=False)
+            reached = row["time_to_target_s"]
+            ctx.progress(
+                f"{label} {strategy}@{keep}{' (repeat)' if repeat else ''}: {row['steps']} steps in "
+                f"{row['train_s']:.1f} s (budget {budget['budget_s']:.1f} s), final acc {row['final_accuracy']:.4f}, "
+                f"target {budget['target']:.4f} " + ("not reached" if reached is None else f"at {reached:.1f} s")
+            )
+        write_summary(bench.output_dir, machine, rows)
+    write_json(path, machine, rows)
+    write_summary(bench.output_dir, machine, rows)
+    return rows
+
+
+# ---- the summary ------------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The statistics of ``rows`` (see :mod:`.tta_stats`): per (dataset, noise, keep group), a row per strategy in
+    registration order (the full batch, the per-batch strategies at the group's keep, the dataset-level ones at
+    keep 1.0 compared with the random subset at the largest per-batch keep), the drift of every seed, and the grid's
+    wall time (every run's, loading and evaluation included); per cell its sizes (:data:`CELL_KEYS`) and the
+    median budget and target."""
+    rows = current_rows(rows)
+    out, cells = [], []
+    for dataset, noise in sorted({(r["dataset"], float(r["label_noise"])) for r in rows}):
+        group = [r for r in rows if r["dataset"] == dataset and float(r["label_noise"]) == noise and not r["repeat"]]
+        fulls = [r for r in group if r["strategy"] == FULL_BATCH]
+        if fulls:
+            cells.append(
+                {
+                    "dataset": dataset,
+                    "label_noise": noise,
+                    **{key: fulls[0].get(key) for key in CELL_KEYS},
+                    "median_budget_s": float(np.median([r["budget_s"] for r in fulls])),
+                    "median_target": float(np.median([r["target"] for r in fulls])),
+                }
+            )
+        batch = [r for r in group if r["strategy"] != FULL_BATCH and not prunes_dataset(r["strategy"])]
+        keeps = sorted({float(r["keep"]) for r in batch}, reverse=True) or [1.0]
+        whole = strategy_order(r["strategy"] for r in group if prunes_dataset(r["strategy"]))
+        entries = [(FULL_BATCH, 1.0, keeps[0])]
+        for keep in keeps:
+            entries += [(s, keep, keep) for s in strategy_order(r["strategy"] for r in batch if r["keep"] == keep)]
+        entries += [(s, 1.0, keeps[0]) for s in whole]
+        for strategy, keep, baseline_keep in entries:
+            entry = summary_row(group, dataset, noise, strategy, keep, baseline_keep)
+            if entry is not None:
+                out.append(entry)
+    drift = drift_ratios(rows)
+    values = [d["drift"] for d in drift]
+    return {
+        "protocol": PROTOCOL,
+        "target_fraction": TARGET_FRACTION,
+        "grid_wall_s": float(sum(r.get("wall_s") or 0.0 for r in rows)),
+        "runs": len(rows),
+        "cells": cells,
+        "drift": {
+            "seeds": len(values),
+            "median": float(np.median(values)) if values else None,
+            "min": float(np.min(values)) if values else None,
+            "max": float(np.max(values)) if values else None,
+            "per_seed": drift,
+        },
+        "rows": out,
+    }
+
+
+def write_summary(output_dir: str, machine: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Write ``time_to_accuracy_summary.json`` (the machine and :func:`summarize` of ``rows``) atomically."""
+    path = os.path.join(output_dir, f"{SUMMARY_NAME}.json")
+    payload = summarize(rows)
+    write_json(path, machine, payload.pop("rows"), verbose=False, extra=payload)
+    return path
