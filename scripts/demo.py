@@ -33,8 +33,8 @@ from transformers.utils import logging as hf_logging
 from hf_sbp.benchmark.common import BUDGET_STRATEGY, Data, run_keep
 from hf_sbp.benchmark.training import TrainingRun, equal_budget_table, train_run, whole_run_statistics
 from hf_sbp.config import import_strategy_modules
+from hf_sbp.glue.arguments import DataTrainingArguments
 from hf_sbp.glue.bundled import BUNDLED_DATASETS, bundled_model_path
-from hf_sbp.glue.run_glue import DataTrainingArguments
 from hf_sbp.strategies import registered_strategies, strategy_class
 
 

@@ -14,7 +14,7 @@ run to compare with in the model card). Offline, it takes local folders and CSV/
 
 It saves ``train_results.json``, ``eval_results.json``, ``all_results.json``, ``predict_results_<task>.txt`` and
 the model card ``README.md`` in ``--output_dir``; ``--push_to_hub`` uploads the model, tokenizer and card.
-The reusable logic lives in :mod:`hf_sbp.glue.run_glue`.
+The reusable logic lives in :mod:`hf_sbp.glue.run_glue`, the argument dataclasses in :mod:`hf_sbp.glue.arguments`.
 """
 
 from __future__ import annotations
@@ -43,14 +43,17 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_sbp import SelectiveBackpropConfig, SelectiveBackpropTrainer
-from hf_sbp.glue.bundled import BUNDLED_DATASETS, bundled_card_info
-from hf_sbp.glue.run_glue import (
+from hf_sbp.glue.arguments import (
     GLUE_DATASET,
     LABEL_COLUMN,
     DataTrainingArguments,
-    LabelInfo,
     ModelArguments,
     RunArguments,
+    validate_label_noise,
+)
+from hf_sbp.glue.bundled import BUNDLED_DATASETS, bundled_card_info
+from hf_sbp.glue.run_glue import (
+    LabelInfo,
     apply_label_noise,
     check_max_seq_length,
     check_output_dir,
@@ -60,7 +63,6 @@ from hf_sbp.glue.run_glue import (
     load_raw_datasets,
     make_compute_metrics,
     text_columns,
-    validate_label_noise,
     validate_raw_datasets,
 )
 from hf_sbp.model_card import set_model_card_info

@@ -27,6 +27,7 @@ from glue_fixtures import (
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from hf_sbp.glue import arguments as glue_arguments
 from hf_sbp.glue import run_glue as glue
 from hf_sbp.glue.metric import GLUE_OFFLINE_PATH, load_glue_offline
 
@@ -264,7 +265,7 @@ def test_label_noise_on_regression_is_an_error(run_glue, model_dir, tmp_path):
         run_glue.main(_common_flags(model_dir, tmp_path, train, val) + ["--label_noise", "0.2"])
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="regression"):
-        glue.DataTrainingArguments(task_name="stsb", label_noise=0.1)
+        glue_arguments.DataTrainingArguments(task_name="stsb", label_noise=0.1)
 
 
 def test_json_config_parses_like_flags(run_glue, tmp_path):
@@ -386,7 +387,7 @@ def test_encode_labels_rejects_unseen_classes():
 
 
 def test_bundled_dataset_name_loads_offline():
-    args = glue.DataTrainingArguments(dataset_name="bbc-news")
+    args = glue_arguments.DataTrainingArguments(dataset_name="bbc-news")
     data = glue.load_raw_datasets(args)
     assert set(data) == {"train", "validation", "test"}
     assert glue.text_columns(data["train"].column_names) == ("text", None)
@@ -394,7 +395,7 @@ def test_bundled_dataset_name_loads_offline():
     assert info.num_labels == 5 and not info.is_regression
     assert glue.metric_config_name(None, info.is_regression, info.num_labels) == "multiclass"
     with pytest.raises(ValueError, match="dataset_config_name='x'"):
-        glue.DataTrainingArguments(dataset_name="tweets", dataset_config_name="x")
+        glue_arguments.DataTrainingArguments(dataset_name="tweets", dataset_config_name="x")
 
 
 # ---- reused output folders: nothing overwritten or mixed ------------------------------------------

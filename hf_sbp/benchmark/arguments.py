@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import import_strategy_modules
-from ..glue.run_glue import DataTrainingArguments
+from ..glue.arguments import DataTrainingArguments
 from ..strategies import strategy_class
 from .common import COMMANDS, DEFAULT_OUTPUT_DIR, OVERHEAD_STRATEGY, PEFT_MODES, parse_strategies, split_list
 

