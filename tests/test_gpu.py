@@ -20,7 +20,8 @@ from test_omp_torch import ADVERSARIAL, OPTIONS, assert_same_result
 from tiny_models import make_args, tiny_bert, tiny_dataset
 from transformers import TrainerCallback
 
-from hf_sbp import SelectiveBackpropTrainer, omp_torch
+from hf_sbp import SelectiveBackpropTrainer
+from hf_sbp.core import omp_torch
 from hf_sbp.core.selection import mean_gradient_target
 from hf_sbp.strategies import gradmatch, registered_strategies, strategy_class
 
