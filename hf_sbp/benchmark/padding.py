@@ -217,6 +217,27 @@ def _grad_errors(
     return errors
 
 
+def _time_scoring(model: PreTrainedModel, trainers: dict, timing: list, bench: Any) -> tuple[dict, dict, dict]:
+    """The scoring pass's wall and CPU times and scored columns per length, interleaved (the first round warms up
+    and is dropped)."""
+    scoring: dict[Any, list[float]] = defaultdict(list)
+    scoring_cpu: dict[Any, list[float]] = defaultdict(list)
+    columns: dict[Any, list[int]] = defaultdict(list)
+    for repeat in range(bench.repeats + 1):
+        batch = timing[(repeat - 1) % len(timing)]
+        for length in SCORING_LENGTHS:
+            trainer = trainers[(SCORING_STRATEGY, length)]
+            sync(bench.device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            trainer.score_batch(model, batch)
+            sync(bench.device)
+            if repeat:
+                scoring[length].append(time.perf_counter() - start)
+                scoring_cpu[length].append(time.process_time() - start_cpu)
+                columns[length].append(min(batch["input_ids"].shape[1], length or bench.seq_len))
+    return scoring, scoring_cpu, columns
+
+
 def run_scoring_length(ctx: BenchmarkContext, name: str, data: Data, command: str) -> list[dict[str, Any]]:
     """The rows of ``scoring_length.json`` for one dataset."""
     bench = ctx.bench
@@ -244,23 +265,8 @@ def run_scoring_length(ctx: BenchmarkContext, name: str, data: Data, command: st
     scorer.score_batch(model, probes[0])  # finds the head
     head_params = [f"{scorer.head_name}.weight", f"{scorer.head_name}.bias"]
 
-    # The scoring pass's time per length, interleaved (the first round warms up and is dropped).
-    scoring: dict[Any, list[float]] = defaultdict(list)
-    scoring_cpu: dict[Any, list[float]] = defaultdict(list)
-    columns: dict[Any, list[int]] = defaultdict(list)
     load = os.getloadavg()[0]
-    for repeat in range(bench.repeats + 1):
-        batch = timing[(repeat - 1) % len(timing)]
-        for length in SCORING_LENGTHS:
-            trainer = trainers[(SCORING_STRATEGY, length)]
-            sync(bench.device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            trainer.score_batch(model, batch)
-            sync(bench.device)
-            if repeat:
-                scoring[length].append(time.perf_counter() - start)
-                scoring_cpu[length].append(time.process_time() - start_cpu)
-                columns[length].append(min(batch["input_ids"].shape[1], length or bench.seq_len))
+    scoring, scoring_cpu, columns = _time_scoring(model, trainers, timing, bench)
     whole_s, whole_cpu_s = statistics.median(scoring[None]), statistics.median(scoring_cpu[None])
 
     # The gradient-match error at two model states: the fresh head, and after full-batch training steps.
