@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -99,8 +99,7 @@ def setup_logging(training_args: SelectiveBackpropConfig) -> None:
     logger.info(f"Training/evaluation parameters {training_args}")
 
 
-@dataclass
-class TaskData:
+class TaskData(NamedTuple):
     """The raw splits and what was read off them: the labels, the split names and the text columns."""
 
     raw: datasets.DatasetDict

@@ -25,9 +25,17 @@ PALETTE = (
     "magenta",
     "lime",
     "maroon",
+    "coral",
+    "slateblue",
+    "darkgreen",
+    "gold",
+    "sienna",
+    "deepskyblue",
+    "orchid",
+    "darkslategray",
 )
 """Plot colours of the selective strategies, assigned in registration order (``gradmatch``, ``loss``, ``random``
-first), then to unregistered names found in results; they repeat after sixteen."""
+first), then to unregistered names found in results; they repeat after twenty-four."""
 KEEP_STYLES = {0.5: "-", 0.25: "--", 1.0: "-"}
 """Line styles of the keep values (other keeps are dotted)."""
 
