@@ -58,6 +58,7 @@ from hf_sbp.glue.run_glue import (
     check_max_seq_length,
     check_output_dir,
     encode_labels,
+    first_rows,
     label_info,
     load_metric,
     load_raw_datasets,
@@ -225,10 +226,6 @@ def tokenize(
         )
 
 
-def _first(dataset, count: int | None):
-    return dataset if count is None else dataset.select(range(min(len(dataset), count)))
-
-
 def card_info(
     model_args: ModelArguments, data_args: DataTrainingArguments, training_args, label_noise_flipped: int | None
 ) -> dict:
@@ -286,7 +283,7 @@ def evaluate(trainer, eval_dataset, encoded, data_args: DataTrainingArguments) -
     eval_datasets = [eval_dataset]
     if data_args.task_name == "mnli":
         tasks.append("mnli-mm")
-        eval_datasets.append(_first(encoded["validation_mismatched"], data_args.max_eval_samples))
+        eval_datasets.append(first_rows(encoded["validation_mismatched"], data_args.max_eval_samples))
     combined: dict[str, float] = {}
     for dataset, task in zip(eval_datasets, tasks, strict=True):
         metrics = trainer.evaluate(eval_dataset=dataset)
@@ -356,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_dataset = eval_dataset = predict_dataset = None
     label_noise_flipped = None
     if training_args.do_train:
-        train_dataset = _first(encoded["train"], data_args.max_train_samples)
+        train_dataset = first_rows(encoded["train"], data_args.max_train_samples)
         if data_args.label_noise > 0:
             train_dataset, label_noise_flipped = apply_label_noise(
                 train_dataset, data_args.label_noise, labels.num_labels, training_args.seed
@@ -366,9 +363,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 f"labels (seed {training_args.seed})."
             )
     if training_args.do_eval:
-        eval_dataset = _first(encoded[task.eval_split], data_args.max_eval_samples)
+        eval_dataset = first_rows(encoded[task.eval_split], data_args.max_eval_samples)
     if training_args.do_predict:
-        predict_dataset = _first(encoded[task.test_split], data_args.max_predict_samples)
+        predict_dataset = first_rows(encoded[task.test_split], data_args.max_predict_samples)
 
     metric = load_metric(data_args.task_name, labels.is_regression, labels.num_labels, cache_dir=model_args.cache_dir)
     if data_args.pad_to_max_length:

@@ -26,7 +26,7 @@ from transformers import (
 
 from ..config import SelectiveBackpropArguments, SelectiveBackpropConfig
 from ..glue.arguments import DataTrainingArguments
-from ..glue.run_glue import label_info, load_raw_datasets, text_columns
+from ..glue.run_glue import first_rows, label_info, load_raw_datasets, text_columns
 from ..strategies import registered_strategies, strategy_class
 from ..trainer import SelectiveBackpropTrainer
 
@@ -126,7 +126,8 @@ def prunes_dataset(label: str) -> bool:
 def run_keep(name: str, keep: float) -> float:
     """The ``sbp_keep`` a run of ``name`` takes: ``keep`` for a strategy that selects within batches, 1.0 for the
     full batch and the dataset-level strategies (they train whole batches)."""
-    return keep if strategy_class(parse_variant(name)[0]).selective and not prunes_dataset(name) else 1.0
+    base = parse_variant(name)[0]
+    return keep if strategy_class(base).selective and not prunes_dataset(base) else 1.0
 
 
 def per_batch(names: Iterable[str]) -> list[str]:
@@ -293,7 +294,7 @@ def fixed_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """``count`` batches of real examples padded to exactly ``seq_len`` tokens, on ``device``."""
     collate = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=seq_len)
-    rows = dataset.shuffle(seed=0).select(range(min(len(dataset), batch_size * count)))
+    rows = first_rows(dataset.shuffle(seed=0), batch_size * count)
     batches = []
     for start in range(0, batch_size * count, batch_size):
         chunk = [rows[i % len(rows)] for i in range(start, start + batch_size)]

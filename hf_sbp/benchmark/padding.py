@@ -36,6 +36,7 @@ from transformers import DataCollatorWithPadding, PreTrainedModel
 
 from ..core.padding import trim_padding
 from ..core.selection import index_rows
+from ..glue.run_glue import first_rows
 from .common import FULL_BATCH, BenchmarkContext, Data, full_batch_step, load_model, make_trainer, sync
 from .grad_match import PROBLEM_TYPES, flat_grad, trained_gradient
 
@@ -70,7 +71,7 @@ def dynamic_batches(
     """``count`` batches of ``batch_size`` shuffled rows of ``split``, padded by ``DataCollatorWithPadding`` to their
     longest row (as the trainer's dataloader pads them), on ``device``."""
     collate = DataCollatorWithPadding(tokenizer)
-    rows = split.shuffle(seed=seed).select(range(min(len(split), batch_size * count)))
+    rows = first_rows(split.shuffle(seed=seed), batch_size * count)
     batches = []
     for start in range(0, batch_size * count, batch_size):
         chunk = [rows[i % len(rows)] for i in range(start, start + batch_size)]

@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from ..glue.run_glue import apply_label_noise
+from ..glue.run_glue import apply_label_noise, first_rows
 from ..selection_metrics import PRUNED_FRACTION, run_key
 from .arguments import BenchmarkArguments
 from .common import (
@@ -125,19 +125,19 @@ class Cell:
         ``train_examples`` of the pool shuffled with ``seed``, labels noised at ``label_noise`` with ``seed``. Only
         the training subset depends on the seed."""
         validation = data.splits["validation"].shuffle(seed=0)
-        validation = validation.select(range(min(len(validation), settings.eval_samples)))
+        validation = first_rows(validation, settings.eval_samples)
         pool = data.splits["train"]
         wanted = min(settings.eval_samples, settings.min_eval_samples)
         if len(validation) < wanted and "test" in data.splits:
             test = data.splits["test"].shuffle(seed=0)
-            topped = test.select(range(min(len(test), wanted - len(validation))))
+            topped = first_rows(test, wanted - len(validation))
             validation = concatenate_datasets([validation, topped])
         if len(validation) < wanted:
             pool = pool.shuffle(seed=0)
             moved = min(wanted - len(validation), len(pool) - 1)
             validation = concatenate_datasets([validation, pool.select(range(moved))])
             pool = pool.select(range(moved, len(pool)))
-        clean = pool.shuffle(seed=seed).select(range(min(len(pool), settings.train_examples)))
+        clean = first_rows(pool.shuffle(seed=seed), settings.train_examples)
         train, _ = apply_label_noise(clean, label_noise, data.num_labels, seed, label_column="labels")
         flipped = np.flatnonzero(np.asarray(train["labels"]) != np.asarray(clean["labels"])).tolist()
         return cls(name, label_noise, seed, train, validation, data.num_labels, flipped)

@@ -21,7 +21,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from ..glue.run_glue import apply_label_noise
+from ..glue.run_glue import apply_label_noise, first_rows
 from ..selection_metrics import selection_statistics
 from ..trainer import SelectiveBackpropTrainer
 from .common import (
@@ -131,10 +131,10 @@ def train_run(
         progress_bar: show a progress bar over the run's steps, as ``Trainer`` does.
     """
     splits = data.splits
-    train = splits["train"].shuffle(seed=run.seed).select(range(min(len(splits["train"]), run.steps * run.batch_size)))
+    train = first_rows(splits["train"].shuffle(seed=run.seed), run.steps * run.batch_size)
     train, flipped = apply_label_noise(train, run.label_noise, data.num_labels, run.seed, label_column="labels")
-    validation = splits["validation"].select(range(min(len(splits["validation"]), run.eval_samples)))
-    test = splits[data.test_split].select(range(min(len(splits[data.test_split]), run.test_samples)))
+    validation = first_rows(splits["validation"], run.eval_samples)
+    test = first_rows(splits[data.test_split], run.test_samples)
     model = load_model(model_path, data.num_labels, run.seed, run.device)
     trainer = evaluating_trainer(
         model,

@@ -271,6 +271,11 @@ def make_compute_metrics(metric, is_regression: bool) -> Callable[[Any], dict[st
     return compute_metrics
 
 
+def first_rows(dataset: Dataset, count: int | None) -> Dataset:
+    """The first ``count`` rows of ``dataset`` (all of them when ``count`` is ``None`` or larger)."""
+    return dataset if count is None else dataset.select(range(min(len(dataset), count)))
+
+
 def apply_label_noise(
     dataset: Dataset, rate: float, num_classes: int, seed: int, label_column: str = LABEL_COLUMN
 ) -> tuple[Dataset, int]:
