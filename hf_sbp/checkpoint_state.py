@@ -3,7 +3,8 @@
 The file ``sbp_state_rank{i}.pt`` of process ``i`` holds the strategy's name and every ``sbp_*`` setting (a resumed
 run must share them), the selection generator's state, the strategy's own
 :meth:`~hf_sbp.SelectionStrategy.state_dict`, the head's name, the examples backpropagated so far and the whole-run
-selection metrics. It is read with ``torch.load(weights_only=True)``.
+selection metrics (and, where the strategy has them, the example cache, the pruning history and the irreducible
+losses). It is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,45 @@ def check_same_settings(state: dict[str, Any], current: dict[str, Any], checkpoi
             "resuming it would mix two runs. Resume with the checkpoint's settings, or start afresh in another "
             "output_dir (run_glue.py: --overwrite_output_dir ignores the checkpoints there)."
         )
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """The selection state of a ``SelectiveBackpropTrainer``'s process, as :func:`save_selection_state` writes it:
+    the settings, the generator's state, the strategy's state, the head's name, the examples backpropagated, the
+    whole-run metrics, the example cache, the pruning history and the irreducible losses."""
+    strategy, cache = trainer.strategy, trainer._cache
+    return dict(
+        strategy=trainer.sbp_args.sbp_strategy,
+        settings=selection_settings(trainer.sbp_args),
+        generator=trainer.selection_generator.get_state(),
+        strategy_state=strategy.state_dict(),
+        head_name=trainer.head_name,
+        backprop_examples=trainer.sbp_backprop_examples,
+        metrics=trainer._metrics.state_dict(),
+        example_cache=cache.state_dict() if cache is not None else None,
+        pruning=trainer._epochs.history.state_dict() if strategy.prunes_dataset else None,
+        irreducible_losses=trainer._il.state_dict(),
+    )
+
+
+def restore_trainer_state(trainer: Any, checkpoint: str) -> None:
+    """Restore what :func:`trainer_state` saved in ``checkpoint`` for this process, after checking that the run's
+    settings are the checkpoint's; a missing file is a warning (for a selective strategy) and restores nothing."""
+    strategy, cache = trainer.strategy, trainer._cache
+    state = load_selection_state(checkpoint, trainer.args.process_index, strategy.selective)
+    if state is None:
+        return
+    check_same_settings(state, selection_settings(trainer.sbp_args), checkpoint)
+    trainer.selection_generator.set_state(state["generator"])
+    strategy.load_state_dict(state["strategy_state"])
+    trainer.sbp_backprop_examples = int(state["backprop_examples"])
+    trainer._metrics.load_state_dict(state["metrics"])
+    trainer._head_name = trainer._head_name or state["head_name"]
+    if cache is not None and state.get("example_cache") is not None:
+        cache.load_state_dict(state["example_cache"])
+    if strategy.prunes_dataset and state.get("pruning") is not None:
+        trainer._epochs.history.load_state_dict(state["pruning"])
+    trainer._il.load_state_dict(state.get("irreducible_losses"))
 
 
 def portable_arguments(args: Any) -> Any:

@@ -94,7 +94,7 @@ class IrreducibleLosses:
             self.values = None  # another training set
         labels = dataset_labels(dataset, required=False)
         if labels is not None:
-            check_splittable(labels, self.trainer._problem_type(labels))
+            check_splittable(labels, self.trainer._selector.problem_type(labels))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The irreducible losses of the rows with dataset indices ``ids``."""
@@ -173,7 +173,7 @@ class IrreducibleLosses:
         trainer = self.trainer
         dataset, sbp, args = trainer.train_dataset, trainer.sbp_args, trainer.args
         labels = dataset_labels(dataset)
-        problem_type = trainer._problem_type(labels)
+        problem_type = trainer._selector.problem_type(labels)
         seed = sbp.sbp_seed if sbp.sbp_seed is not None else args.seed
         halves = split_halves(labels, problem_type, torch.Generator().manual_seed(seed))
         smoothing = args.label_smoothing_factor if problem_type == "single_label_classification" else 0.0
@@ -187,7 +187,7 @@ class IrreducibleLosses:
             if sbp.sbp_il_model == "linear_probe":
                 everything = torch.arange(len(dataset))
                 _, features, row_labels = self._scores(initial, dataset, everything)
-                num_outputs = trainer._model_config().num_labels
+                num_outputs = trainer._selector.model_config().num_labels
                 for fit, scored in (halves, halves[::-1]):
                     probe = fit_linear_probe(features[fit], row_labels[fit], problem_type, num_outputs)
                     with torch.no_grad():

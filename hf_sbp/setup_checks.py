@@ -113,6 +113,23 @@ def check_setup(trainer: SelectiveBackpropTrainer, when_training: bool = False, 
         raise
 
 
+def recheck_before_training(trainer: SelectiveBackpropTrainer) -> None:
+    """When ``train()`` starts: the checks made when the trainer was built, made again on the arguments as they are
+    now (with a new strategy if ``sbp_strategy`` changed, the new head if ``sbp_head_module`` did)."""
+    sbp = trainer.sbp_args
+    if sbp.sbp_strategy != trainer.strategy.name:
+        trainer._new_strategy()  # validates the settings too
+    else:
+        sbp.validate_sbp(trainer.args.per_device_train_batch_size)
+    if sbp.sbp_head_module != trainer._head_setting:
+        trainer._head_name = trainer._head_setting = sbp.sbp_head_module
+    # The first examples' forward pass is not repeated (hooks would see it) unless what it checks has changed.
+    changed = setup_key(trainer) != trainer._checked_setup
+    check_setup(trainer, when_training=True, probe=changed)
+    trainer._checked_setup = setup_key(trainer)
+    check_training_set(trainer.train_dataset)
+
+
 def setup_key(trainer: SelectiveBackpropTrainer) -> tuple:
     """What :func:`check_setup` checks, to tell whether it changed: the arguments' values, and which model, training
     set, collator and ``compute_loss_func`` the trainer holds."""
@@ -140,11 +157,11 @@ def _check_setup(trainer: SelectiveBackpropTrainer, probe: bool = True) -> None:
         check_indexable(trainer.train_dataset)
     if strategy.prunes_dataset:
         check_epoch_pruning(trainer)
-    if not trainer.needs_example_losses:
+    if not trainer._selector.needs_example_losses:
         return  # the subset trains with the model's own loss: any model whose batches have rows will do
     unwrapped = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     config = model_config(unwrapped, sbp.sbp_strategy)
-    if trainer.label_smoothing and config.problem_type not in (None, "single_label_classification"):
+    if trainer._selector.label_smoothing and config.problem_type not in (None, "single_label_classification"):
         raise ValueError(
             f"label_smoothing_factor={args.label_smoothing_factor} applies to single-label classification "
             f"only, but the model's problem_type is {config.problem_type!r}."
@@ -284,7 +301,7 @@ def probe_first_batch(trainer: SelectiveBackpropTrainer, config) -> None:
             if batch is None:
                 return
             labels = batch_labels(batch, trainer.label_key)
-            problem_type = batch_problem_type(config, labels, trainer.label_smoothing)
+            problem_type = batch_problem_type(config, labels, trainer._selector.label_smoothing)
             with trainer.compute_loss_context_manager():
                 outputs = no_grad_outputs(trainer.model, batch)
             logits = outputs.get("logits") if isinstance(outputs, Mapping) else None

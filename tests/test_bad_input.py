@@ -238,8 +238,8 @@ class StepClock(TrainerCallback):
 def run_with_broken_scoring(tmp_path, strategy, corrupt, bad_steps=(1, 2), steps=4):
     """Train while ``corrupt`` tampers with the classifier in the scoring pass (eval mode) of ``bad_steps``.
 
-    Returns the trainer, the rows each gradient pass saw (from a hook on the encoder) and the weights
-    ``select_batch`` returned.
+    Returns the trainer, the rows each gradient pass saw (from a hook on the encoder) and the weights each
+    training step's selection returned.
     """
     model = tiny_bert()
     clock = StepClock()
@@ -258,15 +258,16 @@ def run_with_broken_scoring(tmp_path, strategy, corrupt, bad_steps=(1, 2), steps
         callbacks=[clock],
     )
     weights = []
-    select = trainer.select_batch
+    select = trainer._selector.select  # what every training step selects with
 
-    def recording_select(model, inputs):
-        indices, w = select(model, inputs)
+    def recording_select(*args, **kwargs):
+        indices, w, record = select(*args, **kwargs)
         weights.append(w)
-        return indices, w
+        return indices, w, record
 
-    trainer.select_batch = recording_select
+    trainer._selector.select = recording_select
     trainer.train()
+    assert len(weights) == steps
     return trainer, rows, weights
 
 
@@ -358,8 +359,8 @@ def test_bf16_autocast_keeps_selection_in_float32_and_float64(tmp_path, monkeypa
     trainer = SelectiveBackpropTrainer(
         model=model, args=config(tmp_path, bf16=True, max_steps=3), train_dataset=tiny_dataset()
     )
-    select = trainer.select_batch
-    trainer.select_batch = lambda m, i: seen["weights"].append(select(m, i)) or seen["weights"][-1]
+    select = trainer._selector.select  # what every training step selects with
+    trainer._selector.select = lambda *args: seen["weights"].append(select(*args)) or seen["weights"][-1]
     trainer.train()
 
     assert torch.bfloat16 in seen["logits"], "the scoring pass did not run under bf16 autocast"
@@ -369,7 +370,8 @@ def test_bf16_autocast_keeps_selection_in_float32_and_float64(tmp_path, monkeypa
         assert float(torch.linalg.eigvalsh(gram.double()).min()) > -1e-4 * float(gram.diagonal().max())
     for weights in seen["omp"]:
         assert weights.dtype == torch.float64 and bool(torch.isfinite(weights).all()) and bool((weights >= 0).all())
-    for indices, weights in seen["weights"]:
+    assert len(seen["weights"]) == 3
+    for indices, weights, _ in seen["weights"]:
         assert weights.dtype == torch.float32 and bool(torch.isfinite(weights).all())
         assert 1 <= indices.numel() <= BATCH // 2
     fallbacks = sum(log.get("sbp/fallback_steps", 0.0) for log in trainer.state.log_history)

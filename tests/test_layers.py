@@ -30,6 +30,7 @@ LAYERS = [
             "hf_sbp.epoch_pruning",
             "hf_sbp.irreducible_loss",
             "hf_sbp.setup_checks",
+            "hf_sbp.batch_selection",
             "hf_sbp.card_sections",
             "hf_sbp.model_card",
             "hf_sbp.trainer",

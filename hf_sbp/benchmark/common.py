@@ -46,9 +46,9 @@ wall-clock budget of the training comparison."""
 PRUNING_BASELINE = "random-prune"
 """The baseline of the dataset-level strategies: as many examples left out per epoch, uniformly at random."""
 OVERHEAD_STRATEGY = "gradmatch"
+"""The strategy whose selection cost the overhead part measures (the most expensive built-in one)."""
 PEFT_MODES = ("none", "lora")
 """``--peft`` values: full fine-tuning, or LoRA on the attention projections (throughput part only)."""
-"""The strategy whose selection cost the overhead part measures (the most expensive built-in one)."""
 
 
 def selective_strategies() -> tuple[str, ...]:
