@@ -156,6 +156,8 @@ def render_model_card(
     current = run_results(log_history, results)
     data_text = dataset_text(_listify(dataset) or _listify(dataset_tags), dataset_descriptions)
     hyper_text, training_results = training_texts(trainer, sbp, log_history)
+    head_name = getattr(trainer, "head_name", None) or sbp.sbp_head_module
+    backprop_examples = current.get("sbp_backprop_examples", getattr(trainer, "sbp_backprop_examples", None))
     fields = {
         "metadata": yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
         "model_name": model_name,
@@ -165,16 +167,9 @@ def render_model_card(
         "task": task_text(config, tasks),
         "results": results_text(current, label_noise),
         "selection_settings": settings_section(
-            sbp,
-            args.seed,
-            getattr(trainer, "head_name", None) or sbp.sbp_head_module,
-            label_noise,
-            label_noise_flipped,
-            current.get("train_samples"),
+            sbp, args.seed, head_name, label_noise, label_noise_flipped, current.get("train_samples")
         ),
-        "selection_statistics": statistics_section(
-            sbp, log_history, current.get("sbp_backprop_examples", getattr(trainer, "sbp_backprop_examples", None))
-        ),
+        "selection_statistics": statistics_section(sbp, log_history, backprop_examples),
         "baseline": baseline_section(sbp, current, baseline_results),
         "hyperparameters": hyper_text,
         "training_results": training_results,

@@ -143,6 +143,30 @@ def _summary(values: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
+def _grad_match_row(
+    task: str, problem_type: str, key: tuple[str, str | None, float], layer: str, step: int,
+    values: list[dict[str, float]],
+    info: list[dict[str, float]],
+) -> dict[str, Any]:  # fmt: skip
+    """A row of ``grad_match.json``: one strategy's errors at one step on one layer set, over the probe batches."""
+    strategy, mode, keep = key
+    return {
+        "task": task,
+        "problem_type": problem_type,
+        "strategy": strategy,
+        "weight_normalization": mode,
+        "keep": keep,
+        "layer": layer,
+        "step": step,
+        **_summary(values),
+        # sum_S w_i / m: the trained gradient's scale against a weighted mean of the subset's.
+        "mean_weight": float(np.mean([d["mean_weight"] for d in info])),
+        "subset_size": float(np.mean([d["subset_size"] for d in info])),
+        # The trainer's own logged estimate (from the Gram matrix): equals the last layer's error.
+        "gram_error": float(np.mean([d["gram_error"] for d in info])) if layer == "last" else None,
+    }
+
+
 def run_task(ctx: BenchmarkContext, data: Data, task: str) -> list[dict[str, Any]]:
     """Along a full-batch training run of ``task``, every measured strategy's trained subset gradient against the
     batch mean gradient on held-out batches, at four steps (rows of ``grad_match.json``)."""
@@ -199,23 +223,7 @@ def run_task(ctx: BenchmarkContext, data: Data, task: str) -> list[dict[str, Any
                     )
             for (strategy, mode, keep, layer), values in measured.items():
                 info = details[(strategy, mode, keep)]
-                rows.append(
-                    {
-                        "task": task,
-                        "problem_type": problem_type,
-                        "strategy": strategy,
-                        "weight_normalization": mode,
-                        "keep": keep,
-                        "layer": layer,
-                        "step": step,
-                        **_summary(values),
-                        # sum_S w_i / m: the trained gradient's scale against a weighted mean of the subset's.
-                        "mean_weight": float(np.mean([d["mean_weight"] for d in info])),
-                        "subset_size": float(np.mean([d["subset_size"] for d in info])),
-                        # The trainer's own logged estimate (from the Gram matrix): equals the last layer's error.
-                        "gram_error": float(np.mean([d["gram_error"] for d in info])) if layer == "last" else None,
-                    }
-                )
+                rows.append(_grad_match_row(task, problem_type, (strategy, mode, keep), layer, step, values, info))
             summary = ", ".join(
                 f"{s}{'/' + m if m else ''}@{k}: {np.mean([v['rel_error'] for v in measured[(s, m, k, 'full')]]):.3f}"
                 for (s, m, k) in trainers

@@ -105,6 +105,24 @@ def hook_cost_s(
     return max(0.0, timings[True] - timings[False])
 
 
+def _overhead_row(
+    bench: Any, batch_size: int, keep: float, impl: str, omp_batch: int, forward: list[float],
+    selection: list[float], omp: list[float],
+) -> dict[str, Any]:  # fmt: skip
+    """A row of ``overhead.json`` (but its ``repeats``): the medians of the times measured."""
+    return {
+        "batch_size": batch_size,
+        "seq_len": bench.seq_len,
+        "keep": keep,
+        "omp_batch": omp_batch,
+        "device": bench.device,
+        "omp_impl": impl,
+        "forward_s": statistics.median(forward),
+        "selection_s": statistics.median(selection),
+        "omp_s": statistics.median(omp) if omp else None,  # no OMP at keep 1.0: the whole batch
+    }
+
+
 def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
     """Median forward and selection times per batch size and keep (rows of ``overhead.json``).
 
@@ -164,20 +182,8 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
                         selection[variant].append(elapsed + hook_s)
                         omp[variant].extend(omp_times)
             for impl, b in variants:
-                row = {
-                    "batch_size": batch_size,
-                    "seq_len": bench.seq_len,
-                    "keep": keep,
-                    "omp_batch": b,
-                    "device": bench.device,
-                    "omp_impl": impl,
-                    "forward_s": statistics.median(forward),
-                    "selection_s": statistics.median(selection[impl, b]),
-                    # no OMP at keep 1.0: the whole batch
-                    "omp_s": statistics.median(omp[impl, b]) if omp[impl, b] else None,
-                    "repeats": repeats,
-                }
-                rows.append(row)
+                row = _overhead_row(bench, batch_size, keep, impl, b, forward, selection[impl, b], omp[impl, b])
+                rows.append({**row, "repeats": repeats})
                 share = 100 * row["selection_s"] / row["forward_s"]
                 ctx.progress(
                     f"overhead b={batch_size} keep={keep} omp_batch={b} omp_impl={impl}: "

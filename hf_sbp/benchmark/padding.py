@@ -104,6 +104,26 @@ def _subset_tokens(ctx: BenchmarkContext, model: PreTrainedModel, strategy: str,
     return {f"mean_{key}": float(np.mean(values)) for key, values in counts.items()}
 
 
+def _trimming_timings(times: dict[Any, list[float]], cpu: dict[Any, list[float]], strategy: str) -> dict[str, Any]:
+    """The step times of ``strategy`` without and with trimming (wall-clock and CPU), their ratios paired per batch
+    (both settings ran on the same batch, one right after the other) and the ratios' quartiles."""
+    off, on = (strategy, False), (strategy, True)
+    untrimmed, trimmed = statistics.median(times[off]), statistics.median(times[on])
+    paired = [t / u for u, t in zip(times[off], times[on], strict=True)]
+    paired_cpu = [t / u for u, t in zip(cpu[off], cpu[on], strict=True)]
+    return {
+        "step_s_untrimmed": untrimmed,
+        "step_s_trimmed": trimmed,
+        "step_ratio_trimmed": trimmed / untrimmed,
+        "step_ratio_paired_median": statistics.median(paired),
+        "step_ratio_paired_quartiles": [float(q) for q in np.percentile(paired, [25, 75])],
+        "step_cpu_s_untrimmed": statistics.median(cpu[off]),
+        "step_cpu_s_trimmed": statistics.median(cpu[on]),
+        "step_cpu_ratio_paired_median": statistics.median(paired_cpu),
+        "step_cpu_ratio_paired_quartiles": [float(q) for q in np.percentile(paired_cpu, [25, 75])],
+    }
+
+
 def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) -> list[dict[str, Any]]:
     """The rows of ``padding.json`` for one dataset."""
     bench = ctx.bench
@@ -149,11 +169,6 @@ def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) ->
     full_s = statistics.median(times[FULL_BATCH])
     rows = []
     for strategy in strategies:
-        off, on = (strategy, False), (strategy, True)
-        untrimmed, trimmed = statistics.median(times[off]), statistics.median(times[on])
-        # Paired per batch: both settings ran on the same batch, one right after the other.
-        paired = [t / u for u, t in zip(times[off], times[on], strict=True)]
-        paired_cpu = [t / u for u, t in zip(cpu[off], cpu[on], strict=True)]
         row = {
             "dataset": name,
             "strategy": strategy,
@@ -163,15 +178,7 @@ def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) ->
             "device": bench.device,
             "batches": len(batches),
             **tokens[strategy],
-            "step_s_untrimmed": untrimmed,
-            "step_s_trimmed": trimmed,
-            "step_ratio_trimmed": trimmed / untrimmed,
-            "step_ratio_paired_median": statistics.median(paired),
-            "step_ratio_paired_quartiles": [float(q) for q in np.percentile(paired, [25, 75])],
-            "step_cpu_s_untrimmed": statistics.median(cpu[off]),
-            "step_cpu_s_trimmed": statistics.median(cpu[on]),
-            "step_cpu_ratio_paired_median": statistics.median(paired_cpu),
-            "step_cpu_ratio_paired_quartiles": [float(q) for q in np.percentile(paired_cpu, [25, 75])],
+            **_trimming_timings(times, cpu, strategy),
             "full_step_s": full_s,
             "full_step_cpu_s": statistics.median(cpu[FULL_BATCH]),
             "repeats": bench.repeats,
@@ -184,8 +191,9 @@ def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) ->
             f"padding {name} {strategy}@{PADDING_KEEP}: padding tokens per subset "
             f"{row['mean_pad_tokens_untrimmed']:.0f} -> {row['mean_pad_tokens_trimmed']:.0f} "
             f"(of {row['mean_real_tokens']:.0f} real), step "
-            f"{untrimmed:.3f} -> {trimmed:.3f} s (paired {row['step_ratio_paired_median']:.3f} x, CPU time "
-            f"{row['step_cpu_ratio_paired_median']:.3f} x; load {load[0]:.1f}, {load[1]:.1f})"
+            f"{row['step_s_untrimmed']:.3f} -> {row['step_s_trimmed']:.3f} s "
+            f"(paired {row['step_ratio_paired_median']:.3f} x, "
+            f"CPU time {row['step_cpu_ratio_paired_median']:.3f} x; load {load[0]:.1f}, {load[1]:.1f})"
         )
     return rows
 
@@ -247,17 +255,9 @@ def run_scoring_length(ctx: BenchmarkContext, name: str, data: Data, command: st
         data.splits["validation"], ctx.tokenizer, bench.batch_size, 2 if bench.quick else 4, bench.device
     )
     timing = dynamic_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, 4, bench.device, seed=1)
+    common = (model, SCORING_STRATEGY, PADDING_KEEP, bench.batch_size, bench.device, ctx.scratch_dir)
     trainers = {
-        (SCORING_STRATEGY, length): make_trainer(
-            model,
-            SCORING_STRATEGY,
-            PADDING_KEEP,
-            bench.batch_size,
-            bench.device,
-            ctx.scratch_dir,
-            sbp_scoring_max_length=length,
-        )  # fmt: skip
-        for length in SCORING_LENGTHS
+        (SCORING_STRATEGY, length): make_trainer(*common, sbp_scoring_max_length=length) for length in SCORING_LENGTHS
     }
     trainers[(REFERENCE_STRATEGY, None)] = make_trainer(
         model, REFERENCE_STRATEGY, PADDING_KEEP, bench.batch_size, bench.device, ctx.scratch_dir
@@ -316,12 +316,12 @@ def run_scoring_length(ctx: BenchmarkContext, name: str, data: Data, command: st
         if step == bench.train_steps:
             break
         full_batch_step(model, train, collate, optimizer, step, bench)
-    for length in SCORING_LENGTHS:
-        ctx.progress(
-            f"scoring length {name} {length or 'full'}: {statistics.median(scoring[length]) * 1e3:.0f} ms "
-            f"({statistics.median(scoring[length]) / whole_s:.2f} x full; CPU time "
-            f"{statistics.median(scoring_cpu[length]) / whole_cpu_s:.2f} x)"
-        )
+    for row in rows:
+        if row["strategy"] == SCORING_STRATEGY and row["step"] == 0:
+            ctx.progress(
+                f"scoring length {name} {row['max_length'] or 'full'}: {row['scoring_s'] * 1e3:.0f} ms "
+                f"({row['scoring_ratio']:.2f} x full; CPU time {row['scoring_cpu_ratio']:.2f} x)"
+            )
     return rows
 
 

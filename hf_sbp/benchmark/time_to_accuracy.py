@@ -283,6 +283,20 @@ def _run_trainer(
     return trainer, model, warmup
 
 
+def _run_settings(cell: Cell, settings: TimeToAccuracySettings) -> dict[str, Any]:
+    """The settings a row records: what its unit trained on and with."""
+    return {
+        "train_examples": len(cell.train),
+        "epochs": settings.epochs_for(len(cell.train)),
+        "batch_size": settings.batch_size,
+        "max_seq_length": settings.max_seq_length,
+        "eval_samples": len(cell.validation),
+        "eval_points": settings.eval_points,
+        "learning_rate": settings.learning_rate,
+        "flipped_labels": len(cell.flipped),
+    }
+
+
 def train_run(
     cell: Cell,
     strategy: str,
@@ -349,14 +363,7 @@ def train_run(
         "eval_s": marks.eval_s,
         "wall_s": 0.0,
         "stopped_by_budget": marks.stopped_by_budget,
-        "train_examples": len(cell.train),
-        "epochs": settings.epochs_for(len(cell.train)),
-        "batch_size": settings.batch_size,
-        "max_seq_length": settings.max_seq_length,
-        "eval_samples": len(cell.validation),
-        "eval_points": settings.eval_points,
-        "learning_rate": settings.learning_rate,
-        "flipped_labels": len(cell.flipped),
+        **_run_settings(cell, settings),
         "pruned_fraction": metrics.get(run_key(PRUNED_FRACTION)),
         "flipped_share_visited": plans.flipped_share(cell.flipped) if cell.flipped else None,
         "flipped_share_backprop": counter.share() if counter is not None else None,

@@ -140,6 +140,30 @@ def trim_padding(
     return out
 
 
+def _right_padded(used: torch.Tensor, lengths: torch.Tensor) -> bool:
+    """Whether the ``(rows, columns)`` mask of used positions is right-padded (``False``: left-padded); a
+    ``ValueError`` if it is neither."""
+    positions = torch.arange(used.shape[1])
+    right = bool((used == (positions[None, :] < lengths[:, None])).all())
+    left = bool((used == (positions[None, :] >= used.shape[1] - lengths[:, None])).all())
+    if not (right or left):
+        raise ValueError(
+            "truncate_for_scoring (sbp_scoring_max_length) needs a right- or left-padded batch, but its "
+            "attention_mask has padding between tokens in some row; unset sbp_scoring_max_length for such batches."
+        )
+    return right
+
+
+def _rows_end_alike(ids: Any, lengths: torch.Tensor, last_source: torch.Tensor) -> bool:
+    """Whether every row with tokens ends with the same ``input_ids`` value (at ``last_source``), as rows closed by
+    a tokenizer's special token do; ``False`` without ``ids`` or tokens."""
+    if not isinstance(ids, torch.Tensor) or not bool(lengths.any()):
+        return False
+    nonempty = lengths > 0
+    last = ids.cpu()[torch.arange(ids.shape[0])[nonempty], last_source[nonempty]]
+    return bool((last == last[0]).all())
+
+
 def truncate_for_scoring(
     inputs: Mapping[str, Any],
     max_length: int,
@@ -191,13 +215,7 @@ def truncate_for_scoring(
     else:
         used = (mask != 0).cpu()
     lengths = used.sum(dim=1)
-    right = bool((used == (positions[None, :] < lengths[:, None])).all())
-    left = bool((used == (positions[None, :] >= columns - lengths[:, None])).all())
-    if not (right or left):
-        raise ValueError(
-            "truncate_for_scoring (sbp_scoring_max_length) needs a right- or left-padded batch, but its "
-            "attention_mask has padding between tokens in some row; unset sbp_scoring_max_length for such batches."
-        )
+    right = _right_padded(used, lengths)
     kept = lengths.clamp(max=max_length)
     width = max(1, int(kept.max()))  # as dynamic padding of rows tokenized with max_length would make it
     if right:
@@ -209,13 +227,9 @@ def truncate_for_scoring(
         offset = (width - kept)[:, None]
         source = torch.where(target >= offset, columns - lengths[:, None] + target - offset, 0)
         last_source, last_target = torch.full((rows,), columns - 1), torch.full((rows,), width - 1)
-    ids = inputs.get("input_ids")
     if keep_last_token is None:
-        keep_last_token = False
-        if mask is not None and isinstance(ids, torch.Tensor) and "input_ids" in per_token and bool(lengths.any()):
-            nonempty = lengths > 0
-            last = ids.cpu()[torch.arange(rows)[nonempty], last_source[nonempty]]
-            keep_last_token = bool((last == last[0]).all())
+        ids = inputs.get("input_ids") if "input_ids" in per_token and mask is not None else None
+        keep_last_token = _rows_end_alike(ids, lengths, last_source)
     cut = lengths > max_length
     out = dict(inputs)
     for key in per_token:
