@@ -412,8 +412,11 @@ class BatchSelector:
             unwrapped_head = head.named_head(self.unwrapped(model), trainer._head_name)
             cache.exchange(self._gather_rows, unwrapped_head.out_features, unwrapped_head.in_features)
         if strategy.ends_steps():
-            reduce, device = trainer.accelerator.reduce, trainer.args.device
-            strategy.end_step((lambda t: reduce(t.to(device), "sum").cpu()) if distributed else None)
+            strategy.end_step(self._sum_across if distributed else None)
+
+    def _sum_across(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every process (a collective: every process must call it), on the CPU."""
+        return self.trainer.accelerator.reduce(values.to(self.trainer.args.device), "sum").cpu()
 
     def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every process's ``rows``, padded along dim 0 with -1 to the longest, concatenated in process order."""
@@ -441,15 +444,10 @@ class BatchSelector:
         strategy = trainer._strategy
         if not strategy.selective:
             return logs
-        reduce, device = trainer.accelerator.reduce, trainer.args.device
-
-        def sum_across(values: torch.Tensor) -> torch.Tensor:
-            return reduce(values.to(device), "sum").cpu()
-
         if "loss" in logs and "eval_loss" not in logs:
-            return {**logs, **trainer._metrics.reduce(False, trainer.args.world_size, sum_across)}
+            return {**logs, **trainer._metrics.reduce(False, trainer.args.world_size, self._sum_across)}
         if "train_runtime" in logs:
-            whole_run = trainer._metrics.reduce(True, trainer.args.world_size, sum_across)
+            whole_run = trainer._metrics.reduce(True, trainer.args.world_size, self._sum_across)
             logs.update({run_key(key): value for key, value in whole_run.items()})
             if strategy.needs_irreducible_loss:
                 logs[run_key(IL_SECONDS)] = trainer.sbp_il_seconds
