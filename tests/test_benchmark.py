@@ -447,6 +447,20 @@ def test_saved_activations_count_what_autograd_keeps_for_backward_once_without_p
     assert unsaved.bytes == 0
 
 
+def test_the_peak_memory_process_sees_the_activations_a_step_saves(tmp_path):
+    # The real model with LoRA, where the process's peak used to read a fifth of the activations its full step
+    # saves (glibc's adjustable mmap threshold; see throughput.FIXED_MMAP_THRESHOLD).
+    pytest.importorskip("peft")
+    bench = hf_sbp.benchmark.cli.parse_arguments(["throughput", "--peft", "lora", "--batch_size", "32"])
+    trainer, model, batches = throughput.memory_setup(bench, "none", 1.0, str(tmp_path))
+    saved = throughput.saved_activations_mb(trainer, model, batches[0])
+    full = throughput.peak_memory_mb(bench, "none", 1.0)
+    half = throughput.peak_memory_mb(bench, "random", 0.5)
+    assert saved > 50  # megabytes: a real step, far above the allocator's small blocks
+    assert full >= 0.9 * saved
+    assert 0 < half < 0.75 * full
+
+
 @pytest.mark.parametrize("strategy", ["random", "gradmatch"])
 def test_a_half_subset_step_saves_about_half_the_full_steps_activations(tmp_path, strategy):
     from tiny_models import tiny_bert

@@ -181,12 +181,22 @@ def peak_memory_command(bench: BenchmarkArguments, strategy: str, keep: float) -
     return command
 
 
+FIXED_MMAP_THRESHOLD = 64 * 1024
+"""The child's ``MALLOC_MMAP_THRESHOLD_`` on the CPU, in bytes. glibc raises its mmap threshold each time it frees a
+mapped block, so after the warm-up step most of a step's tensors come from the heap, where freed memory stays
+resident: the peak above the memory held before the steps then misses whatever the warm-up left behind, by an amount
+that depends on the step's history (LoRA's rows read far below the activations they save). A fixed threshold turns
+the adjustment off: every block this large or larger is mapped when allocated and returned when freed, so the
+resident memory follows the live tensors."""
+
+
 def peak_memory_mb(bench: BenchmarkArguments, strategy: str, keep: float) -> float:
     """Peak memory of a few training steps of one strategy, in a fresh process (RSS on CPU), in MB."""
     # The child imports the same hf_sbp as this process, installed or not.
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(FIXED_MMAP_THRESHOLD)
     out = subprocess.run(
         peak_memory_command(bench, strategy, keep), capture_output=True, text=True, env=env, check=False
     )
@@ -269,11 +279,10 @@ class RssSampler:
         self.peak = max(self.peak, resident_bytes())
 
 
-def measure_peak_memory(bench: BenchmarkArguments, scratch_dir: str) -> None:
-    """Child process: one warm-up step (which creates the optimizer's state), then print the peak memory of
-    three more steps above the memory held before them, in MB: the activations and gradients that a step of
-    this strategy needs."""
-    strategy, keep = bench.memory_strategy, bench.keep_values[0]
+def memory_setup(
+    bench: BenchmarkArguments, strategy: str, keep: float, scratch_dir: str
+) -> tuple[SelectiveBackpropTrainer, PreTrainedModel, list[dict[str, torch.Tensor]]]:
+    """The trainer, model and two batches whose steps the peak-memory process measures."""
     spec = (
         DataTrainingArguments(train_file=bench.train_file, validation_file=bench.validation_file)
         if bench.train_file
@@ -287,7 +296,14 @@ def measure_peak_memory(bench: BenchmarkArguments, scratch_dir: str) -> None:
     if bench.peft == LORA:
         model = lora_model(model, bench.lora_r)
     batches = indexed(batches)
-    trainer = step_trainer(model, strategy, keep, bench, scratch_dir, batches)
+    return step_trainer(model, strategy, keep, bench, scratch_dir, batches), model, batches
+
+
+def measure_peak_memory(bench: BenchmarkArguments, scratch_dir: str) -> None:
+    """Child process: one warm-up step (which creates the optimizer's state), then print the peak memory of
+    three more steps above the memory held before them, in MB: the activations and gradients that a step of
+    this strategy needs."""
+    trainer, model, batches = memory_setup(bench, bench.memory_strategy, bench.keep_values[0], scratch_dir)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(batch) -> None:
