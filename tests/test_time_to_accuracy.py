@@ -347,6 +347,28 @@ def test_the_readme_block_is_rewritten_from_the_summary_and_nothing_else(tmp_pat
     assert not tta_report.update_readme(str(plain), str(tmp_path)) and plain.read_text() == "no block"
 
 
+def test_the_bottom_line_names_only_strategies_faster_than_both_baselines():
+    def row(strategy, against_random, against_full, dataset="d"):
+        return {"strategy": strategy, "schedule": "time", "keep": 0.5, "dataset": dataset, "label_noise": 0.0,
+                "verdict_vs_random": against_random, "verdict_vs_full": against_full}  # fmt: skip
+
+    few = [row("loss", "too few seeds", "too few seeds")]
+    assert "no cell has enough seeds" in tta_report.bottom_line(few)
+    mixed = [
+        row("random", None, "faster"),
+        row("loss", "faster", "no difference"),
+        row("gradmatch", "no difference", "faster"),
+        row("rho-loss", "slower", "slower", dataset="e"),
+        row("importance", "slower", "faster"),
+    ]
+    line = tta_report.bottom_line(mixed)
+    assert "no strategy is `faster` than both" in line and "(d, noise 0; e, noise 0)" in line
+    assert line.endswith("Slower than both: `rho-loss@0.5` (e, noise 0).")
+    line = tta_report.bottom_line([*mixed, row("stale-loss", "faster", "faster", dataset="e")])
+    assert "both the random subset and the full batch: `stale-loss@0.5` (e, noise 0)." in line
+    assert "`loss" not in line and "`gradmatch" not in line and "`importance" not in line
+
+
 def test_the_committed_readme_block_is_what_the_committed_summary_renders():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     readme = os.path.join(root, "README.md")

@@ -13,7 +13,7 @@ from .common import load_rows
 from .palette import strategy_colors
 from .time_to_accuracy import JSON_NAME, SUMMARY_NAME
 from .tta_grid import current_rows, write_summary
-from .tta_stats import MIN_SEEDS_FOR_VERDICT, median_curves, paired_seeds
+from .tta_stats import MIN_SEEDS_FOR_VERDICT, TOO_FEW_SEEDS, median_curves, paired_seeds
 
 SUMMARY_FILE = "summary.md"
 
@@ -222,6 +222,39 @@ def _short(row: dict[str, Any], name: str) -> str:
     return f"{ratio['median']:.2f} {verdict}"
 
 
+def _cell_name(row: dict[str, Any]) -> str:
+    return f"{row['dataset']}, noise {row['label_noise']:g}"
+
+
+def bottom_line(rows: list[dict[str, Any]]) -> str:
+    """What the verdicts tell a user to do: the strategies `faster` than both the random subset and the full batch in
+    a cell, else the advice to train the full batch or the random subset; and those `slower` than both."""
+
+    def against_both(verdict: str) -> str:
+        found = [row for row in rows if row.get("verdict_vs_random") == verdict == row.get("verdict_vs_full")]
+        return ", ".join(f"`{_label(row)}` ({_cell_name(row)})" for row in found)
+
+    with_verdicts = [row for row in rows if row.get("verdict_vs_full") not in (None, TOO_FEW_SEEDS)]
+    decided = list(dict.fromkeys(_cell_name(row) for row in with_verdicts))
+    if not decided:
+        return (
+            "**Bottom line:** no cell has enough seeds for a verdict yet; until one has, train the full batch "
+            "(`none`), or `random` for cheaper steps."
+        )
+    winners, losers = against_both("faster"), against_both("slower")
+    if winners:
+        text = (
+            f"**Bottom line:** `faster` than both the random subset and the full batch: {winners}. On a task like "
+            "those, switch to it; elsewhere train the full batch (`none`), or `random` for cheaper steps."
+        )
+    else:
+        text = (
+            f"**Bottom line:** where the grid has verdicts ({'; '.join(decided)}), no strategy is `faster` than both "
+            "the random subset and the full batch: train the full batch (`none`), or `random` for cheaper steps."
+        )
+    return text + (f" Slower than both: {losers}." if losers else "")
+
+
 def readme_block(summary: dict[str, Any], image: str) -> str:
     """The README's results: per strategy (rows) and cell (columns), the median time-to-target ratio against the random
     subset and against the full batch with their verdicts, and the combined plot at ``image``."""
@@ -239,6 +272,7 @@ def readme_block(summary: dict[str, Any], image: str) -> str:
     return "\n\n".join(
         [
             README_START,
+            bottom_line(rows),
             "Time to 99% of the full batch's accuracy on the full batch's wall-clock budget, as a ratio to the random "
             "subset's / the full batch's time (median over seeds, seeds in brackets; below 1 is sooner), with the "
             "verdict of the 95% bootstrap interval (`faster`, `slower`, `no difference`, or `too few seeds` under "
