@@ -19,8 +19,11 @@ from transformers import BertForSequenceClassification, Trainer
 from hf_sbp import SelectiveBackpropTrainer
 from hf_sbp.core.selection import gradient_match_error, head_residuals, last_layer_gram
 from hf_sbp.example_cache import EXAMPLE_ID_KEY
+from hf_sbp.strategies import registered_strategies, strategy_class
 
-BUILT_IN = ("none", "gradmatch", "loss", "random", "stale-gradmatch", "stale-loss", "infobatch", "random-prune")
+BUILT_IN = [name for name in registered_strategies() if strategy_class(name).__module__.startswith("hf_sbp.")]
+ALWAYS_SCORING = {"importance": {"sbp_importance_break_even": 0.0}}
+"""Settings that make a strategy's switch score every step, so that its scoring pass runs in these few steps."""
 
 
 def logged_losses(trainer) -> list[float]:
@@ -89,11 +92,13 @@ def test_the_loss_check_still_refuses_a_wrong_loss_in_bfloat16(tmp_path):
 @pytest.mark.parametrize("strategy", BUILT_IN)
 def test_every_strategy_trains_in_bf16(tmp_path, strategy, precision):
     # 16 rows in batches of 8: the dataset-level strategies plan their second and third epochs from bf16 losses.
+    # RHO-LOSS splits the data between its two IL models: 48 rows give each class enough in either half.
+    rows = 48 if strategy_class(strategy).needs_irreducible_loss else 16
     autocast = precision == "bf16-autocast"
-    args = make_args(tmp_path, sbp_strategy=strategy, bf16=autocast, max_steps=4)
+    args = make_args(tmp_path, sbp_strategy=strategy, bf16=autocast, max_steps=4, **ALWAYS_SCORING.get(strategy, {}))
     model = tiny_bert() if autocast else tiny_bert().to(torch.bfloat16)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=tiny_dataset(n=16))
+    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=tiny_dataset(n=rows))
     trainer.train()
     losses = logged_losses(trainer)
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
@@ -109,6 +114,10 @@ SCORED = {
     "loss-jiang": ("loss", {"sbp_loss_variant": "jiang"}),
     "stale-gradmatch": ("stale-gradmatch", {}),
     "stale-loss": ("stale-loss", {}),
+    "importance": ("importance", {"sbp_importance_break_even": 0.0}),  # the switch always on: every step samples
+    "stale-importance": ("stale-importance", {}),
+    "rho-loss": ("rho-loss", {}),
+    "stale-rho-loss": ("stale-rho-loss", {}),
 }
 BATCH, BATCHES = 32, 10
 # Twice the bound of docs/method.md, section 2.7: the share of the subsets' rows that differ, per batch and on average,
@@ -116,11 +125,19 @@ BATCH, BATCHES = 32, 10
 # batches: at most 2 of the 16 rows (0.125; 0.0625 for loss, 0 for Jiang's rule), 1.9% on average, a match error at
 # most 0.006 above the float32 subset's.
 MAX_DIFFERENT, MEAN_DIFFERENT, MAX_EXCESS_ERROR = 0.25, 0.1, 0.1
+# Importance sampling draws the same rows here (the same generator, probabilities a little apart); its weights
+# 1/(n p_i) then differ by at most 7.1e-4 relative, measured: twice that is asserted.
+MAX_WEIGHT_CHANGE = 1.5e-3
+# The cases whose subsets bf16 changes in at least one of these batches (it shows that autocast was applied); the
+# others' measured difference is 0 (Jiang's rule, RHO-LOSS with these IL values, importance's draws).
+CHANGED_BY_BF16 = ("gradmatch", "loss", "stale-gradmatch", "stale-loss")
 
 
 def selections(tmp_path, strategy, options, bf16, data, model):
     args = make_args(tmp_path, sbp_strategy=strategy, bf16=bf16, per_device_train_batch_size=BATCH, **options)
     trainer = SelectiveBackpropTrainer(model=copy.deepcopy(model), args=args, train_dataset=data)
+    if trainer.strategy.needs_irreducible_loss:  # the same given values for both precisions
+        trainer.set_irreducible_losses(0.01 * torch.rand(len(data), generator=torch.Generator().manual_seed(0)))
     chosen = []
     for b in range(BATCHES):
         batch = collated(data, range(b * BATCH, (b + 1) * BATCH))
@@ -153,6 +170,8 @@ def test_bf16_selects_what_float32_selects_up_to_the_documented_bound(tmp_path, 
         kept, kept_bf16 = set(rows.tolist()), set(rows_bf16.tolist())
         different.append(len(kept ^ kept_bf16) / (len(kept) + len(kept_bf16)))
         assert bool(torch.isfinite(weights_bf16).all()) and weights_bf16.dtype == torch.float32
+        if strategy.endswith("importance") and torch.equal(rows, rows_bf16):
+            torch.testing.assert_close(weights_bf16, weights, rtol=MAX_WEIGHT_CHANGE, atol=0)
         if strategy.endswith("gradmatch"):
             gram = float32_gram(model, collated(data, range(b * BATCH, (b + 1) * BATCH)))
             excess = gradient_match_error(gram, rows_bf16, weights_bf16) - gradient_match_error(gram, rows, weights)
@@ -161,7 +180,7 @@ def test_bf16_selects_what_float32_selects_up_to_the_documented_bound(tmp_path, 
         assert different == [0.0] * BATCHES
         return
     assert max(different) <= MAX_DIFFERENT and sum(different) / BATCHES <= MEAN_DIFFERENT, different
-    assert any(d > 0 for d in different) or case == "loss-jiang"  # bf16 did change the scores (autocast applied)
+    assert any(d > 0 for d in different) == (case in CHANGED_BY_BF16)
 
 
 # ---- torch.compile ---------------------------------------------------------------------------------
@@ -172,7 +191,8 @@ def test_every_strategy_trains_under_torch_compile_as_uncompiled(tmp_path, strat
     # backend "eager": dynamo traces the model (hooks included) and replays the graph with the same kernels, so the
     # run must match the uncompiled one; inductor (a C compiler here) behaves alike but takes minutes on this CPU.
     # One encoder layer: tracing time grows with the model's operations.
-    options, data = dict(sbp_strategy=strategy, max_steps=2), tiny_dataset(n=16)
+    rows = 48 if strategy_class(strategy).needs_irreducible_loss else 16  # RHO-LOSS: enough for its two halves
+    options, data = dict(sbp_strategy=strategy, max_steps=2, **ALWAYS_SCORING.get(strategy, {})), tiny_dataset(n=rows)
     reference = SelectiveBackpropTrainer(
         model=tiny_bert(num_hidden_layers=1), args=make_args(tmp_path / "eager", **options), train_dataset=data
     )
@@ -186,7 +206,9 @@ def test_every_strategy_trains_under_torch_compile_as_uncompiled(tmp_path, strat
 
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
     if trainer.runs_scoring_pass:
-        assert scored_through == ["OptimizedModule"] * 2
+        # RHO-LOSS's IL models (uncompiled) score their held-out halves first, before the two training steps.
+        assert scored_through[-2:] == ["OptimizedModule"] * 2
+        assert len(scored_through) == 2 or trainer.strategy.needs_irreducible_loss
     torch.testing.assert_close(logged_losses(trainer), logged_losses(reference), rtol=1e-5, atol=1e-6)
     expected = dict(reference.model.named_parameters())
     for name, parameter in trainer.model.named_parameters():
