@@ -26,6 +26,12 @@ ALWAYS_SCORING = {"importance": {"sbp_importance_break_even": 0.0}}
 """Settings that make a strategy's switch score every step, so that its scoring pass runs in these few steps."""
 
 
+def training_rows(strategy: str) -> int:
+    """16 rows in batches of 8 (the dataset-level strategies plan a second and third epoch); 48 for RHO-LOSS, which
+    splits the data between its two IL models and needs enough of each class in either half."""
+    return 48 if strategy_class(strategy).needs_irreducible_loss else 16
+
+
 def logged_losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
@@ -91,14 +97,12 @@ def test_the_loss_check_still_refuses_a_wrong_loss_in_bfloat16(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16-autocast", "bfloat16-model"])
 @pytest.mark.parametrize("strategy", BUILT_IN)
 def test_every_strategy_trains_in_bf16(tmp_path, strategy, precision):
-    # 16 rows in batches of 8: the dataset-level strategies plan their second and third epochs from bf16 losses.
-    # RHO-LOSS splits the data between its two IL models: 48 rows give each class enough in either half.
-    rows = 48 if strategy_class(strategy).needs_irreducible_loss else 16
+    # The dataset-level strategies plan their second and third epochs from bf16 losses.
     autocast = precision == "bf16-autocast"
     args = make_args(tmp_path, sbp_strategy=strategy, bf16=autocast, max_steps=4, **ALWAYS_SCORING.get(strategy, {}))
     model = tiny_bert() if autocast else tiny_bert().to(torch.bfloat16)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=tiny_dataset(n=rows))
+    trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=tiny_dataset(n=training_rows(strategy)))
     trainer.train()
     losses = logged_losses(trainer)
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
@@ -114,7 +118,7 @@ SCORED = {
     "loss-jiang": ("loss", {"sbp_loss_variant": "jiang"}),
     "stale-gradmatch": ("stale-gradmatch", {}),
     "stale-loss": ("stale-loss", {}),
-    "importance": ("importance", {"sbp_importance_break_even": 0.0}),  # the switch always on: every step samples
+    "importance": ("importance", ALWAYS_SCORING["importance"]),  # every step samples
     "stale-importance": ("stale-importance", {}),
     "rho-loss": ("rho-loss", {}),
     "stale-rho-loss": ("stale-rho-loss", {}),
@@ -191,8 +195,8 @@ def test_every_strategy_trains_under_torch_compile_as_uncompiled(tmp_path, strat
     # backend "eager": dynamo traces the model (hooks included) and replays the graph with the same kernels, so the
     # run must match the uncompiled one; inductor (a C compiler here) behaves alike but takes minutes on this CPU.
     # One encoder layer: tracing time grows with the model's operations.
-    rows = 48 if strategy_class(strategy).needs_irreducible_loss else 16  # RHO-LOSS: enough for its two halves
-    options, data = dict(sbp_strategy=strategy, max_steps=2, **ALWAYS_SCORING.get(strategy, {})), tiny_dataset(n=rows)
+    options = dict(sbp_strategy=strategy, max_steps=2, **ALWAYS_SCORING.get(strategy, {}))
+    data = tiny_dataset(n=training_rows(strategy))
     reference = SelectiveBackpropTrainer(
         model=tiny_bert(num_hidden_layers=1), args=make_args(tmp_path / "eager", **options), train_dataset=data
     )
