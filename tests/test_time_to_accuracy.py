@@ -213,6 +213,18 @@ def test_runs_to_make_brings_every_keeps_random_subset_and_random_prune_beside_a
     ]  # fmt: skip
 
 
+def test_a_sitting_brings_its_own_baselines_whatever_strategies_names():
+    # A sitting of `--strategies loss,stale-loss` once ran without the random subset: no verdict against random.
+    assert tta_grid.with_baselines(["loss", "stale-loss"]) == ["random", "loss", "stale-loss"]
+    assert tta_grid.with_baselines(["infobatch"]) == ["random", "infobatch", "random-prune"]
+    assert tta_grid.with_baselines(["gradmatch", "random"]) == ["gradmatch", "random"]
+    assert tta_grid.with_baselines(["none"]) == ["none"]
+    grid = common.strategy_grid(tta_grid.with_baselines(["loss"]), [0.5])
+    assert [p[:2] for p in tta_grid.runs_to_make([], ("d", 0.0, 0), grid)] == [
+        ("none", 1.0), ("random", 0.5), ("loss", 0.5), ("none", 1.0),
+    ]  # fmt: skip
+
+
 # ---- the statistics -------------------------------------------------------------------------------------
 
 
@@ -424,8 +436,9 @@ def test_time_to_accuracy_rows_summary_and_resuming_on_a_tiny_model(tmp_path, ti
     payload = json.loads(path.read_text())
     first = [r for r in payload["rows"] if r["seed"] == 0]
     assert [(r["strategy"], r["repeat"]) for r in first] == [
-        ("none", False), ("random", False), ("gradmatch", False), ("infobatch", False), ("none", True)
-    ]  # fmt: skip
+        ("none", False), ("random", False), ("gradmatch", False), ("infobatch", False), ("random-prune", False),
+        ("none", True),
+    ]  # fmt: skip  # random-prune unasked: infobatch's baseline comes with it
     second = [(r["strategy"], r["repeat"]) for r in payload["rows"] if r["seed"] == 1]
     assert second == [("none", False), ("gradmatch", False), ("random", False), ("none", True)]  # rotated, 1 seed
     full = first[0]
@@ -455,10 +468,10 @@ def test_time_to_accuracy_rows_summary_and_resuming_on_a_tiny_model(tmp_path, ti
     assert gradmatch["scoring_forward_examples"] == 8 * gradmatch["steps"]
     cost = gradmatch["curve"][-1][2]
     assert cost == gradmatch["scoring_forward_examples"] + 3 * gradmatch["backprop_examples"]
-    assert first[4]["budget_s"] == first[4]["train_s"] != full["budget_s"]  # the repeat measures its own time
+    assert first[5]["budget_s"] == first[5]["train_s"] != full["budget_s"]  # the repeat measures its own time
     summary = json.loads((tmp_path / "time_to_accuracy_summary.json").read_text())
-    assert {r["strategy"] for r in summary["rows"]} == {"none", "random", "gradmatch", "infobatch"}
-    assert summary["drift"]["seeds"] == 2 and summary["runs"] == 9
+    assert {r["strategy"] for r in summary["rows"]} == {"none", "random", "gradmatch", "infobatch", "random-prune"}
+    assert summary["drift"]["seeds"] == 2 and summary["runs"] == 10
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "report.md").is_file()
 
     # A rerun skips the recorded runs; a strategy added later runs with the full batch and the random subset.
@@ -466,16 +479,16 @@ def test_time_to_accuracy_rows_summary_and_resuming_on_a_tiny_model(tmp_path, ti
     assert json.loads(path.read_text())["rows"] == payload["rows"]
     hf_sbp.benchmark.main(tiny_args(tiny_files, tmp_path, "random,rho-loss"))
     extended = json.loads(path.read_text())["rows"]
-    assert extended[:9] == payload["rows"]
-    assert [(r["strategy"], r["repeat"]) for r in extended[9:]] == [
+    assert extended[:10] == payload["rows"]
+    assert [(r["strategy"], r["repeat"]) for r in extended[10:]] == [
         ("none", False), ("random", False), ("rho-loss", False), ("none", True)
     ]  # fmt: skip
-    rho = extended[11]
+    rho = extended[12]
     # Its irreducible losses (two IL models on 16 rows each for 1 epoch, then a forward over the 32) count on both
     # clocks from the start: its first evaluation comes after them.
     assert rho["il_s"] > 0 and rho["il_cost"] == 32 * (3 + 1) and rho["curve"][0][1] >= rho["il_s"]
-    assert extended[10]["il_s"] == 0.0 and extended[10]["il_cost"] == 0.0
-    assert len({r["sitting"] for r in extended[9:]}) == 1 and extended[9]["sitting"] > full["sitting"]
+    assert extended[11]["il_s"] == 0.0 and extended[11]["il_cost"] == 0.0
+    assert len({r["sitting"] for r in extended[10:]}) == 1 and extended[10]["sitting"] > full["sitting"]
 
 
 def test_the_unit_knows_which_labels_the_noise_flipped(tiny_files):

@@ -80,6 +80,18 @@ def runs_to_make(
     return [(FULL_BATCH, 1.0, False)] + [(s, k, False) for s, k in ordered] + [(FULL_BATCH, 1.0, True)]
 
 
+def with_baselines(strategies: list[str]) -> list[str]:
+    """``strategies`` and the baselines their verdicts are paired with, whether or not ``--strategies`` names them:
+    the random subset beside any selective strategy, and ``random-prune`` beside a dataset-level one (every
+    comparison is made within one sitting, so a sitting without them could give no verdict against random)."""
+    names = list(dict.fromkeys(strategies))
+    if any(prunes_dataset(s) for s in names) and PRUNING_BASELINE not in names:
+        names.append(PRUNING_BASELINE)
+    if any(s != FULL_BATCH for s in names) and BUDGET_STRATEGY not in names:
+        names.insert(0, BUDGET_STRATEGY)
+    return names
+
+
 def new_sitting_id() -> str:
     """An id of this invocation, its start time in UTC (``2025-01-31T12:34:56.789012Z``): ids sort by time."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -122,13 +134,13 @@ def run_time_to_accuracy(ctx: BenchmarkContext, machine: dict[str, Any]) -> list
     path = os.path.join(bench.output_dir, f"{JSON_NAME}.json")
     rows = current_rows(load_rows(bench.output_dir, JSON_NAME)[1])
     sitting = new_sitting_id()
-    grid = strategy_grid(bench.tta_strategy_names, bench.training_keep_values)
     specs = bench.dataset_specs()
     units = [(i, seed, name, spec, noise) for name, spec in specs for noise in bench.tta_noise_values
              for i, seed in enumerate(bench.tta_seed_values)]  # fmt: skip
     data_cache: dict[str, Data] = {}
     for number, (index, seed, name, spec, noise) in enumerate(units, 1):
-        unit_grid = [(s, k) for s, k in grid if index < bench.tta_seed_limit(s)]
+        unit_strategies = [s for s in bench.tta_strategy_names if index < bench.tta_seed_limit(s)]
+        unit_grid = strategy_grid(with_baselines(unit_strategies), bench.training_keep_values)
         plan = runs_to_make(rows, (name, noise, seed), unit_grid, rotation=index)
         label = f"time-to-accuracy unit {number}/{len(units)} {name} noise={noise} seed={seed}"
         if not plan:
