@@ -202,6 +202,11 @@ def test_runs_to_make_rotates_the_order_and_repeats_the_full_batch():
     ]  # fmt: skip
     # Runs recorded without their sitting's full batch (interrupted before it was written) do not count.
     assert len(tta_grid.runs_to_make(recorded(*GRID[1:]), unit, GRID)) == 5
+    # Nor runs recorded without their baseline in their sitting: they pair with nothing.
+    without_random = recorded(("none", 1.0), ("loss", 0.5), ("gradmatch", 0.5)) + recorded(*GRID[:2], sitting="B")
+    assert tta_grid.runs_to_make(without_random, unit, GRID) == [
+        full, ("random", 0.5, False), ("loss", 0.5, False), ("gradmatch", 0.5, False), repeat
+    ]  # fmt: skip
 
 
 def test_runs_to_make_brings_every_keeps_random_subset_and_random_prune_beside_a_pruning_run():

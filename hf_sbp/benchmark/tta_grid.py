@@ -46,34 +46,43 @@ def _pair(strategy: str, keep: float) -> tuple[str, float]:
     return (strategy, round(float(keep), 6))
 
 
+def _baselines(pair: tuple[str, float], batch_keeps: list[float]) -> list[tuple[str, float]]:
+    """The runs that the verdicts of ``pair`` = (strategy, keep) pair with, in its own sitting: the random subset at
+    its keep, or at every per-batch keep and ``random-prune`` for a dataset-level strategy."""
+    strategy, keep = pair
+    found = [_pair(BUDGET_STRATEGY, keep)]
+    if prunes_dataset(strategy):
+        found = [_pair(BUDGET_STRATEGY, k) for k in batch_keeps] + [_pair(PRUNING_BASELINE, 1.0)]
+    return [b for b in found if b != pair]
+
+
 def runs_to_make(
     existing: Iterable[dict[str, Any]], unit: tuple[str, float, int], grid: list[tuple[str, float]], rotation: int = 0
 ) -> list[tuple[str, float, bool]]:
     """The ``(strategy, keep, repeat)`` runs to make for ``unit`` = (dataset, label noise, seed) in a new sitting.
 
-    Nothing when every (strategy, keep) of ``grid`` is recorded in a sitting that also holds the unit's full batch.
-    Otherwise the missing runs, with their baselines (the random subset at the run's keep, or at every per-batch keep
-    of the grid and ``random-prune`` for a dataset-level strategy, where the grid has them), in the grid's order
-    rotated by ``rotation`` places (the seed's index: no strategy always runs first or last), after the full batch
-    (it sets the budget) and before the full batch's repeat (the drift check)."""
+    Nothing when every (strategy, keep) of ``grid`` is recorded in a sitting that also holds the unit's full batch
+    and the run's baselines of the grid (:func:`_baselines`): a run without them gives no verdict. Otherwise the
+    missing runs, with their baselines, in the grid's order rotated by ``rotation`` places (the seed's index: no
+    strategy always runs first or last), after the full batch (it sets the budget) and before the full batch's
+    repeat (the drift check)."""
     unit_rows = [r for r in existing if (r["dataset"], r["label_noise"], r["seed"]) == unit]
-    sittings_with_full = {r.get("sitting") for r in unit_rows if r["strategy"] == FULL_BATCH and not r.get("repeat")}
-    done = {
-        _pair(r["strategy"], r["keep"])
-        for r in unit_rows
-        if r.get("sitting") in sittings_with_full and not r.get("repeat")
-    }
     wanted = [_pair(s, k) for s, k in grid if s != FULL_BATCH]
+    batch_keeps = sorted({k for s, k in wanted if not prunes_dataset(s)})
+    sittings: dict[Any, set[tuple[str, float]]] = {}
+    for r in unit_rows:
+        if not r.get("repeat"):
+            sittings.setdefault(r.get("sitting"), set()).add(_pair(r["strategy"], r["keep"]))
+    done = set()
+    for pairs in sittings.values():
+        if _pair(FULL_BATCH, 1.0) in pairs:
+            done |= {p for p in pairs if all(b in pairs for b in _baselines(p, batch_keeps) if b in wanted)}
     missing = [pair for pair in wanted if pair not in done]
     if not missing:
         return []
-    batch_keeps = sorted({k for s, k in wanted if not prunes_dataset(s)})
     plan = set(missing)
-    for strategy, keep in missing:
-        baselines = [_pair(BUDGET_STRATEGY, keep)]
-        if prunes_dataset(strategy):
-            baselines = [_pair(BUDGET_STRATEGY, k) for k in batch_keeps] + [_pair(PRUNING_BASELINE, 1.0)]
-        plan.update(b for b in baselines if b in wanted)
+    for pair in missing:
+        plan.update(b for b in _baselines(pair, batch_keeps) if b in wanted)
     ordered = [pair for pair in wanted if pair in plan]
     shift = rotation % len(ordered)
     ordered = ordered[shift:] + ordered[:shift]
