@@ -15,8 +15,6 @@ from .common import COMMANDS, DEFAULT_OUTPUT_DIR, OVERHEAD_STRATEGY, PEFT_MODES,
 SIZES = {
     "repeats": (5, 15),
     "train_steps": (30, 60),
-    "eval_samples": (300, 400),
-    "test_samples": (500, 1000),
     "tta_train_examples": (640, 2560),
     "tta_min_steps": (60, 240),
     "tta_eval_samples": (500, 1000),
@@ -39,8 +37,8 @@ class BenchmarkArguments:
     quick: bool = field(
         default=False,
         metadata={
-            "help": "The short version: one dataset and seed, fewer steps, keeps, repeats and batch sizes; "
-            "time-to-accuracy: one dataset, seed 0, noise 0, at the full version's sizes."
+            "help": "The short version: fewer steps, keeps, repeats and batch sizes; time-to-accuracy: the first "
+            "dataset, noise 0, seeds 0 and 1, smaller runs (docs/benchmarks/README.md gives the sizes)."
         },
     )
     output_dir: str = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "Where the JSON, plots and report go."})
@@ -55,8 +53,8 @@ class BenchmarkArguments:
     datasets: str = field(
         default="tweets,bbc-news",
         metadata={
-            "help": "Comma-separated dataset names (bundled or datasets-library) for the training and "
-            "time-to-accuracy parts."
+            "help": "Comma-separated dataset names (bundled or datasets-library) of the time-to-accuracy and padding "
+            "parts; the other parts time batches of the first."
         },
     )
     train_file: str | None = field(
@@ -67,7 +65,7 @@ class BenchmarkArguments:
     strategies: str = field(
         default="",
         metadata={
-            "help": "Comma-separated selective strategies that the throughput, grad-match, training and "
+            "help": "Comma-separated selective strategies that the throughput, grad-match, padding and "
             "time-to-accuracy parts compare (with the full-batch baseline 'none'); default: every registered "
             "selective strategy. The dataset-level ones (infobatch, random-prune) run in time-to-accuracy only."
         },
@@ -94,40 +92,38 @@ class BenchmarkArguments:
     seq_len: int = field(
         default=64,
         metadata={
-            "help": "Tokens per example: overhead and throughput pad every example to it; training and "
-            "time-to-accuracy truncate to it (dynamic padding)."
+            "help": "Tokens per example: overhead and throughput pad every example to it; the other parts "
+            "truncate to it (dynamic padding)."
         },
     )
-    batch_size: int = field(default=32, metadata={"help": "Training batch size (throughput, grad-match, training)."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size (every part but overhead)."})
     repeats: int = field(default=0, metadata={"help": f"Timing repeats ({_default('repeats')})."})
     keeps: str = field(
         default="",
         metadata={"help": "Keep values for overhead, throughput and grad-match (default: 0.5 quick; 0.5,0.25)."},
     )
     training_keeps: str = field(
-        default="0.5", metadata={"help": "Comma-separated keep values of the training and time-to-accuracy runs."}
+        default="0.5", metadata={"help": "Comma-separated keep values of the time-to-accuracy runs."}
     )
     noises: str = field(
         default="",
         metadata={
-            "help": "Comma-separated label-noise rates of the training and time-to-accuracy runs (default: 0,0.2; "
-            "time-to-accuracy --quick: 0)."
+            "help": "Comma-separated label-noise rates of the time-to-accuracy runs (default: 0,0.2; --quick: 0)."
         },
     )
-    seeds: str = field(default="", metadata={"help": "Comma-separated seeds (default: 0 quick; 0,1,2 full)."})
-    train_steps: int = field(default=0, metadata={"help": f"Steps per training run ({_default('train_steps')})."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate every this many steps (0: a fifth of the steps)."})
-    eval_samples: int = field(
-        default=0, metadata={"help": f"Validation examples per evaluation ({_default('eval_samples')})."}
+    seeds: str = field(
+        default="",
+        metadata={"help": "Comma-separated seeds of the time-to-accuracy runs (default: 0,1,2,3,4; --quick: 0,1)."},
     )
-    test_samples: int = field(
-        default=0, metadata={"help": f"Test examples for the final accuracy ({_default('test_samples')})."}
+    train_steps: int = field(
+        default=0,
+        metadata={"help": f"Full-batch steps of the grad-match and padding probes ({_default('train_steps')})."},
     )
     learning_rate: float = field(
         default=1e-4,
         metadata={
-            "help": "Peak learning rate of the training runs, and of the time-to-accuracy runs on datasets that "
-            "--tta_learning_rates does not name."
+            "help": "Peak learning rate of the probes' training steps, and of the time-to-accuracy runs on datasets "
+            "that --tta_learning_rates does not name."
         },
     )
     peft: str = field(
@@ -213,18 +209,13 @@ class BenchmarkArguments:
         quick = self.quick
         self.repeats = self.repeats or SIZES["repeats"][not quick]
         self.train_steps = self.train_steps or SIZES["train_steps"][not quick]
-        self.eval_every = self.eval_every or max(1, self.train_steps // 5)
-        self.eval_samples = self.eval_samples or SIZES["eval_samples"][not quick]
-        self.test_samples = self.test_samples or SIZES["test_samples"][not quick]
         self.keep_values = [float(k) for k in (self.keeps or ("0.5" if quick else "0.5,0.25")).split(",")]
         self.training_keep_values = [float(k) for k in self.training_keeps.split(",")]
-        self.noise_values = [float(v) for v in (self.noises or "0.0,0.2").split(",")]
         self.tta_noise_values = [float(v) for v in (self.noises or ("0.0" if quick else "0.0,0.2")).split(",")]
-        self.seed_values = [int(s) for s in (self.seeds or ("0" if quick else "0,1,2")).split(",")]
         for keep in self.keep_values + self.training_keep_values:
             if not 0 < keep <= 1:
                 raise ValueError(f"keep={keep} in --keeps is invalid; each must be in (0, 1].")
-        for noise in self.noise_values:
+        for noise in self.tta_noise_values:
             if not 0 <= noise <= 1:
                 raise ValueError(f"label noise {noise} in --noises is invalid; each must be in [0, 1].")
         self.tta_learning_rate_values = {}
@@ -297,7 +288,7 @@ class BenchmarkArguments:
         return self.tta_learning_rate_values.get(dataset, self.learning_rate)
 
     def dataset_specs(self) -> list[tuple[str, DataTrainingArguments]]:
-        """The datasets of the training and time-to-accuracy parts, by name: the local files, else ``--datasets``
+        """The datasets of the time-to-accuracy and padding parts, by name: the local files, else ``--datasets``
         (only the first in quick)."""
         if self.train_file is not None:
             name = os.path.splitext(os.path.basename(self.train_file))[0]

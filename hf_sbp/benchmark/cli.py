@@ -20,14 +20,13 @@ from .overhead import run_overhead
 from .padding import run_padding
 from .report import write_report
 from .throughput import measure_peak_memory, merge_rows, run_throughput
-from .training import run_training
 from .tta_grid import run_time_to_accuracy
 
 USAGE = """Benchmarks of selective backprop.
 
     python scripts/benchmark.py all --quick          # every part, short
     python scripts/benchmark.py all                  # every part, the full sizes
-    python scripts/benchmark.py overhead|throughput|grad-match|training|time-to-accuracy|padding [--quick]
+    python scripts/benchmark.py overhead|throughput|grad-match|time-to-accuracy|padding [--quick]
     python scripts/benchmark.py throughput --peft lora   # the step times with LoRA, beside full fine-tuning's
     python scripts/benchmark.py report               # report.md, summary.md and the README's results block
 
@@ -92,10 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows = run_overhead(ctx, timing_data)
             elif part == "throughput":  # the rows of the other fine-tuning mode (full or LoRA) stay
                 rows = merge_rows(load_rows(bench.output_dir, name)[1], run_throughput(ctx, timing_data))
-            elif part == "grad-match":
-                rows = run_grad_match(ctx, timing_data)
             else:
-                rows = run_training(ctx)
+                rows = run_grad_match(ctx, timing_data)
             write_json(os.path.join(bench.output_dir, f"{name}.json"), machine, rows)
     write_report(bench.output_dir, bench.readme)
     ctx.progress("done")

@@ -35,14 +35,14 @@ if TYPE_CHECKING:
 
 DEFAULT_OUTPUT_DIR = "docs/benchmarks"
 """Where the committed results live; the report rewrites the README's results block only from there."""
-PARTS = ("overhead", "throughput", "grad-match", "training", "time-to-accuracy", "padding")
+PARTS = ("overhead", "throughput", "grad-match", "time-to-accuracy", "padding")
 """The measurements, in the order ``all`` runs them; each writes ``<part>.json`` (``-`` as ``_``)."""
 COMMANDS = (*PARTS, "all", "report")
 FULL_BATCH = "none"
 """The plain ``Trainer`` step: the baseline every selective strategy is compared with."""
 BUDGET_STRATEGY = "random"
-"""The uniformly random subset: a smaller batch at no selection cost, whose training time sets the equal
-wall-clock budget of the training comparison."""
+"""The uniformly random subset: a smaller batch at no selection cost, the baseline every selective strategy's
+verdict is paired with."""
 PRUNING_BASELINE = "random-prune"
 """The baseline of the dataset-level strategies: as many examples left out per epoch, uniformly at random."""
 OVERHEAD_STRATEGY = "gradmatch"
@@ -132,7 +132,7 @@ def run_keep(name: str, keep: float) -> float:
 
 def per_batch(names: Iterable[str]) -> list[str]:
     """The strategies of ``names`` that select within batches: the ones the per-step parts (throughput, grad-match,
-    training, padding) measure; a dataset-level strategy's step is the full batch's."""
+    padding) measure; a dataset-level strategy's step is the full batch's."""
     return [name for name in names if not prunes_dataset(name)]
 
 
@@ -353,8 +353,8 @@ def evaluating_trainer(
 ) -> SelectiveBackpropTrainer:
     """A ``trainer_class`` trainer of one seeded benchmark run: ``steps`` steps of ``strategy`` at ``keep`` with a
     linear schedule warming up over ``warmup_steps``, dynamic padding, accuracy on ``validation`` (if given), nothing
-    saved and no log lines (``extra``: more ``SelectiveBackpropConfig`` fields). The training and time-to-accuracy
-    parts train through it."""
+    saved and no log lines (``extra``: more ``SelectiveBackpropConfig`` fields). The time-to-accuracy
+    runs train through it."""
     name, settings = parse_variant(strategy)
     args = SelectiveBackpropConfig(
         output_dir=output_dir,

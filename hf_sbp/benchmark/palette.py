@@ -1,4 +1,4 @@
-"""Plot colours and line styles shared by the benchmark's plots."""
+"""Plot colours shared by the benchmark's plots."""
 
 from __future__ import annotations
 
@@ -36,8 +36,6 @@ PALETTE = (
 )
 """Plot colours of the selective strategies, assigned in registration order (``gradmatch``, ``loss``, ``random``
 first), then to unregistered names found in results; they repeat after twenty-four."""
-KEEP_STYLES = {0.5: "-", 0.25: "--", 1.0: "-"}
-"""Line styles of the keep values (other keeps are dotted)."""
 
 
 def _selects_subset(name: str) -> bool:

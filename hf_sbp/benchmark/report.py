@@ -1,11 +1,10 @@
-"""The report: ``report.md`` in the output folder (a table per JSON file, the training plots) and the generated
+"""The report: ``report.md`` in the output folder (a table per JSON file) and the generated
 time-to-accuracy ``summary.md`` (:mod:`.tta_report`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -13,54 +12,9 @@ import numpy as np
 from .._utils import markdown_table
 from ..config import WEIGHT_NORMALIZATIONS
 from .common import load_rows, strategy_order
-from .palette import KEEP_STYLES, _selects_subset, strategy_colors
 from .throughput import break_even_table, peft_mode
 from .time_to_accuracy import JSON_NAME as TIME_TO_ACCURACY
-from .training import equal_budget_table
 from .tta_report import render_summary, update_readme
-
-
-def plot_training(rows: list[dict[str, Any]], output_dir: str) -> list[str]:
-    """Validation accuracy against training time and against examples backpropagated, one panel per dataset and
-    noise (mean and std over seeds); returns the PNG file names written in ``output_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = strategy_colors(r["strategy"] for r in rows)
-    groups = sorted({(r["dataset"], r["label_noise"]) for r in rows})
-    files = []
-    for x_key, x_label, fname in (
-        ("time", "training wall-clock (s)", "accuracy_vs_time.png"),
-        ("examples", "examples backpropagated", "accuracy_vs_backprop.png"),
-    ):
-        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-        for ax, (dataset, noise) in zip(axes[0], groups, strict=True):
-            members = [r for r in rows if r["dataset"] == dataset and r["label_noise"] == noise]
-            for strategy, keep in sorted({(r["strategy"], r["keep"]) for r in members}):
-                runs = [r for r in members if r["strategy"] == strategy and r["keep"] == keep]
-                length = min(len(r["curve"]) for r in runs)
-                if x_key == "time":
-                    xs = np.mean([[p[0] for p in r["curve"][:length]] for r in runs], axis=0)
-                else:
-                    xs = np.mean([r["curve_backprop_examples"][:length] for r in runs], axis=0)
-                ys = np.array([[p[1] for p in r["curve"][:length]] for r in runs])
-                color = colors[strategy]
-                label = f"{strategy} keep {keep}" if _selects_subset(strategy) else strategy
-                ax.plot(xs, ys.mean(0), KEEP_STYLES.get(keep, ":"), color=color, label=label, marker="o", ms=3)
-                ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.1)
-            ax.set_title(f"{dataset}, label noise {noise}")
-            ax.set_xlabel(x_label)
-            ax.set_ylabel("validation accuracy")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(output_dir, fname)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(fname)
-    return files
 
 
 def _overhead_section(rows: list[dict[str, Any]]) -> str:
@@ -250,53 +204,6 @@ def _grad_match_section(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def _training_section(rows: list[dict[str, Any]], output_dir: str) -> str:
-    finals = defaultdict(list)
-    for r in rows:
-        finals[(r["dataset"], r["label_noise"], r["strategy"], r["keep"])].append(r)
-    table = []
-    for (dataset, noise, strategy, keep), runs in sorted(finals.items()):
-        acc = [r["test_accuracy"] for r in runs]
-        table.append(
-            [
-                dataset,
-                noise,
-                strategy,
-                keep,
-                f"{np.mean(acc):.4f} ± {np.std(acc):.4f}",
-                f"{np.mean([r['train_time_s'] for r in runs]):.1f}",
-                int(np.mean([r["backprop_examples"] for r in runs])),
-                len(runs),
-            ]
-        )
-    budget_rows = [
-        [
-            b["dataset"],
-            b["label_noise"],
-            b["keep"],
-            f"{b['budget_s']:.1f}",
-            b["strategy"],
-            f"{b['mean']:.4f} ± {b['std']:.4f}",
-            b["runs"],
-        ]
-        for b in equal_budget_table(rows)
-    ]
-    plots = plot_training(rows, output_dir)
-    return (
-        "## Training (`training.json`)\n\nTest accuracy after the same number of steps (mean ± std over "
-        "seeds), training time excluding evaluation, and examples backpropagated.\n\n"
-        + markdown_table(
-            ["dataset", "noise", "strategy", "keep", "test acc", "train s", "backprop ex", "runs"], table, fmt=str
-        )
-        + "\n\n### Accuracy at an equal wall-clock budget\n\nValidation accuracy of each strategy at the "
-        "training time the random subset needed for the full run (its median over seeds), mean ± std "
-        "over seeds.\n\n"
-        + markdown_table(["dataset", "noise", "keep", "budget s", "strategy", "val acc", "runs"], budget_rows, fmt=str)
-        + "\n\n"
-        + "\n".join(f"![{p}]({p})" for p in plots)
-    )
-
-
 def _padding_section(rows: list[dict[str, Any]]) -> str:
     table = [
         (
@@ -354,7 +261,7 @@ def _machines_section(machines: dict[str, dict[str, Any]]) -> str:
 
 def write_report(output_dir: str, readme: str | None = None) -> str:
     """Write ``<output_dir>/report.md``, a table per JSON file present (a part without its file has no section),
-    with the training plots and the machines, the time-to-accuracy ``summary.md`` (:func:`render_summary`) and, if
+    with the machines, the time-to-accuracy ``summary.md`` (:func:`render_summary`) and, if
     ``readme`` has one, its marked results block (:func:`update_readme`); returns the report's path."""
     sections = ["# Benchmark tables", "Generated by `python scripts/benchmark.py report` from the JSON files beside "
                 "it; do not edit. The time-to-accuracy results are in [summary.md](summary.md)."]  # fmt: skip
@@ -363,7 +270,6 @@ def write_report(output_dir: str, readme: str | None = None) -> str:
         ("overhead", _overhead_section),
         ("throughput", _throughput_section),
         ("grad_match", _grad_match_section),
-        ("training", lambda rows: _training_section(rows, output_dir)),
         ("padding", _padding_section),
         ("scoring_length", _scoring_length_section),
     ):
