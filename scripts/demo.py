@@ -29,9 +29,9 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from hf_sbp.benchmark.common import FULL_BATCH, Data, parse_strategies, run_keep
+from hf_sbp.benchmark.common import FULL_BATCH, Data, parse_strategies, parse_variant, run_keep
 from hf_sbp.benchmark.time_to_accuracy import TARGET_FRACTION, Cell, TimeToAccuracySettings, train_run
-from hf_sbp.config import import_strategy_modules
+from hf_sbp.config import SelectiveBackpropArguments, import_strategy_modules
 from hf_sbp.glue.arguments import DataTrainingArguments
 from hf_sbp.glue.bundled import BUNDLED_DATASETS, bundled_model_path
 
@@ -65,11 +65,13 @@ class DemoArguments:
         self.strategy_names = parse_strategies(self.strategies)  # a ValueError naming the registered strategies
         if self.dataset not in BUNDLED_DATASETS:
             raise ValueError(f"dataset={self.dataset!r} is invalid; choose one of {list(BUNDLED_DATASETS)}.")
-        if not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"keep={self.keep} is invalid; it must be in (0, 1].")
         for option in ("train_examples", "min_steps", "batch_size", "eval_points", "eval_samples"):
             if getattr(self, option) < 1:
                 raise ValueError(f"{option}={getattr(self, option)} is invalid; it must be at least 1.")
+        for label in self.strategy_names:  # the trainer's own sbp_* rules, before the full batch trains
+            name, settings = parse_variant(label)
+            sbp = SelectiveBackpropArguments(sbp_strategy=name, sbp_keep=run_keep(label, self.keep), **settings)
+            sbp.validate_sbp(self.batch_size)
 
     def settings(self) -> TimeToAccuracySettings:
         """The benchmark's settings at the demo's sizes."""

@@ -43,3 +43,8 @@ def test_demo_rejects_an_unknown_strategy_before_training(tmp_path):
     out = run_demo("--strategies", "random,bogus", "--output_dir", str(tmp_path))
     assert out.returncode != 0 and "names 'bogus', which is not a registered strategy" in out.stderr
     assert not (tmp_path / "results.json").exists()
+    # A keep that selects no row of a batch: the trainer's own rule, before anything trains.
+    out = run_demo("--keep", "0.01", "--batch_size", "8", "--output_dir", str(tmp_path))
+    assert out.returncode != 0
+    assert "sbp_keep=0.01 keeps no example of a batch of per_device_train_batch_size=8" in out.stderr
+    assert "validation accuracy" not in out.stdout and not (tmp_path / "results.json").exists()
