@@ -127,6 +127,12 @@ class BatchSelector:
 
     # ---- the head --------------------------------------------------------------------------------
 
+    def attach_head_hooks(self, model: nn.Module) -> None:
+        """Hook the head (candidates) of ``model`` now, before its first forward: a model that ``torch_compile``
+        compiles runs only the hooks it had when it was traced (see :class:`~hf_sbp.head.HeadCapture`)."""
+        if self.captures_head:
+            self.trainer._capture.attach(self.head_modules(model))
+
     def head_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The head of ``model`` as ``[(name, module)]``: the named one once known, else the candidates."""
         trainer = self.trainer
@@ -306,14 +312,23 @@ class BatchSelector:
         self,
         model: nn.Module,
         inputs: dict[str, Any],
-        ids: torch.Tensor | None,
         num_items_in_batch: torch.Tensor | int | None,
         train_subset: Callable[[dict[str, Any], torch.Tensor | int | None], torch.Tensor],
     ) -> torch.Tensor:
-        """One selective step on a batch (without its dataset indices ``ids``): select its rows, then
-        ``train_subset(subset, num_items_in_batch)`` (``Trainer.training_step``: the forward and backward, whose
-        ``compute_loss`` applies the weights through :attr:`step`), then observe and count. Returns its loss."""
+        """One training step on a collated batch; returns its loss. The batch's dataset indices
+        (:data:`~hf_sbp.example_cache.EXAMPLE_ID_KEY`, where the strategy reads them) are never passed to the model.
+        A non-selective strategy trains the whole batch with ``train_subset(inputs, num_items_in_batch)``
+        (``Trainer.training_step``). A selective one selects the batch's rows, then ``train_subset(subset,
+        num_items_in_batch)`` (the forward and backward, whose ``compute_loss`` applies the weights through
+        :attr:`step`), then observes and counts."""
         trainer = self.trainer
+        ids = inputs.get(EXAMPLE_ID_KEY)
+        if ids is not None:  # a new dict: the caller's batch is kept
+            inputs = {key: value for key, value in inputs.items() if key != EXAMPLE_ID_KEY}
+        if not trainer._strategy.selective:
+            labels = inputs.get(trainer.label_key)
+            trainer.sbp_backprop_examples += int(labels.shape[0]) if isinstance(labels, torch.Tensor) else 0
+            return train_subset(inputs, num_items_in_batch)
         step_start = time.perf_counter()
         inputs = trainer._prepare_inputs(inputs)
         labels, sbp = batch_labels(inputs, trainer.label_key), trainer.sbp_args
@@ -451,6 +466,5 @@ class BatchSelector:
             logs.update({run_key(key): value for key, value in whole_run.items()})
             if strategy.needs_irreducible_loss:
                 logs[run_key(IL_SECONDS)] = trainer.sbp_il_seconds
-            if strategy.prunes_dataset:
-                logs.update(trainer._epochs.run_summary())
+            logs.update(trainer._epochs.run_summary())  # nothing unless the strategy prunes the dataset
         return logs

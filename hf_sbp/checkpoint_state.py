@@ -80,7 +80,7 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
         backprop_examples=trainer.sbp_backprop_examples,
         metrics=trainer._metrics.state_dict(),
         example_cache=cache.state_dict() if cache is not None else None,
-        pruning=trainer._epochs.history.state_dict() if strategy.prunes_dataset else None,
+        pruning=trainer.pruning_history.state_dict() if trainer.pruning_history is not None else None,
         irreducible_losses=trainer._il.state_dict(),
     )
 
@@ -100,8 +100,8 @@ def restore_trainer_state(trainer: Any, checkpoint: str) -> None:
     trainer._head_name = trainer._head_name or state["head_name"]
     if cache is not None and state.get("example_cache") is not None:
         cache.load_state_dict(state["example_cache"])
-    if strategy.prunes_dataset and state.get("pruning") is not None:
-        trainer._epochs.history.load_state_dict(state["pruning"])
+    if trainer.pruning_history is not None and state.get("pruning") is not None:
+        trainer.pruning_history.load_state_dict(state["pruning"])
     trainer._il.load_state_dict(state.get("irreducible_losses"))
 
 

@@ -80,9 +80,47 @@ def _find_sampler(dataloader: Any) -> PlannedEpochSampler | None:
     return None
 
 
-class EpochPlanner:
+class TrainerEpochs:
+    """The epochs of a run with a per-batch strategy: ``Trainer``'s own. The trainer's overrides of ``Trainer``'s loop
+    hooks call these whatever the strategy; here each returns what ``Trainer`` gave it (:class:`EpochPlanner` plans
+    pruned epochs instead), so the trainer decides once, in :func:`epochs_of`, which epochs a run has."""
+
+    history: PruningHistory | None = None
+    """The epochs of the current run, what each visited and left out (saved with checkpoints); ``None``: unpruned."""
+
+    def sampler(self, dataset: Any) -> PlannedEpochSampler | None:
+        """The training sampler, or ``None`` for ``Trainer``'s own."""
+        return None
+
+    def initial_values(self, args: Any, values: tuple) -> tuple:
+        """``Trainer.set_initial_training_values``' ``values``."""
+        return values
+
+    def training_state(self, epochs_trained: int, steps_trained: int, resume_from_checkpoint: Any) -> tuple[int, int]:
+        """``Trainer._init_training_state``' ``(epochs trained, steps trained in the current epoch)``."""
+        return epochs_trained, steps_trained
+
+    def follow_epochs(self, scheduler: Any) -> None:
+        """Adapt the learning-rate schedule that ``Trainer.create_scheduler`` built (here: unchanged)."""
+
+    def start_epoch(self, epoch: int, dataloader: Any, steps: int, update_steps: int) -> tuple[int, int]:
+        """The epoch's ``(steps, update steps)`` for ``Trainer._run_epoch``."""
+        return steps, update_steps
+
+    def run_summary(self) -> dict[str, float]:
+        """The whole run's pruning, for the end-of-training summary."""
+        return {}
+
+
+def epochs_of(trainer: Any) -> TrainerEpochs:
+    """The epochs of ``trainer``'s next run: planned and pruned for a strategy that ``prunes_dataset``, else
+    ``Trainer``'s."""
+    return EpochPlanner(trainer) if trainer.strategy.prunes_dataset else TrainerEpochs()
+
+
+class EpochPlanner(TrainerEpochs):
     """The epochs of a run with a dataset-level strategy (see the module's docstring): their plans, their lengths
-    and the schedule that follows them. The trainer's overrides of ``Trainer``'s loop hooks call it.
+    and the schedule that follows them.
 
     Args:
         trainer: the trainer whose strategy plans the epochs and whose loop runs them.
@@ -90,8 +128,7 @@ class EpochPlanner:
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
-        self.history = PruningHistory()
-        """The epochs of the current run: what each visited and left out (saved with checkpoints)."""
+        self.history: PruningHistory = PruningHistory()
         self.unpruned_update_steps: int | None = None
         self.unpruned_max_steps: int | None = None
 
@@ -120,8 +157,9 @@ class EpochPlanner:
         return epochs_trained, steps_trained
 
     def follow_epochs(self, scheduler: Any) -> None:
-        """Make a ``LambdaLR`` follow the share of the epochs made rather than the step count (epoch-based runs)."""
-        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        """Make a ``LambdaLR`` follow the share of the epochs made rather than the step count (epoch-based runs;
+        with ``max_steps`` the schedule is ``Trainer``'s, over ``max_steps``)."""
+        if self.trainer.args.max_steps > 0 or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             return  # ReduceLROnPlateau and the like do not depend on the step count (refused at construction else)
 
         trainer = self.trainer
@@ -141,9 +179,10 @@ class EpochPlanner:
 
         scheduler.lr_lambdas = [stretched(inner) for inner in scheduler.lr_lambdas]
 
-    def start_epoch(self, epoch: int, dataloader: Any) -> tuple[int, int]:
+    def start_epoch(self, epoch: int, dataloader: Any, steps: int, update_steps: int) -> tuple[int, int]:
         """Plan epoch ``epoch`` (or take the saved plan of the epoch a resumed run is in) and point the sampler at
-        it; returns the epoch's ``(steps, update steps)`` for ``Trainer._run_epoch``."""
+        it; returns the epoch's ``(steps, update steps)`` for ``Trainer._run_epoch`` (``Trainer``'s unpruned counts,
+        ``steps`` and ``update_steps``, are replaced)."""
         trainer = self.trainer
         args = trainer.args
         sampler = _find_sampler(dataloader)

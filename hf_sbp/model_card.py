@@ -205,23 +205,17 @@ def write_model_card(trainer, output_dir: str | None = None, **kwargs: Any) -> s
 class ModelCardMixin:
     """``create_model_card`` for :class:`~hf_sbp.SelectiveBackpropTrainer` (and so for ``push_to_hub``)."""
 
-    # fmt: off
     def create_model_card(
         self, language: str | None = None, license: str | None = None, tags: str | list[str] | None = None,
         model_name: str | None = None, finetuned_from: str | None = None, tasks: str | list[str] | None = None,
         dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None, **kwargs: Any,
-    ) -> None:
-        # fmt: on
+    ) -> None:  # fmt: skip
         """Write ``README.md`` in ``output_dir``: the ``Trainer`` card's content plus the selection settings and
-        statistics and the random-subset baseline, from the template ``model_cards/selective_backprop.md``.
-
-        The arguments are those of ``transformers.Trainer.create_model_card`` (``language``, ``license``, ``tags``,
-        ``model_name``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``) plus
-        ``label_noise``, ``label_noise_flipped``, ``baseline_results``, ``results`` and ``template``, described in
-        :func:`hf_sbp.model_card.render_model_card`; values stored with :func:`hf_sbp.model_card.set_model_card_info`
-        fill in the ones not given.
-        """
+        statistics and the random-subset baseline, from the template ``model_cards/selective_backprop.md``. The
+        arguments are ``transformers.Trainer.create_model_card``'s plus ``label_noise``, ``label_noise_flipped``,
+        ``baseline_results``, ``results`` and ``template`` (see :func:`hf_sbp.model_card.render_model_card`); values
+        stored with :func:`hf_sbp.model_card.set_model_card_info` fill in the ones not given."""
         if not self.is_world_process_zero():
             return
         write_model_card(

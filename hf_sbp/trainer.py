@@ -17,7 +17,7 @@ from .batch_selection import BatchSelector
 from .checkpoint_state import restore_trainer_state, trainer_state
 from .config import SelectiveBackpropArguments
 from .core.pruning import PruningHistory
-from .epoch_pruning import EpochPlanner
+from .epoch_pruning import epochs_of
 from .example_cache import EXAMPLE_ID_KEY, ExampleStatsCache, with_example_ids
 from .head import HeadCapture, HeadScores
 from .irreducible_loss import IrreducibleLosses
@@ -64,34 +64,24 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
             self.model.add_model_tags(self._tag_names)
         self._default_sbp_args = SelectiveBackpropArguments()
         self._new_strategy()
-        self._epochs = EpochPlanner(self)
         self._last_selection: SelectionRecord | None = None
         self._metrics = SelectionMetrics()
-        self._cache: ExampleStatsCache | None = None
-        self.sbp_backprop_examples = 0
-        """Examples this process has run forward + backward on in this run (full batches for ``none``)."""
         self._resumed_checkpoint: str | None = None
         self._training_loops = 0
         self._capture = HeadCapture()
         self._selector = BatchSelector(self)
         setup_checks.check_setup(self)
         self._checked_setup = setup_checks.setup_key(self)
-        self._cache = self._selector.new_cache()
         self._il = IrreducibleLosses(self)
-        self._il.check()
-        self._attach_head_hooks(self.model)
-
-    def _attach_head_hooks(self, model: nn.Module) -> None:
-        """Hook the head (candidates) of ``model`` now, before its first forward: a model that ``torch_compile``
-        compiles runs only the hooks it had when it was traced (see :class:`~hf_sbp.head.HeadCapture`)."""
-        if self._selector.captures_head:
-            self._capture.attach(self._selector.head_modules(model))
+        self._start_selection()
+        self._selector.attach_head_hooks(self.model)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
-        """``Trainer.call_model_init``; the new model's head is hooked at once (see :meth:`_attach_head_hooks`)."""
+        """``Trainer.call_model_init``; the new model's head is hooked at once (see
+        :meth:`hf_sbp.batch_selection.BatchSelector.attach_head_hooks`)."""
         model = super().call_model_init(trial)
-        if hasattr(self, "_capture"):  # not within Trainer.__init__, after which __init__ hooks the model itself
-            self._attach_head_hooks(model)
+        if hasattr(self, "_selector"):  # not within Trainer.__init__, after which __init__ hooks the model itself
+            self._selector.attach_head_hooks(model)
         return model
 
     def _new_strategy(self) -> None:
@@ -225,8 +215,9 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         """The selection statistics, counters and caches of a run: afresh, or from the checkpoint resumed."""
         self._metrics.reset()
         self.sbp_backprop_examples = 0
-        self._cache = self._selector.new_cache()
-        self._epochs = EpochPlanner(self)
+        """Examples this process has run forward + backward on in this run (full batches for ``none``)."""
+        self._cache: ExampleStatsCache | None = self._selector.new_cache()
+        self._epochs = epochs_of(self)
         self._il.check()
         if self._resumed_checkpoint is not None:
             self._il.values = None  # the checkpoint's, or an error: never values computed from another model
@@ -241,21 +232,19 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         self._training_loops += 1
         return super()._inner_training_loop(batch_size, *args, **kwargs)
 
-    # ---- the loop hooks behind dataset-level strategies (see hf_sbp.epoch_pruning) ---------------
+    # ---- the loop hooks: Trainer's epochs, or pruned ones for a dataset-level strategy (hf_sbp.epoch_pruning) ----
 
     @property
     def pruning_history(self) -> PruningHistory | None:
         """For a dataset-level strategy: the epochs of the current run (what each visited and left out)."""
-        return self._epochs.history if self._strategy.prunes_dataset else None
+        return self._epochs.history
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
-        if not self._strategy.prunes_dataset:
-            return super()._get_train_sampler(train_dataset)
-        return self._epochs.sampler(train_dataset if train_dataset is not None else self.train_dataset)
+        planned = self._epochs.sampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return planned if planned is not None else super()._get_train_sampler(train_dataset)
 
     def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple:
-        values = super().set_initial_training_values(args, dataloader)
-        return self._epochs.initial_values(args, values) if self._strategy.prunes_dataset else values
+        return self._epochs.initial_values(args, super().set_initial_training_values(args, dataloader))
 
     def _init_training_state(
         self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
@@ -263,27 +252,20 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         epochs_trained, steps_trained = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
-        if not self._strategy.prunes_dataset:
-            return epochs_trained, steps_trained
         return self._epochs.training_state(epochs_trained, steps_trained, resume_from_checkpoint)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self._strategy.prunes_dataset and self.args.max_steps <= 0:
-            self._epochs.follow_epochs(scheduler)
+        self._epochs.follow_epochs(scheduler)
         return scheduler
 
     def _run_epoch(self, *, epoch: int, train_dataloader: Any, steps_in_epoch: int, num_update_steps_per_epoch: int,
                    **kwargs: Any):  # fmt: skip
-        if self._strategy.prunes_dataset:
-            steps_in_epoch, num_update_steps_per_epoch = self._epochs.start_epoch(epoch, train_dataloader)
+        steps, updates = self._epochs.start_epoch(epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch)
         return super()._run_epoch(
-            epoch=epoch,
-            train_dataloader=train_dataloader,
-            steps_in_epoch=steps_in_epoch,
-            num_update_steps_per_epoch=num_update_steps_per_epoch,
+            epoch=epoch, train_dataloader=train_dataloader, steps_in_epoch=steps, num_update_steps_per_epoch=updates,
             **kwargs,
-        )
+        )  # fmt: skip
 
     # ---- the training step ---------------------------------------------------------------------
 
@@ -293,16 +275,10 @@ class SelectiveBackpropTrainer(ModelCardMixin, checkpoint_state.PortableArgument
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Select a subset of ``inputs`` with the strategy, then forward and backward on it."""
-        ids = inputs.get(EXAMPLE_ID_KEY)
-        if ids is not None:  # the rows' dataset indices: never passed to the model (the caller's batch is kept)
-            inputs = {key: value for key, value in inputs.items() if key != EXAMPLE_ID_KEY}
-        if not self._strategy.selective:
-            labels = inputs.get(self.label_key)
-            self.sbp_backprop_examples += int(labels.shape[0]) if isinstance(labels, torch.Tensor) else 0
-            return super().training_step(model, inputs, num_items_in_batch)
+        """Select a subset of ``inputs`` with the strategy, then forward and backward on it (see
+        :meth:`hf_sbp.batch_selection.BatchSelector.training_step`)."""
         train_subset = functools.partial(super().training_step, model)
-        return self._selector.training_step(model, inputs, ids, num_items_in_batch, train_subset)
+        return self._selector.training_step(model, inputs, num_items_in_batch, train_subset)
 
     def compute_loss(
         self,
