@@ -61,9 +61,14 @@ OPTIONS = [
 
 
 def _gram(G: np.ndarray) -> torch.Tensor:
-    """``G G^T``, made exactly symmetric (so that duplicated rows give exactly tied correlations)."""
-    K = G @ G.T
-    return torch.from_numpy(np.triu(K) + np.triu(K, 1).T)
+    """``G G^T``, exactly symmetric, and with duplicated rows of ``G`` giving exactly equal rows of ``K`` (so exactly
+    tied correlations): computed once per distinct row, since a BLAS product may round the entries of equal rows
+    differently (the diagonal and an off-diagonal copy of the same product), and the two loops' row means, summed in
+    different orders, would then break the near tie differently."""
+    distinct, inverse = np.unique(G, axis=0, return_inverse=True)
+    K = distinct @ distinct.T
+    K = np.triu(K) + np.triu(K, 1).T
+    return torch.from_numpy(np.ascontiguousarray(K[np.ix_(inverse.ravel(), inverse.ravel())]))
 
 
 def adversarial_grams() -> dict[str, torch.Tensor]:

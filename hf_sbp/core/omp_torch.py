@@ -169,13 +169,19 @@ class _Loop:
 
     def step(self, st: _State) -> None:
         """One step: an outer step of the compiled loop (phase :data:`_ADD`), or one pass of its inner drop loops."""
-        K, corr, n, k, pos = self.K, self.corr, self.n, self.k, self.pos
         live = ~st.done
-        phase = st.phase
-        adding = live & (phase == _ADD)
+        adding = live & (st.phase == _ADD)
         st.outer = st.outer + adding
+        L, z, proceed = self._add_atoms(st, live, adding)
+        act = self.pos < st.s
+        new = _solve(L.mT, z, upper=True)  # the refit w_S = L^-T z, zero beyond s
+        gomp_drop, lh_drop = self._drop_atoms(st, proceed, act, new)
+        self._accept(st, live, proceed & ~(gomp_drop | lh_drop), act, new, gomp_drop, lh_drop)
 
-        # The factor of K_SS + ridge I for the current support (the identity beyond s), and z = L^-1 c_S.
+    def _factor(self, st: _State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(L, z, idx)``: the factor of ``K_SS + ridge I`` for the current support (the identity beyond ``s``),
+        ``z = L^-1 c_S``, and the support with its padding clamped to a valid row."""
+        K, n, pos = self.K, self.n, self.pos
         act = pos < st.s
         idx = st.support.clamp(max=n - 1)
         rows = K.index_select(0, idx).to(torch.float64)  # K[S, :]; cholesky_ex reads K[later, earlier] only
@@ -184,13 +190,16 @@ class _Loop:
             torch.where(act, self.ridge_t, self.one)
         )
         L = torch.linalg.cholesky_ex(A).L
-        z = _solve(L, torch.where(act, corr.index_select(0, idx), self.zero), upper=False)
+        z = _solve(L, torch.where(act, self.corr.index_select(0, idx), self.zero), upper=False)
+        return L, z, idx
 
-        # Pick up to `batch` atoms at once (fewer if k leaves less room): the largest scores above the floor, best
-        # first, the lowest-numbered atom among exact ties (argmax returns the first maximum).
+    def _pick(self, st: _State, adding: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Up to ``batch`` atoms at once (fewer if ``k`` leaves less room): the largest scores above the floor, best
+        first, the lowest-numbered atom among exact ties (argmax returns the first maximum). Returns ``[(atom,
+        valid)]`` and how many are valid."""
         score = st.residual_corr if self.nonnegative else st.residual_corr.abs()
         score = torch.where(st.candidate, score, self.minus_inf)
-        want = (k - st.s).clamp(max=self.batch)
+        want = (self.k - st.s).clamp(max=self.batch)
         picked, n_picked = [], torch.zeros_like(st.s)
         for q in range(self.picks):
             j = torch.argmax(score)
@@ -198,8 +207,17 @@ class _Loop:
             score = torch.where((self.atoms == j) & valid, self.minus_inf, score)
             picked.append((j, valid))
             n_picked = n_picked + valid
+        return picked, n_picked
 
-        # Add them in turn, each tested for dependence on the atoms chosen so far (this step's included).
+    def _add_atoms(
+        self, st: _State, live: torch.Tensor, adding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pick atoms and add them in turn, each tested for dependence on the atoms chosen so far (this step's
+        included), extending the factor by one row each. Returns the factor ``L``, ``z`` and whether the step goes on
+        to its refit."""
+        K, corr, pos = self.K, self.corr, self.pos
+        L, z, idx = self._factor(st)
+        picked, n_picked = self._pick(st, adding)
         added_now = torch.zeros_like(st.s)
         s, support = st.s, st.support
         for j, valid in picked:
@@ -224,20 +242,25 @@ class _Loop:
         st.added = torch.where(adding, added_now, st.added)
         st.done = st.done | (adding & (n_picked == 0))  # no atom can lower the objective (NNLS optimality)
         # An outer step whose atoms were all dependent does nothing more (the compiled loop's `continue`).
-        proceed = (adding & (added_now > 0)) | (live & (phase != _ADD))
+        proceed = (adding & (added_now > 0)) | (live & (st.phase != _ADD))
+        return L, z, proceed
 
-        act = pos < s
-        new = _solve(L.mT, z, upper=True)  # the refit w_S = L^-T z, zero beyond s
+    def _drop_atoms(
+        self, st: _State, proceed: torch.Tensor, act: torch.Tensor, new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generalized OMP's and Lawson-Hanson's drops of the refit ``new`` over the support ``act``: the dropped atoms
+        are candidates again and the support closes up, in order. Returns whether each kind of drop happened."""
+        phase, s = st.phase, st.s
         drop = torch.zeros_like(act)
-        gomp_drop = torch.zeros_like(live)
-        lh_drop = torch.zeros_like(live)
+        gomp_drop = torch.zeros_like(proceed)
+        lh_drop = torch.zeros_like(proceed)
         if self.nonnegative and self.batch > 1:
             # Generalized OMP: this step's atoms whose refit weight is not positive do not enter; if none is
             # positive, the step's best (its first) stays.
             first = s - st.added
-            mine = act & (pos >= first)
+            mine = act & (self.pos >= first)
             bad = mine & (new <= 0.0)
-            bad = torch.where(bad.sum() == st.added, bad & (pos != first), bad)
+            bad = torch.where(bad.sum() == st.added, bad & (self.pos != first), bad)
             gomp_drop = proceed & (phase != _LH) & (st.added > 1) & bad.any()
             drop = torch.where(gomp_drop, bad, drop)
             st.added = st.added - torch.where(gomp_drop, bad.sum(), 0)
@@ -248,7 +271,7 @@ class _Loop:
             negative = act & (new <= 0.0)
             lh_drop = proceed & ~gomp_drop & negative.any()
             entering = phase != _LH
-            previous = torch.where(entering & (pos >= s - st.added), self.zero, st.weights)
+            previous = torch.where(entering & (self.pos >= s - st.added), self.zero, st.weights)
             previous = torch.where(entering, previous, st.previous)
             denom = previous - new
             to_zero = torch.where(denom > 0.0, previous / denom, self.zero)  # where the weight reaches zero
@@ -258,16 +281,28 @@ class _Loop:
             drop = torch.where(lh_drop, act & ~(moved > 0.0), drop)
             st.previous = torch.where(lh_drop, _compact(moved, act & ~drop, self.zero), st.previous)
         dropping = gomp_drop | lh_drop
-        # Dropped atoms are candidates again; the support closes up, in order.
-        freed = torch.zeros(n + 1, dtype=torch.bool, device=K.device)
+        n = self.n
+        freed = torch.zeros(n + 1, dtype=torch.bool, device=self.K.device)
         freed = freed.scatter(0, torch.where(drop, st.support, n), True)[:n]
         st.candidate = st.candidate | freed
         kept = act & ~drop
         st.support = torch.where(dropping, _compact(st.support, kept, n), st.support)
         st.s = st.s - drop.sum()
+        return gomp_drop, lh_drop
 
-        # Accept the refit: new residual correlations, objective ||t||^2 - w . c_S, and its square root reported.
-        accept = proceed & ~dropping
+    def _accept(
+        self,
+        st: _State,
+        live: torch.Tensor,
+        accept: torch.Tensor,
+        act: torch.Tensor,
+        new: torch.Tensor,
+        gomp_drop: torch.Tensor,
+        lh_drop: torch.Tensor,
+    ) -> None:
+        """Accept the refit where ``accept``: new residual correlations, objective ``||t||^2 - w . c_S`` and its square
+        root reported; then the next step's phase, and whether the loop has finished."""
+        K, corr, n = self.K, self.corr, self.n
         w = torch.where(act, new, self.zero)
         st.weights = torch.where(accept, w, st.weights)
         idx = st.support.clamp(max=n - 1)
@@ -279,7 +314,7 @@ class _Loop:
             at = accept & (self.slots == st.n_residuals)
             st.residuals = torch.where(at, objective.clamp(min=0.0).sqrt(), st.residuals)
             st.n_residuals = st.n_residuals + accept
-        st.phase = torch.where(accept, _ADD, torch.where(gomp_drop, _GOMP, torch.where(lh_drop, _LH, phase)))
+        st.phase = torch.where(accept, _ADD, torch.where(gomp_drop, _GOMP, torch.where(lh_drop, _LH, st.phase)))
         st.done = st.done | (live & (st.phase == _ADD) & self.finished(st))
 
 
