@@ -124,8 +124,9 @@ SCORED = {
     "stale-rho-loss": ("stale-rho-loss", {}),
 }
 BATCH, BATCHES = 32, 10
-# Twice the bound of docs/method.md, section 2.7: the share of the subsets' rows that differ, per batch and on average,
-# and how much worse the bf16 subset matches the mean gradient (on the float32 Gram matrix). Measured on these
+# The bounds that docs/method.md, section 2.7, describes, at twice what was measured: the share of the subsets' rows
+# that differ, per batch and on average, and how much worse the bf16 subset matches the mean gradient (on the float32
+# Gram matrix). Measured on these
 # batches: at most 2 of the 16 rows (0.125; 0.0625 for loss, 0 for Jiang's rule), 1.9% on average, a match error at
 # most 0.006 above the float32 subset's.
 MAX_DIFFERENT, MEAN_DIFFERENT, MAX_EXCESS_ERROR = 0.25, 0.1, 0.1

@@ -40,7 +40,7 @@ PARTS = ("overhead", "throughput", "grad-match", "time-to-accuracy", "padding")
 COMMANDS = (*PARTS, "all", "report")
 FULL_BATCH = "none"
 """The plain ``Trainer`` step: the baseline every selective strategy is compared with."""
-BUDGET_STRATEGY = "random"
+RANDOM_SUBSET = "random"
 """The uniformly random subset: a smaller batch at no selection cost, the baseline every selective strategy's
 verdict is paired with."""
 PRUNING_BASELINE = "random-prune"

@@ -24,9 +24,9 @@ from ..strategies import strategy_class
 from ..trainer import SelectiveBackpropTrainer
 from .arguments import BenchmarkArguments
 from .common import (
-    BUDGET_STRATEGY,
     FULL_BATCH,
     OVERHEAD_STRATEGY,
+    RANDOM_SUBSET,
     BenchmarkContext,
     Data,
     fixed_batches,
@@ -97,7 +97,7 @@ def break_even_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             keep = max(row["keep"] for row in selective)
             at_keep = [row for row in selective if row["keep"] == keep]
             chosen = next((row for row in at_keep if row["strategy"] == OVERHEAD_STRATEGY), at_keep[0])
-            random = next((row for row in members if row["strategy"] == BUDGET_STRATEGY and row["keep"] == keep), None)
+            random = next((row for row in members if row["strategy"] == RANDOM_SUBSET and row["keep"] == keep), None)
             if random is not None:
                 per_keep = random["step_s"] / keep  # the subset step's cost per unit of keep
                 measured = {
@@ -399,7 +399,7 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
             # Scoring forward (a third of a full step; half with LoRA) plus forward and backward on the subset.
             passes = 2 if lora else 3
             row["ideal_ratio"] = (1 + passes * row["keep"]) / passes
-            random_times = times.get((BUDGET_STRATEGY, row["keep"]))
+            random_times = times.get((RANDOM_SUBSET, row["keep"]))
             if random_times:  # the floor needs the random subset's step at the same keep
                 row["floor_s"] = scoring_s + statistics.median(random_times)
                 row["ratio_to_floor"] = row["step_s"] / row["floor_s"]

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from .common import (
-    BUDGET_STRATEGY,
     FULL_BATCH,
     PRUNING_BASELINE,
+    RANDOM_SUBSET,
     BenchmarkContext,
     Data,
     load_rows,
@@ -37,22 +37,18 @@ from .time_to_accuracy import (
     TimeToAccuracySettings,
     train_run,
 )
-from .tta_stats import drift_ratios, summary_row
+from .tta_stats import drift_ratios, run_pair, summary_row
 
 # ---- the grid and resuming --------------------------------------------------------------------------
-
-
-def _pair(strategy: str, keep: float) -> tuple[str, float]:
-    return (strategy, round(float(keep), 6))
 
 
 def _baselines(pair: tuple[str, float], batch_keeps: list[float]) -> list[tuple[str, float]]:
     """The runs that the verdicts of ``pair`` = (strategy, keep) pair with, in its own sitting: the random subset at
     its keep, or at every per-batch keep and ``random-prune`` for a dataset-level strategy."""
     strategy, keep = pair
-    found = [_pair(BUDGET_STRATEGY, keep)]
+    found = [run_pair(RANDOM_SUBSET, keep)]
     if prunes_dataset(strategy):
-        found = [_pair(BUDGET_STRATEGY, k) for k in batch_keeps] + [_pair(PRUNING_BASELINE, 1.0)]
+        found = [run_pair(RANDOM_SUBSET, k) for k in batch_keeps] + [run_pair(PRUNING_BASELINE, 1.0)]
     return [b for b in found if b != pair]
 
 
@@ -67,15 +63,15 @@ def runs_to_make(
     strategy always runs first or last), after the full batch (it sets the budget) and before the full batch's
     repeat (the drift check)."""
     unit_rows = [r for r in existing if (r["dataset"], r["label_noise"], r["seed"]) == unit]
-    wanted = [_pair(s, k) for s, k in grid if s != FULL_BATCH]
+    wanted = [run_pair(s, k) for s, k in grid if s != FULL_BATCH]
     batch_keeps = sorted({k for s, k in wanted if not prunes_dataset(s)})
     sittings: dict[Any, set[tuple[str, float]]] = {}
     for r in unit_rows:
         if not r.get("repeat"):
-            sittings.setdefault(r.get("sitting"), set()).add(_pair(r["strategy"], r["keep"]))
+            sittings.setdefault(r.get("sitting"), set()).add(run_pair(r["strategy"], r["keep"]))
     done = set()
     for pairs in sittings.values():
-        if _pair(FULL_BATCH, 1.0) in pairs:
+        if run_pair(FULL_BATCH, 1.0) in pairs:
             done |= {p for p in pairs if all(b in pairs for b in _baselines(p, batch_keeps) if b in wanted)}
     missing = [pair for pair in wanted if pair not in done]
     if not missing:
@@ -96,8 +92,8 @@ def with_baselines(strategies: list[str]) -> list[str]:
     names = list(dict.fromkeys(strategies))
     if any(prunes_dataset(s) for s in names) and PRUNING_BASELINE not in names:
         names.append(PRUNING_BASELINE)
-    if any(s != FULL_BATCH for s in names) and BUDGET_STRATEGY not in names:
-        names.insert(0, BUDGET_STRATEGY)
+    if any(s != FULL_BATCH for s in names) and RANDOM_SUBSET not in names:
+        names.insert(0, RANDOM_SUBSET)
     return names
 
 

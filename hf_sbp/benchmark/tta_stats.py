@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-FULL_BATCH = "none"
-RANDOM_SUBSET = "random"
+from .common import FULL_BATCH, RANDOM_SUBSET
+
 CLOCKS = ("wall", "cost")
 """The two clocks: training seconds, and forward-equivalents (a scoring forward over n rows costs n, a training
 step on k rows 3k, evaluation excluded), which no drift of the machine's speed changes."""
@@ -35,7 +35,8 @@ _CLOCK_COLUMN = {"wall": 1, "cost": 2}
 _EPS = 1e-9
 
 
-def _pair(strategy: str, keep: float) -> tuple[str, float]:
+def run_pair(strategy: str, keep: float) -> tuple[str, float]:
+    """The key of a run within its seed's sitting: ``(strategy, keep)``, the keep rounded so that it compares."""
     return (strategy, round(float(keep), 6))
 
 
@@ -122,7 +123,7 @@ def seed_units(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, float, int, st
     for row in rows:
         key = (row["dataset"], float(row["label_noise"]), int(row["seed"]), row.get("sitting") or "")
         name = row["strategy"] + ("#repeat" if row.get("repeat") else "")
-        units[key][_pair(name, row["keep"])] = row
+        units[key][run_pair(name, row["keep"])] = row
     return units
 
 
@@ -136,7 +137,11 @@ def paired_seeds(
         if d == dataset and n == float(noise):
             by_seed[seed].append((sitting, runs))
     out = []
-    wanted, random_key, full_key = _pair(strategy, keep), _pair(RANDOM_SUBSET, baseline_keep), _pair(FULL_BATCH, 1.0)
+    wanted, random_key, full_key = (
+        run_pair(strategy, keep),
+        run_pair(RANDOM_SUBSET, baseline_keep),
+        run_pair(FULL_BATCH, 1.0),
+    )
     for seed in sorted(by_seed):
         usable = sorted((s, r) for s, r in by_seed[seed] if wanted in r and full_key in r)
         if not usable:
@@ -213,7 +218,7 @@ def drift_ratios(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     first full batch's (1: the machine ran at the same speed at the end of the seed's runs as at their start)."""
     out = []
     for (dataset, noise, seed, sitting), runs in sorted(seed_units(rows).items()):
-        first, repeat = runs.get(_pair(FULL_BATCH, 1.0)), runs.get(_pair(FULL_BATCH + "#repeat", 1.0))
+        first, repeat = runs.get(run_pair(FULL_BATCH, 1.0)), runs.get(run_pair(FULL_BATCH + "#repeat", 1.0))
         if first is not None and repeat is not None:
             ratio = repeat["train_s"] / first["train_s"]
             out.append({"dataset": dataset, "label_noise": noise, "seed": seed, "sitting": sitting, "drift": ratio})
