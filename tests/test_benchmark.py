@@ -85,6 +85,42 @@ def test_strategies_default_to_every_registered_selective_strategy():
     ]  # fmt: skip
 
 
+def test_throughput_and_grad_match_measure_the_probe_variants_unless_strategies_are_named():
+    bench = hf_sbp.benchmark.cli.parse_arguments(["grad-match"])
+    variants = ["gradmatch[sbp_scoring_max_length=16]", "gradmatch[sbp_scoring_max_length=32]"]
+    assert bench.probe_strategy_names == [*common.selective_strategies(), *variants]
+    assert bench.strategy_names == list(common.selective_strategies())  # the padding and time-to-accuracy parts'
+    bench = hf_sbp.benchmark.cli.parse_arguments(["throughput", "--strategies", "random"])
+    assert bench.probe_strategy_names == ["random"]
+    # The peak-memory process is given a variant by its label.
+    bench = hf_sbp.benchmark.cli.parse_arguments(["_peak_memory", "--memory_strategy", variants[0]])
+    assert bench.memory_strategy == variants[0]
+    with pytest.raises(ValueError, match="--probe_variants names 'bogus'"):
+        hf_sbp.benchmark.cli.parse_arguments(["throughput", "--probe_variants", "bogus[sbp_seed=1]"])
+
+
+def test_grad_match_measures_a_shortened_scoring_pass_as_a_variant(tmp_path):
+    """``gradmatch[sbp_scoring_max_length=L]`` in the grad-match part: with L at least the rows' width the subset is
+    plain gradmatch's (same errors as its default weight mode), with L below it a subset of its own."""
+    out = tmp_path / "out"
+    hf_sbp.benchmark.main(
+        ["grad-match", "--quick", *tiny_data_args(tmp_path, train_rows=64, validation_rows=32), "--output_dir",
+         str(out), "--batch_size", "8", "--seq_len", "16", "--train_steps", "1", "--device", "cpu", "--strategies",
+         "gradmatch,gradmatch[sbp_scoring_max_length=64],gradmatch[sbp_scoring_max_length=3]"]
+    )  # fmt: skip
+    rows = json.loads((out / "grad_match.json").read_text())["rows"]
+
+    def errors(strategy, mode):
+        found = {(r["task"], r["layer"], r["step"]): r["rel_errors"] for r in rows
+                 if r["strategy"] == strategy and r["weight_normalization"] == mode}  # fmt: skip
+        assert len(found) == 2 * 2 * 2  # tasks x layers x steps
+        return [error for key in sorted(found) for error in found[key]]
+
+    assert errors("gradmatch[sbp_scoring_max_length=64]", None) == pytest.approx(errors("gradmatch", "none"))
+    assert errors("gradmatch[sbp_scoring_max_length=3]", None) != pytest.approx(errors("gradmatch", "none"))
+    assert "| gradmatch[sbp_scoring_max_length=3] |" in (out / "report.md").read_text()
+
+
 def test_bad_benchmark_arguments_are_rejected_before_running():
     with pytest.raises(ValueError, match="keep=1.5"):
         hf_sbp.benchmark.main(["throughput", "--keeps", "1.5"])
@@ -265,7 +301,7 @@ def test_report_shows_the_grad_match_tasks_and_weight_modes(tmp_path):
     assert text.index("gradmatch (subset_size)") < text.index("gradmatch (none)") < text.index("| random |")
 
 
-def test_padding_part_quick_writes_both_files(tmp_path):
+def test_padding_part_quick_writes_its_rows(tmp_path):
     out = tmp_path / "out"
     hf_sbp.benchmark.main(
         ["padding", "--quick", *tiny_data_args(tmp_path, train_rows=64, validation_rows=32), "--output_dir", str(out),
@@ -278,15 +314,6 @@ def test_padding_part_quick_writes_both_files(tmp_path):
         assert row["mean_columns_trimmed"] <= row["mean_columns_untrimmed"] <= row["mean_batch_columns"]
         assert row["step_s_trimmed"] > 0 and row["step_s_untrimmed"] > 0 and row["full_step_s"] > 0
         assert "python scripts/benchmark.py padding --quick" in row["command"]
-    scoring = json.loads((out / "scoring_length.json").read_text())["rows"]
-    assert {(row["strategy"], row["max_length"], row["step"]) for row in scoring} == {
-        *(("gradmatch", length, step) for length in (16, 32, 64, None) for step in (0, 2)),
-        ("random", None, 0), ("random", None, 2),
-    }  # fmt: skip
-    for row in scoring:
-        assert row["rel_error_full"] >= 0 and 0 <= row["overlap_with_full_length"] <= 1
-    full = [row for row in scoring if row["strategy"] == "gradmatch" and row["max_length"] is None]
-    assert all(row["overlap_with_full_length"] == 1 and row["scoring_ratio"] == 1 for row in full)
 
 
 # ---- overhead: the timing helpers ------------------------------------------------------------------------------------
@@ -342,6 +369,9 @@ def test_overhead_part_times_generalized_omp_beside_omp_at_large_batches(tmp_pat
     assert [(row["batch_size"], row["omp_batch"]) for row in rows] == [(16, 1), (32, 1), (32, 8), (64, 1), (64, 8)]
     for row in rows:
         assert row["forward_s"] > 0 and row["selection_s"] > 0 and row["omp_s"] > 0 and row["keep"] == 0.5
+        # The trainer's match error (test_last_layer_error_of_each_weight_mode_is_the_logged_error checks it against
+        # autograd): OMP's first atom already beats the empty subset, whose error is 1.
+        assert 0 <= row["grad_match_error"] < 1
     # Both variants of a batch size stand beside the same forwards.
     assert rows[1]["forward_s"] == rows[2]["forward_s"] and rows[3]["forward_s"] == rows[4]["forward_s"]
     report = (out / "report.md").read_text()
@@ -368,22 +398,6 @@ def test_overhead_part_times_both_omp_loops_at_the_batch_sizes_asked(tmp_path):
     with pytest.raises(ValueError, match="'jax' in --omp_impls is invalid"):
         hf_sbp.benchmark.cli.parse_arguments(["overhead", "--omp_impls", "numba,jax"])
     assert hf_sbp.benchmark.cli.parse_arguments(["overhead", "--device", "cpu"]).omp_impl_values == ["numba"]
-
-
-def test_omp_batch_probe_compares_generalized_omp_with_omp(tmp_path):
-    """The probe behind docs/method.md's sbp_omp_batch table, on a tiny model: batch 1 is OMP itself (the
-    reference), and generalized OMP's error is reported beside it for every size, keep and head."""
-    from hf_sbp.benchmark import omp_batch
-
-    data_args = tiny_data_args(tmp_path, train_rows=96, validation_rows=16)
-    outputs = omp_batch.scoring_outputs([24], str(tmp_path / "scratch"), [*data_args, "--seq_len", "16"])
-    results = omp_batch.omp_batch_quality(outputs, [1, 4], repeats=1)
-    assert set(results) == {(24, keep, steps, b) for keep in omp_batch.KEEPS for steps in omp_batch.HEAD_STEPS
-                            for b in (1, 4)}  # fmt: skip
-    for runs in results.values():  # the two batches of 24 rows
-        assert len(runs) == 2 and all(error >= 0 and seconds > 0 for error, seconds in runs)
-    table = omp_batch.quality_table(results, [24], [1, 4])
-    assert table.count("\n| 24 |") == len(omp_batch.KEEPS) * len(omp_batch.HEAD_STEPS)
 
 
 def test_saved_activations_count_what_autograd_keeps_for_backward_once_without_parameters():

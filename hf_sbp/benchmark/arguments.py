@@ -10,7 +10,15 @@ import torch
 from ..config import import_strategy_modules
 from ..glue.arguments import DataTrainingArguments
 from ..strategies import strategy_class
-from .common import COMMANDS, DEFAULT_OUTPUT_DIR, OVERHEAD_STRATEGY, PEFT_MODES, parse_strategies, split_list
+from .common import (
+    COMMANDS,
+    DEFAULT_OUTPUT_DIR,
+    OVERHEAD_STRATEGY,
+    PEFT_MODES,
+    parse_strategies,
+    parse_variant,
+    split_list,
+)
 
 SIZES = {
     "repeats": (5, 15),
@@ -195,6 +203,15 @@ class BenchmarkArguments:
             "settings (the default: RHO-LOSS with the linear-probe IL model). With --strategies, name them there."
         },
     )
+    probe_variants: str = field(
+        default="gradmatch[sbp_scoring_max_length=16],gradmatch[sbp_scoring_max_length=32]",
+        metadata={
+            "help": "Throughput and grad-match: strategy variants that the default grid (no --strategies) measures "
+            "beside every registered strategy, comma-separated, each 'name[sbp_key=value;...]' (the default: "
+            "gradmatch with its scoring pass shortened to 16 and 32 tokens, sbp_scoring_max_length: its step time "
+            "and its subset's gradient error). With --strategies, name them there."
+        },
+    )
     memory_strategy: str = field(
         default=OVERHEAD_STRATEGY, metadata={"help": "Internal: the strategy _peak_memory measures."}
     )
@@ -205,7 +222,11 @@ class BenchmarkArguments:
         self.strategy_modules = [name for item in self.sbp_strategy_modules or [] for name in split_list(item)]
         import_strategy_modules(self.strategy_modules)
         self.strategy_names = parse_strategies(self.strategies)
-        strategy_class(self.memory_strategy)  # a clear error for an unknown name
+        self.probe_strategy_names = self.strategy_names
+        if not self.strategies and self.probe_variants.strip():
+            variants = parse_strategies(self.probe_variants, "--probe_variants")
+            self.probe_strategy_names = list(dict.fromkeys([*self.strategy_names, *variants]))
+        strategy_class(parse_variant(self.memory_strategy)[0])  # a clear error for an unknown name
         quick = self.quick
         self.repeats = self.repeats or SIZES["repeats"][not quick]
         self.train_steps = self.train_steps or SIZES["train_steps"][not quick]

@@ -82,15 +82,12 @@ def main(argv: list[str] | None = None) -> None:
             if part == "time-to-accuracy":  # resumable: it appends to its JSON file after every run
                 run_time_to_accuracy(ctx, machine)
                 continue
-            if part == "padding":  # two files: re-padding of the subset, and the shortened scoring pass
-                padding_rows, scoring_rows = run_padding(ctx)
-                write_json(os.path.join(bench.output_dir, "padding.json"), machine, padding_rows)
-                write_json(os.path.join(bench.output_dir, "scoring_length.json"), machine, scoring_rows)
-                continue
             if part == "overhead":
                 rows = run_overhead(ctx, timing_data)
             elif part == "throughput":  # the rows of the other fine-tuning mode (full or LoRA) stay
                 rows = merge_rows(load_rows(bench.output_dir, name)[1], run_throughput(ctx, timing_data))
+            elif part == "padding":
+                rows = run_padding(ctx)
             else:
                 rows = run_grad_match(ctx, timing_data)
             write_json(os.path.join(bench.output_dir, f"{name}.json"), machine, rows)

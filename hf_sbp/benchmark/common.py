@@ -389,17 +389,3 @@ def evaluating_trainer(
 def accuracy(prediction) -> dict[str, float]:
     """``compute_metrics`` for single-label classification: the share of argmax predictions that are right."""
     return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
-
-
-def full_batch_step(
-    model: PreTrainedModel, train: Any, collate: Any, optimizer: torch.optim.Optimizer, step: int, bench: Any
-) -> None:
-    """One plain full-batch training step of a probe run (the grad-match and scoring-length parts): the
-    ``step``-th window of ``bench.batch_size`` rows of ``train``, collated, forward, backward, optimizer step."""
-    model.train()
-    start = (step * bench.batch_size) % max(1, len(train) - bench.batch_size)
-    batch = collate([train[i] for i in range(start, start + bench.batch_size)])
-    batch = {k: v.to(bench.device) for k, v in batch.items()}
-    optimizer.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
-    optimizer.step()

@@ -5,7 +5,8 @@ a regression task built from the same text.
 What is measured is the gradient a selective step actually trains: the trainer's subset loss is
 ``(1/m) sum_S w_i l_i`` (:mod:`hf_sbp.subset_loss`), so its gradient is ``(1/m) sum_S w_i g_i``, magnitude included,
 with the weights that :meth:`~hf_sbp.SelectiveBackpropTrainer.select_batch` returns. ``gradmatch`` is measured in
-every ``sbp_weight_normalization`` mode, beside the unweighted strategies.
+every ``sbp_weight_normalization`` mode, beside the unweighted strategies and the variants of ``--probe_variants``
+(by default a shortened scoring pass, ``sbp_scoring_max_length``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from .common import (
     BenchmarkContext,
     Data,
     fixed_batches,
-    full_batch_step,
     load_model,
     make_trainer,
     parse_variant,
@@ -167,6 +167,20 @@ def _grad_match_row(
     }
 
 
+def full_batch_step(
+    model: PreTrainedModel, train: Any, collate: Any, optimizer: torch.optim.Optimizer, step: int, bench: Any
+) -> None:
+    """One plain full-batch training step of the run along which the errors are measured: the ``step``-th window of
+    ``bench.batch_size`` rows of ``train``, collated, forward, backward, optimizer step."""
+    model.train()
+    start = (step * bench.batch_size) % max(1, len(train) - bench.batch_size)
+    batch = collate([train[i] for i in range(start, start + bench.batch_size)])
+    batch = {k: v.to(bench.device) for k, v in batch.items()}
+    optimizer.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    optimizer.step()
+
+
 def run_task(ctx: BenchmarkContext, data: Data, task: str) -> list[dict[str, Any]]:
     """Along a full-batch training run of ``task``, every measured strategy's trained subset gradient against the
     batch mean gradient on held-out batches, at four steps (rows of ``grad_match.json``)."""
@@ -182,7 +196,7 @@ def run_task(ctx: BenchmarkContext, data: Data, task: str) -> list[dict[str, Any
     )
     collate = DataCollatorWithPadding(ctx.tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bench.learning_rate)
-    pairs = measured_strategies(per_batch(bench.strategy_names))
+    pairs = measured_strategies(per_batch(bench.probe_strategy_names))
     trainers = {}
     for keep in bench.keep_values:
         for strategy, mode in pairs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -26,8 +27,8 @@ LARGE_BATCH = 1024
 LARGE_BATCH_REPEATS = 3
 OMP_BATCH = 8
 """At :data:`LARGE_BATCH` rows and more, selection is also timed with ``sbp_omp_batch`` at this value (generalized
-OMP: this many atoms per step, a method change whose match error ``docs/method.md`` measures), in rows of their own
-(``omp_batch`` says which) after the same forwards."""
+OMP: this many atoms per step, a method change: see ``docs/method.md``), in rows of their own (``omp_batch`` says
+which) after the same forwards; every row's ``grad_match_error`` shows what the greedier subset costs in match."""
 
 
 @contextlib.contextmanager
@@ -107,9 +108,11 @@ def hook_cost_s(
 
 def _overhead_row(
     bench: Any, batch_size: int, keep: float, impl: str, omp_batch: int, forward: list[float],
-    selection: list[float], omp: list[float],
+    selection: list[float], omp: list[float], errors: dict[int, float],
 ) -> dict[str, Any]:  # fmt: skip
-    """A row of ``overhead.json`` (but its ``repeats``): the medians of the times measured."""
+    """A row of ``overhead.json`` (but its ``repeats``): the medians of the times measured, and the mean over the
+    batches of the selection's match error (``None`` where no OMP ran)."""
+    known = [error for error in errors.values() if not math.isnan(error)]  # NaN: not logged, no OMP ran
     return {
         "batch_size": batch_size,
         "seq_len": bench.seq_len,
@@ -120,6 +123,7 @@ def _overhead_row(
         "forward_s": statistics.median(forward),
         "selection_s": statistics.median(selection),
         "omp_s": statistics.median(omp) if omp else None,  # no OMP at keep 1.0: the whole batch
+        "grad_match_error": statistics.mean(known) if known else None,
     }
 
 
@@ -131,7 +135,9 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
     is OMP alone (:func:`hf_sbp.core.omp.omp_gram`, as the ``gradmatch`` strategy calls it); ``omp_batch`` is
     ``sbp_omp_batch`` (1: OMP; :data:`OMP_BATCH` in the extra rows of large batches, timed right after OMP on the
     same batches, beside the same forwards); ``omp_impl`` is the OMP loop (``sbp_omp_impl``: ``"numba"`` on the CPU,
-    ``"torch"`` on the Gram matrix's device), one row each for ``--omp_impls``.
+    ``"torch"`` on the Gram matrix's device), one row each for ``--omp_impls``; ``grad_match_error`` is the
+    trainer's own (``last_selection.grad_match_error``: the subset's last-layer gradient against the batch mean's,
+    from the Gram matrix, with the default weights), on the pretrained encoder with a fresh head.
     """
     bench = ctx.bench
     model = load_model(ctx.model_path, data.num_labels, 0, bench.device).eval()
@@ -154,6 +160,7 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
                 for impl, b in variants
             }  # fmt: skip
             forward, selection, omp = [], {v: [] for v in variants}, {v: [] for v in variants}
+            errors: dict[Any, dict[int, float]] = {v: {} for v in variants}  # per variant, per batch
             omp_times: list[float] = []
             with contextlib.ExitStack() as stack:
                 for trainer in trainers.values():
@@ -181,14 +188,17 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
                         elapsed = time.perf_counter() - start - trainer.last_selection.scoring_s
                         selection[variant].append(elapsed + hook_s)
                         omp[variant].extend(omp_times)
+                        errors[variant][repeat % 2] = trainer.last_selection.grad_match_error
             for impl, b in variants:
-                row = _overhead_row(bench, batch_size, keep, impl, b, forward, selection[impl, b], omp[impl, b])
+                measured = (forward, selection[impl, b], omp[impl, b], errors[impl, b])
+                row = _overhead_row(bench, batch_size, keep, impl, b, *measured)
                 rows.append({**row, "repeats": repeats})
                 share = 100 * row["selection_s"] / row["forward_s"]
                 ctx.progress(
                     f"overhead b={batch_size} keep={keep} omp_batch={b} omp_impl={impl}: "
                     f"forward {row['forward_s'] * 1e3:.1f} ms, "
                     f"selection {row['selection_s'] * 1e3:.2f} ms ({share:.2f}%), "
-                    f"of which OMP {1e3 * (row['omp_s'] or 0.0):.2f} ms ({repeats} repeats)"
+                    f"of which OMP {1e3 * (row['omp_s'] or 0.0):.2f} ms ({repeats} repeats), "
+                    f"match error {row['grad_match_error']}"
                 )
     return rows

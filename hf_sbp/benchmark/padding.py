@@ -1,25 +1,16 @@
-"""Part ``padding``: what length-aware re-padding (``sbp_trim_padding``) and a shortened scoring pass
-(``sbp_scoring_max_length``) save, on real batches with dynamic padding (``DataCollatorWithPadding``, rows truncated
-to ``--seq_len``), per dataset of ``--datasets``. It writes two files:
+"""Part ``padding``, ``padding.json``: what length-aware re-padding (``sbp_trim_padding``) saves, on real batches
+with dynamic padding (``DataCollatorWithPadding``, rows truncated to ``--seq_len``), per dataset of ``--datasets``.
 
-``padding.json``, one row per dataset and strategy (``random``, ``gradmatch``, ``loss`` at keep 0.5, where
-registered and in ``--strategies``): the mean padding tokens per subset without and with trimming (and the
-subset's columns), counted over the selections of ``--repeats`` batches; and the training step's median time with
-``sbp_trim_padding`` False and True, timed side by side: per repeat, every strategy's step without and with trimming
-(the order alternating between repeats) on the same batch and the same model (SGD with learning rate 0 keeps it
-fixed), after one warm-up round. The full batch's step (``none``) is timed in the same rounds, as the reference.
-Each step is timed in wall-clock seconds and in this process's CPU seconds (``time.process_time``, all threads): on a
-machine shared with other work the CPU time is the steadier of the two; ``load_average_1min`` (before and after the
-timing rounds) says how busy the machine was. The ratios ``*_paired_*`` are medians of per-batch ratios.
-
-``scoring_length.json``, one row per dataset, ``sbp_scoring_max_length`` (16, 32, 64 and ``None``, the whole row)
-and model state (the pretrained encoder with a fresh head, and after ``--train_steps`` full-batch AdamW steps): the
-scoring pass's median time (``score_batch``, interleaved over the lengths), and the gradient-match error of the
-gradmatch subset it leads to, with autograd: ``||g_S - g|| / ||g||`` with ``g`` the batch's mean-loss gradient and
-``g_S`` the gradient of the loss the selective step trains, ``(1/m) sum_S w_i l_i``, over the whole model
-(``rel_error_full``) and the head (``rel_error_last``), mean over held-out batches, in eval mode; with the overlap
-of the subset with the full-length scoring's subset. A random subset's error on the same batches (``max_length``
-``None``, ``strategy`` ``random``) is the reference. With ``--seq_len 64`` (the default), 64 is the whole row.
+One row per dataset and strategy (``random``, ``gradmatch``, ``loss`` at keep 0.5, where registered and in
+``--strategies``): the mean padding tokens per subset without and with trimming (and the subset's columns), counted
+over the selections of ``--repeats`` batches; and the training step's median time with ``sbp_trim_padding`` False
+and True, timed side by side: per repeat, every strategy's step without and with trimming (the order alternating
+between repeats) on the same batch and the same model (SGD with learning rate 0 keeps it fixed), after one warm-up
+round. The full batch's step (``none``) is timed in the same rounds, as the reference. Each step is timed in
+wall-clock seconds and in this process's CPU seconds (``time.process_time``, all threads): on a machine shared with
+other work the CPU time is the steadier of the two; ``load_average_1min`` (before and after the timing rounds) says
+how busy the machine was. The ratios ``*_paired_*`` are medians of per-batch ratios. (A shortened scoring pass,
+``sbp_scoring_max_length``, is measured by the throughput and grad-match parts, as strategy variants.)
 """
 
 from __future__ import annotations
@@ -37,16 +28,11 @@ from transformers import DataCollatorWithPadding, PreTrainedModel
 from ..core.padding import trim_padding
 from ..core.selection import index_rows
 from ..glue.run_glue import first_rows
-from .common import FULL_BATCH, BenchmarkContext, Data, full_batch_step, load_model, make_trainer, sync
-from .grad_match import PROBLEM_TYPES, flat_grad, trained_gradient
+from .common import FULL_BATCH, BenchmarkContext, Data, load_model, make_trainer, sync
 
 PADDING_STRATEGIES = ("random", "gradmatch", "loss")
 """The strategies whose subsets are trimmed, when they are registered and in ``--strategies``."""
 PADDING_KEEP = 0.5
-SCORING_LENGTHS = (16, 32, 64, None)
-"""The ``sbp_scoring_max_length`` values measured; ``None`` scores the whole row."""
-SCORING_STRATEGY = "gradmatch"
-REFERENCE_STRATEGY = "random"
 
 
 def command_line(ctx: BenchmarkContext) -> str:
@@ -198,139 +184,10 @@ def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) ->
     return rows
 
 
-def _grad_errors(
-    model: PreTrainedModel, probes: list, trainers: dict, head_params: list[str]
-) -> dict[Any, list[float]]:
-    """Per probe batch and trainer: the relative errors of the subset gradient (whole model, head) against the
-    batch's mean gradient, and the subset's overlap (Jaccard) with the full-length scoring's subset."""
-    errors: dict[Any, list[float]] = defaultdict(list)
-    for batch in probes:
-        n = batch["labels"].shape[0]
-        model.eval()  # gradients without dropout noise
-        trained_gradient(model, batch, torch.arange(n), torch.ones(n), PROBLEM_TYPES["classification"])
-        target = {"full": flat_grad(model), "last": flat_grad(model, head_params)}
-        chosen = {}
-        for key, trainer in trainers.items():
-            indices, weights = trainer.select_batch(model, batch)
-            chosen[key] = set(indices.tolist())
-            model.eval()
-            trained_gradient(model, batch, indices, weights, PROBLEM_TYPES["classification"])
-            for layer in ("full", "last"):
-                sub = flat_grad(model, None if layer == "full" else head_params)
-                error = torch.linalg.norm(sub - target[layer]) / torch.linalg.norm(target[layer])
-                errors[(key, layer)].append(float(error))
-        reference = chosen[(SCORING_STRATEGY, None)]
-        for key, rows in chosen.items():
-            errors[(key, "overlap")].append(len(rows & reference) / len(rows | reference))
-    model.zero_grad(set_to_none=True)
-    return errors
-
-
-def _time_scoring(model: PreTrainedModel, trainers: dict, timing: list, bench: Any) -> tuple[dict, dict, dict]:
-    """The scoring pass's wall and CPU times and scored columns per length, interleaved (the first round warms up
-    and is dropped)."""
-    scoring: dict[Any, list[float]] = defaultdict(list)
-    scoring_cpu: dict[Any, list[float]] = defaultdict(list)
-    columns: dict[Any, list[int]] = defaultdict(list)
-    for repeat in range(bench.repeats + 1):
-        batch = timing[(repeat - 1) % len(timing)]
-        for length in SCORING_LENGTHS:
-            trainer = trainers[(SCORING_STRATEGY, length)]
-            sync(bench.device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            trainer.score_batch(model, batch)
-            sync(bench.device)
-            if repeat:
-                scoring[length].append(time.perf_counter() - start)
-                scoring_cpu[length].append(time.process_time() - start_cpu)
-                columns[length].append(min(batch["input_ids"].shape[1], length or bench.seq_len))
-    return scoring, scoring_cpu, columns
-
-
-def run_scoring_length(ctx: BenchmarkContext, name: str, data: Data, command: str) -> list[dict[str, Any]]:
-    """The rows of ``scoring_length.json`` for one dataset."""
-    bench = ctx.bench
-    model = load_model(ctx.model_path, data.num_labels, 0, bench.device)
-    probes = dynamic_batches(
-        data.splits["validation"], ctx.tokenizer, bench.batch_size, 2 if bench.quick else 4, bench.device
-    )
-    timing = dynamic_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, 4, bench.device, seed=1)
-    common = (model, SCORING_STRATEGY, PADDING_KEEP, bench.batch_size, bench.device, ctx.scratch_dir)
-    trainers = {
-        (SCORING_STRATEGY, length): make_trainer(*common, sbp_scoring_max_length=length) for length in SCORING_LENGTHS
-    }
-    trainers[(REFERENCE_STRATEGY, None)] = make_trainer(
-        model, REFERENCE_STRATEGY, PADDING_KEEP, bench.batch_size, bench.device, ctx.scratch_dir
-    )
-    scorer = trainers[(SCORING_STRATEGY, None)]
-    scorer.score_batch(model, probes[0])  # finds the head
-    head_params = [f"{scorer.head_name}.weight", f"{scorer.head_name}.bias"]
-
-    load = os.getloadavg()[0]
-    scoring, scoring_cpu, columns = _time_scoring(model, trainers, timing, bench)
-    whole_s, whole_cpu_s = statistics.median(scoring[None]), statistics.median(scoring_cpu[None])
-
-    # The gradient-match error at two model states: the fresh head, and after full-batch training steps.
-    train = data.splits["train"].shuffle(seed=0)
-    collate = DataCollatorWithPadding(ctx.tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=bench.learning_rate)
-    rows = []
-    for step in range(bench.train_steps + 1):
-        if step in (0, bench.train_steps):
-            errors = _grad_errors(model, probes, trainers, head_params)
-            for key in trainers:
-                strategy, length = key
-                row = {
-                    "dataset": name,
-                    "strategy": strategy,
-                    "max_length": length,
-                    "keep": PADDING_KEEP,
-                    "step": step,
-                    "batch_size": bench.batch_size,
-                    "seq_len": bench.seq_len,
-                    "device": bench.device,
-                    "rel_error_full": float(np.mean(errors[(key, "full")])),
-                    "rel_error_full_std": float(np.std(errors[(key, "full")])),
-                    "rel_error_last": float(np.mean(errors[(key, "last")])),
-                    "overlap_with_full_length": float(np.mean(errors[(key, "overlap")])),
-                    "probe_batches": len(probes),
-                    "command": command,
-                }
-                if strategy == SCORING_STRATEGY:
-                    row.update(
-                        scoring_s=statistics.median(scoring[length]),
-                        scoring_ratio=statistics.median(scoring[length]) / whole_s,
-                        scoring_cpu_s=statistics.median(scoring_cpu[length]),
-                        scoring_cpu_ratio=statistics.median(scoring_cpu[length]) / whole_cpu_s,
-                        load_average_1min=load,
-                        mean_scored_columns=float(np.mean(columns[length])),
-                        timing_repeats=bench.repeats,
-                    )
-                rows.append(row)
-            summary = ", ".join(
-                f"{length or 'full'}: {np.mean(errors[((SCORING_STRATEGY, length), 'full')]):.3f}"
-                for length in SCORING_LENGTHS
-            )
-            random_error = np.mean(errors[((REFERENCE_STRATEGY, None), "full")])
-            ctx.progress(f"scoring length {name} step {step}: rel. error {summary}; random {random_error:.3f}")
-        if step == bench.train_steps:
-            break
-        full_batch_step(model, train, collate, optimizer, step, bench)
-    for row in rows:
-        if row["strategy"] == SCORING_STRATEGY and row["step"] == 0:
-            ctx.progress(
-                f"scoring length {name} {row['max_length'] or 'full'}: {row['scoring_s'] * 1e3:.0f} ms "
-                f"({row['scoring_ratio']:.2f} x full; CPU time {row['scoring_cpu_ratio']:.2f} x)"
-            )
-    return rows
-
-
-def run_padding(ctx: BenchmarkContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The rows of ``padding.json`` and of ``scoring_length.json``, dataset by dataset."""
+def run_padding(ctx: BenchmarkContext) -> list[dict[str, Any]]:
+    """The rows of ``padding.json``, dataset by dataset."""
     command = command_line(ctx)
-    padding_rows, scoring_rows = [], []
+    rows = []
     for name, spec in ctx.bench.dataset_specs():
-        data = Data(spec, ctx.tokenizer, ctx.bench.seq_len)
-        padding_rows += run_repadding(ctx, name, data, command)
-        scoring_rows += run_scoring_length(ctx, name, data, command)
-    return padding_rows, scoring_rows
+        rows += run_repadding(ctx, name, Data(spec, ctx.tokenizer, ctx.bench.seq_len), command)
+    return rows

@@ -23,7 +23,9 @@ def _overhead_section(rows: list[dict[str, Any]]) -> str:
         "matrix + OMP + match error + indexing, against the real checkpoint's no-grad scoring forward; OMP = "
         "`omp_gram` alone. `sbp_omp_batch` 1 is OMP; the rows with 8 (generalized OMP, 8 atoms per step, a method "
         "change: see `docs/method.md`) were timed on the same batches, beside the same forwards. OMP loop: `numba` "
-        "(compiled, on the CPU) or `torch` (on the Gram matrix's device), `sbp_omp_impl`.\n\n"
+        "(compiled, on the CPU) or `torch` (on the Gram matrix's device), `sbp_omp_impl`. Match error: the "
+        "trainer's `grad_match_error` (the subset's last-layer gradient against the batch mean's, default weights, "
+        "fresh head), mean over the batches.\n\n"
         + markdown_table(
             [
                 "batch",
@@ -36,6 +38,7 @@ def _overhead_section(rows: list[dict[str, Any]]) -> str:
                 "selection / forward",
                 "of which OMP ms",
                 "sbp_omp_batch",
+                "match error",
             ],
             [
                 [
@@ -49,6 +52,7 @@ def _overhead_section(rows: list[dict[str, Any]]) -> str:
                     f"{100 * r['selection_s'] / r['forward_s']:.2f}%",
                     "-" if r.get("omp_s") is None else f"{1e3 * r['omp_s']:.2f}",
                     r.get("omp_batch", 1),
+                    "-" if r.get("grad_match_error") is None else f"{r['grad_match_error']:.4f}",
                 ]
                 for r in rows
             ],
@@ -226,29 +230,6 @@ def _padding_section(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def _scoring_length_section(rows: list[dict[str, Any]]) -> str:
-    table = [
-        (
-            r["dataset"],
-            r["strategy"],
-            r["max_length"] if r["max_length"] is not None else "full",
-            r["step"],
-            "-" if r.get("scoring_ratio") is None else f"{r['scoring_ratio']:.2f}",
-            f"{r['rel_error_full']:.3f}",
-            "-" if r.get("overlap_with_full_length") is None else f"{r['overlap_with_full_length']:.2f}",
-        )
-        for r in rows
-    ]
-    headers = ["dataset", "strategy", "scoring max length", "step", "scoring time x full", "full-model error",
-               "overlap with full-length subset"]  # fmt: skip
-    return (
-        "## A shorter scoring pass (`scoring_length.json`)\n\n"
-        "Gradmatch's subset scored on the first L tokens: the relative error of its trained gradient against the "
-        f"batch mean (autograd, whole model) and the scoring pass's time (`{rows[0].get('command', '')}`).\n\n"
-        + markdown_table(headers, table)
-    )
-
-
 def _machines_section(machines: dict[str, dict[str, Any]]) -> str:
     lines = [f"- `{name}`: {json.dumps(m)}" for name, m in machines.items()]
     if "cuda" not in {m.get("device") for m in machines.values()}:
@@ -271,7 +252,6 @@ def write_report(output_dir: str, readme: str | None = None) -> str:
         ("throughput", _throughput_section),
         ("grad_match", _grad_match_section),
         ("padding", _padding_section),
-        ("scoring_length", _scoring_length_section),
     ):
         machine, rows = load_rows(output_dir, name)
         if rows:

@@ -1,5 +1,5 @@
-"""Part 2, ``throughput.json``: the training step's time per strategy, its peak memory in a fresh process and the
-activations it saves for backward (:class:`SavedActivations`); with
+"""Part 2, ``throughput.json``: the training step's time per strategy (and per variant of ``--probe_variants``), its
+peak memory in a fresh process and the activations it saves for backward (:class:`SavedActivations`); with
 ``--peft lora`` the same rows for LoRA fine-tuning (``"peft": "lora"``), kept beside the full fine-tuning rows, and
 the break-even keep of both (:func:`break_even_table`)."""
 
@@ -341,7 +341,7 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
         model = lora_model(model, bench.lora_r)
     batches = fixed_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, bench.seq_len, 4, bench.device)
     batches = indexed(batches)
-    grid = strategy_grid(per_batch(bench.strategy_names), bench.keep_values)
+    grid = strategy_grid(per_batch(bench.probe_strategy_names), bench.keep_values)
     trainers = {key: step_trainer(model, *key, bench, ctx.scratch_dir, batches) for key in grid}
     # SGD with a zero learning rate keeps the model fixed, so every strategy times the same model;
     # the optimizer step's cost is the same for all and small next to forward and backward.
