@@ -116,8 +116,8 @@ class SelectiveBackpropArguments:
         metadata={
             "help": "Examples OMP adds per step: 1 (the default) is OMP; b > 1 is generalized OMP, the b largest "
             "residual correlations at once and one refit, a method change: about b times fewer steps for a greedier "
-            "subset, whose match error is above OMP's (the benchmark's overhead part measures both; docs/method.md, "
-            "section 2.3)."
+            "subset, whose match error differs from OMP's (the benchmark's overhead part measures both; "
+            "docs/method.md, section 2.3)."
         },
     )
     sbp_omp_impl: str = field(
