@@ -125,7 +125,7 @@ class BenchmarkArguments:
     )
     train_steps: int = field(
         default=0,
-        metadata={"help": f"Full-batch steps of the grad-match and padding probes ({_default('train_steps')})."},
+        metadata={"help": f"Full-batch steps of the grad-match part ({_default('train_steps')})."},
     )
     learning_rate: float = field(
         default=1e-4,

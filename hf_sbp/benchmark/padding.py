@@ -47,7 +47,7 @@ def command_line(ctx: BenchmarkContext) -> str:
         parts += ["--datasets", bench.datasets]
     parts += ["--model_name_or_path", bench.model_name_or_path, "--seq_len", str(bench.seq_len)]
     parts += ["--batch_size", str(bench.batch_size), "--repeats", str(bench.repeats)]
-    parts += ["--train_steps", str(bench.train_steps), "--device", bench.device]
+    parts += ["--device", bench.device]
     return " ".join(parts)
 
 
