@@ -92,9 +92,6 @@ def test_throughput_and_grad_match_measure_the_probe_variants_unless_strategies_
     assert bench.strategy_names == list(common.selective_strategies())  # the padding and time-to-accuracy parts'
     bench = hf_sbp.benchmark.cli.parse_arguments(["throughput", "--strategies", "random"])
     assert bench.probe_strategy_names == ["random"]
-    # The peak-memory process is given a variant by its label.
-    bench = hf_sbp.benchmark.cli.parse_arguments(["_peak_memory", "--memory_strategy", variants[0]])
-    assert bench.memory_strategy == variants[0]
     with pytest.raises(ValueError, match="--probe_variants names 'bogus'"):
         hf_sbp.benchmark.cli.parse_arguments(["throughput", "--probe_variants", "bogus[sbp_seed=1]"])
 
@@ -134,7 +131,7 @@ def test_bad_benchmark_arguments_are_rejected_before_running():
         hf_sbp.benchmark.main(["throughput", "--sbp_strategy_modules", "no_such_module_xyz"])
 
 
-def test_strategy_modules_are_imported_and_passed_to_the_peak_memory_process(tmp_path, monkeypatch):
+def test_strategy_modules_are_imported_so_that_their_strategies_can_be_named(tmp_path, monkeypatch):
     (tmp_path / "bench_user_strategies.py").write_text(
         "import torch\nfrom hf_sbp import SelectionStrategy, register_strategy\n\n\n"
         "@register_strategy('bench-test-last-rows')\nclass LastRows(SelectionStrategy):\n"
@@ -145,10 +142,7 @@ def test_strategy_modules_are_imported_and_passed_to_the_peak_memory_process(tmp
         ["throughput", "--sbp_strategy_modules", "bench_user_strategies", "--strategies", "bench-test-last-rows"]
     )
     assert bench.strategy_names == ["bench-test-last-rows"]
-    command = throughput.peak_memory_command(bench, "bench-test-last-rows", 0.5)
-    assert command[1:4] == ["-m", "hf_sbp.benchmark", "_peak_memory"]
-    assert command[command.index("--sbp_strategy_modules") + 1] == "bench_user_strategies"
-    assert command[command.index("--memory_strategy") + 1] == "bench-test-last-rows"
+    assert bench.strategy_modules == ["bench_user_strategies"]
 
 
 def test_the_script_and_the_module_are_the_same_command():
@@ -410,20 +404,6 @@ def test_saved_activations_count_what_autograd_keeps_for_backward_once_without_p
     with throughput.SavedActivations(layer) as unsaved, torch.no_grad():
         layer(x)
     assert unsaved.bytes == 0
-
-
-def test_the_peak_memory_process_sees_the_activations_a_step_saves(tmp_path):
-    # The real model with LoRA, where the process's peak used to read a fifth of the activations its full step
-    # saves (glibc's adjustable mmap threshold; see throughput.FIXED_MMAP_THRESHOLD).
-    pytest.importorskip("peft")
-    bench = hf_sbp.benchmark.cli.parse_arguments(["throughput", "--peft", "lora", "--batch_size", "32"])
-    trainer, model, batches = throughput.memory_setup(bench, "none", 1.0, str(tmp_path))
-    saved = throughput.saved_activations_mb(trainer, model, batches[0])
-    full = throughput.peak_memory_mb(bench, "none", 1.0)
-    half = throughput.peak_memory_mb(bench, "random", 0.5)
-    assert saved > 50  # megabytes: a real step, far above the allocator's small blocks
-    assert full >= 0.9 * saved
-    assert 0 < half < 0.75 * full
 
 
 @pytest.mark.parametrize("strategy", ["random", "gradmatch"])

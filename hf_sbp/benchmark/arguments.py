@@ -9,14 +9,11 @@ import torch
 
 from ..config import import_strategy_modules
 from ..glue.arguments import DataTrainingArguments
-from ..strategies import strategy_class
 from .common import (
     COMMANDS,
     DEFAULT_OUTPUT_DIR,
-    OVERHEAD_STRATEGY,
     PEFT_MODES,
     parse_strategies,
-    parse_variant,
     split_list,
 )
 
@@ -212,12 +209,9 @@ class BenchmarkArguments:
             "and its subset's gradient error). With --strategies, name them there."
         },
     )
-    memory_strategy: str = field(
-        default=OVERHEAD_STRATEGY, metadata={"help": "Internal: the strategy _peak_memory measures."}
-    )
 
     def __post_init__(self) -> None:
-        if self.command not in (*COMMANDS, "_peak_memory"):
+        if self.command not in COMMANDS:
             raise ValueError(f"command={self.command!r} is invalid; choose one of {list(COMMANDS)}.")
         self.strategy_modules = [name for item in self.sbp_strategy_modules or [] for name in split_list(item)]
         import_strategy_modules(self.strategy_modules)
@@ -226,7 +220,6 @@ class BenchmarkArguments:
         if not self.strategies and self.probe_variants.strip():
             variants = parse_strategies(self.probe_variants, "--probe_variants")
             self.probe_strategy_names = list(dict.fromkeys([*self.strategy_names, *variants]))
-        strategy_class(parse_variant(self.memory_strategy)[0])  # a clear error for an unknown name
         quick = self.quick
         self.repeats = self.repeats or SIZES["repeats"][not quick]
         self.train_steps = self.train_steps or SIZES["train_steps"][not quick]

@@ -19,7 +19,7 @@ from .grad_match import run_grad_match
 from .overhead import run_overhead
 from .padding import run_padding
 from .report import write_report
-from .throughput import measure_peak_memory, merge_rows, run_throughput
+from .throughput import merge_rows, run_throughput
 from .tta_grid import run_time_to_accuracy
 
 USAGE = """Benchmarks of selective backprop.
@@ -66,9 +66,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     # The trainers save nothing, but each needs an output folder: one scratch folder for the whole run.
     with tempfile.TemporaryDirectory(prefix="hf_sbp_bench_") as scratch_dir:
-        if bench.command == "_peak_memory":
-            measure_peak_memory(bench, scratch_dir)
-            return
         started = time.perf_counter()
         model_path = resolve_model_name(bench.model_name_or_path)
         ctx = BenchmarkContext(bench, model_path, AutoTokenizer.from_pretrained(model_path), scratch_dir, started)

@@ -239,6 +239,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_training_step(
+    trainer: SelectiveBackpropTrainer,
+    model: PreTrainedModel,
+    batch: dict,
+    optimizer: torch.optim.Optimizer,
+    device: str,
+) -> tuple[float, float]:
+    """``(wall-clock s, CPU s)`` of one training step of ``trainer`` on ``batch`` with its optimizer step, waiting for
+    the device's queued work at both ends. CPU seconds are this process's (``time.process_time``, all threads): on a
+    machine shared with other work they are the steadier of the two."""
+    sync(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    trainer.training_step(model, batch)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
 # ---- data, model and trainers -----------------------------------------------------------------------
 
 
@@ -289,17 +308,48 @@ def load_model(path: str, num_labels: int, seed: int, device: str) -> PreTrained
     return model.to(device)
 
 
-def fixed_batches(
-    dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, seq_len: int, count: int, device: str
+def collated_batches(
+    dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    count: int,
+    device: str,
+    seq_len: int | None = None,
+    seed: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
-    """``count`` batches of real examples padded to exactly ``seq_len`` tokens, on ``device``."""
-    collate = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=seq_len)
-    rows = first_rows(dataset.shuffle(seed=0), batch_size * count)
+    """``count`` batches of ``batch_size`` real rows of ``dataset`` (shuffled with ``seed``; reused when it has fewer),
+    on ``device``: padded to exactly ``seq_len`` tokens, or with ``seq_len=None`` to each batch's longest row, as the
+    trainer's dataloader pads them (dynamic padding)."""
+    if seq_len is None:
+        collate = DataCollatorWithPadding(tokenizer)
+    else:
+        collate = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=seq_len)
+    rows = first_rows(dataset.shuffle(seed=seed), batch_size * count)
     batches = []
     for start in range(0, batch_size * count, batch_size):
         chunk = [rows[i % len(rows)] for i in range(start, start + batch_size)]
         batches.append({k: v.to(device) for k, v in collate(chunk).items()})
     return batches
+
+
+def benchmark_config(
+    strategy: str, keep: float, batch_size: int, device: str, output_dir: str, **extra: Any
+) -> SelectiveBackpropConfig:
+    """The arguments of a benchmark trainer: ``strategy`` (a name or a variant, :func:`parse_variant`) at ``keep``,
+    ``batch_size`` rows per step, nothing saved or reported, no progress bar (``extra``: more fields)."""
+    name, settings = parse_variant(strategy)
+    return SelectiveBackpropConfig(
+        output_dir=output_dir,
+        sbp_strategy=name,
+        sbp_keep=keep,
+        **settings,
+        per_device_train_batch_size=batch_size,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        **extra,
+    )
 
 
 def make_trainer(
@@ -314,19 +364,7 @@ def make_trainer(
 ) -> SelectiveBackpropTrainer:
     """A trainer whose ``training_step`` and ``select_batch`` are called by hand (no accumulation). ``train_dataset``
     only sizes the per-example cache of a strategy that uses one (batches then carry example ids)."""
-    name, settings = parse_variant(strategy)
-    args = SelectiveBackpropConfig(
-        output_dir=output_dir,
-        sbp_strategy=name,
-        sbp_keep=keep,
-        **settings,
-        per_device_train_batch_size=batch_size,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=device == "cpu",
-        disable_tqdm=True,
-        **extra,
-    )
+    args = benchmark_config(strategy, keep, batch_size, device, output_dir, **extra)
     trainer = SelectiveBackpropTrainer(model=model, args=args, train_dataset=train_dataset)
     trainer.current_gradient_accumulation_steps = 1
     return trainer
@@ -355,23 +393,18 @@ def evaluating_trainer(
     linear schedule warming up over ``warmup_steps``, dynamic padding, accuracy on ``validation`` (if given), nothing
     saved and no log lines (``extra``: more ``SelectiveBackpropConfig`` fields). The time-to-accuracy
     runs train through it."""
-    name, settings = parse_variant(strategy)
-    args = SelectiveBackpropConfig(
-        output_dir=output_dir,
-        sbp_strategy=name,
-        sbp_keep=keep,
-        **settings,
+    args = benchmark_config(
+        strategy,
+        keep,
+        batch_size,
+        device,
+        output_dir,
         seed=seed,
         sbp_seed=seed,
-        per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=eval_batch_size,
         learning_rate=learning_rate,
         max_steps=steps,
         warmup_steps=warmup_steps,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=device == "cpu",
-        disable_tqdm=True,
         **extra,
     )
     trainer = trainer_class(

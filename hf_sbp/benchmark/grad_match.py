@@ -26,7 +26,7 @@ from ..strategies import strategy_class
 from .common import (
     BenchmarkContext,
     Data,
-    fixed_batches,
+    collated_batches,
     load_model,
     make_trainer,
     parse_variant,
@@ -191,8 +191,9 @@ def run_task(ctx: BenchmarkContext, data: Data, task: str) -> list[dict[str, Any
     train = data.splits["train"].shuffle(seed=0)
     steps = bench.train_steps
     checkpoints = sorted({0, steps // 3, 2 * steps // 3, steps})
-    probe = fixed_batches(
-        data.splits["validation"], ctx.tokenizer, bench.batch_size, bench.seq_len, 2 if bench.quick else 8, bench.device
+    probe_count = 2 if bench.quick else 8
+    probe = collated_batches(
+        data.splits["validation"], ctx.tokenizer, bench.batch_size, probe_count, bench.device, bench.seq_len
     )
     collate = DataCollatorWithPadding(ctx.tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bench.learning_rate)

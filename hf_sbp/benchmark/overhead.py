@@ -16,7 +16,7 @@ from ..core.selection import index_rows
 from ..head import HeadCapture
 from ..strategies import gradmatch
 from ..trainer import SelectiveBackpropTrainer
-from .common import OVERHEAD_STRATEGY, BenchmarkContext, Data, fixed_batches, load_model, make_trainer, sync
+from .common import OVERHEAD_STRATEGY, BenchmarkContext, Data, collated_batches, load_model, make_trainer, sync
 
 BATCH_SIZES = (16, 32, 64, 128, 256, 1024, 2048)
 """Batch sizes of the full run (the quick one: the first three). Large per-device batches are common on GPUs, and
@@ -144,7 +144,7 @@ def run_overhead(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
     batch_sizes = bench.overhead_batch_size_values or (BATCH_SIZES[:3] if bench.quick else BATCH_SIZES)
     rows = []
     for batch_size in batch_sizes:
-        batches = fixed_batches(data.splits["train"], ctx.tokenizer, batch_size, bench.seq_len, 2, bench.device)
+        batches = collated_batches(data.splits["train"], ctx.tokenizer, batch_size, 2, bench.device, bench.seq_len)
         repeats = bench.repeats if batch_size < LARGE_BATCH else min(bench.repeats, LARGE_BATCH_REPEATS)
         scores: dict = {}  # the scoring pass's results, shared by the keeps' trainers
         hook_s = None

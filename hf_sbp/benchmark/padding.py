@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..core.padding import trim_padding
 from ..core.selection import index_rows
-from ..glue.run_glue import first_rows
-from .common import FULL_BATCH, BenchmarkContext, Data, load_model, make_trainer, sync
+from .common import FULL_BATCH, BenchmarkContext, Data, collated_batches, load_model, make_trainer, timed_training_step
 
 PADDING_STRATEGIES = ("random", "gradmatch", "loss")
 """The strategies whose subsets are trimmed, when they are registered and in ``--strategies``."""
@@ -49,20 +47,6 @@ def command_line(ctx: BenchmarkContext) -> str:
     parts += ["--batch_size", str(bench.batch_size), "--repeats", str(bench.repeats)]
     parts += ["--device", bench.device]
     return " ".join(parts)
-
-
-def dynamic_batches(
-    split, tokenizer, batch_size: int, count: int, device: str, seed: int = 0
-) -> list[dict[str, torch.Tensor]]:
-    """``count`` batches of ``batch_size`` shuffled rows of ``split``, padded by ``DataCollatorWithPadding`` to their
-    longest row (as the trainer's dataloader pads them), on ``device``."""
-    collate = DataCollatorWithPadding(tokenizer)
-    rows = first_rows(split.shuffle(seed=seed), batch_size * count)
-    batches = []
-    for start in range(0, batch_size * count, batch_size):
-        chunk = [rows[i % len(rows)] for i in range(start, start + batch_size)]
-        batches.append({k: v.to(device) for k, v in collate(chunk).items()})
-    return batches
 
 
 def padding_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -115,7 +99,7 @@ def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) ->
     bench = ctx.bench
     strategies = [s for s in bench.strategy_names if s in PADDING_STRATEGIES]  # registration order
     model = load_model(ctx.model_path, data.num_labels, 0, bench.device)
-    batches = dynamic_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, bench.repeats, bench.device)
+    batches = collated_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, bench.repeats, bench.device)
     tokens = {strategy: _subset_tokens(ctx, model, strategy, batches) for strategy in strategies}
     trainers = {
         (strategy, trim): make_trainer(
@@ -132,15 +116,10 @@ def run_repadding(ctx: BenchmarkContext, name: str, data: Data, command: str) ->
     cpu: dict[Any, list[float]] = defaultdict(list)  # this process's CPU seconds (all threads)
 
     def timed_step(key, trainer, batch, keep: bool) -> None:
-        sync(bench.device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        trainer.training_step(model, batch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(bench.device)
+        wall_s, cpu_s = timed_training_step(trainer, model, batch, optimizer, bench.device)
         if keep:
-            times[key].append(time.perf_counter() - start)
-            cpu[key].append(time.process_time() - start_cpu)
+            times[key].append(wall_s)
+            cpu[key].append(cpu_s)
 
     for repeat in range(bench.repeats + 1):  # the first round warms up and is dropped
         batch = batches[(repeat - 1) % len(batches)]

@@ -137,14 +137,14 @@ def _throughput_section(rows: list[dict[str, Any]]) -> str:
     return (
         "## Step time and memory (`throughput.json`)\n\nMedian step times, all strategies interleaved in "
         "one process; `floor` = scoring forward + random-subset step at the same keep (the best this design "
-        "can do); peak memory is the highest memory during three training steps above what the process held "
-        "before them (model, optimizer state, data), in a fresh process per strategy (sampled RSS on CPU, with "
-        "glibc's mmap threshold fixed so that freed tensors leave the resident memory; allocator peak on GPU); "
-        "`saved MB` counts the tensors one step's autograd graph keeps for its backward (each "
-        "storage once, parameters excluded: the activations, whatever the allocator does; rows measured before it "
-        "existed have none). `vs full` compares with the full step of the same fine-tuning: LoRA rows "
-        "(`--peft lora`: rank-8 adapters on the attention projections, the classifier trained in full) against "
-        "the LoRA full step, whose ideal selective ratio is `(1 + 2 keep) / 2` instead of `(1 + 3 keep) / 3`.\n\n"
+        "can do); `saved MB` counts the tensors one step's autograd graph keeps for its backward (each storage "
+        "once, parameters excluded): the activations, the main part of a step's memory, whatever the allocator "
+        "does; `peak MB` (CUDA rows only) is the allocator's peak during one training step above what was "
+        "allocated before it (model, optimizer state, data). On the CPU the resident memory depends on what "
+        "glibc's allocator keeps, so CPU rows have no peak. `vs full` compares with the full step of the same "
+        "fine-tuning: LoRA rows (`--peft lora`: rank-8 adapters on the attention projections, the classifier "
+        "trained in full) against the LoRA full step, whose ideal selective ratio is `(1 + 2 keep) / 2` instead of "
+        "`(1 + 3 keep) / 3`.\n\n"
         + markdown_table(
             [
                 "fine-tuning",

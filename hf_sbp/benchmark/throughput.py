@@ -1,25 +1,19 @@
-"""Part 2, ``throughput.json``: the training step's time per strategy (and per variant of ``--probe_variants``), its
-peak memory in a fresh process and the activations it saves for backward (:class:`SavedActivations`); with
+"""Part 2, ``throughput.json``: the training step's time per strategy (and per variant of ``--probe_variants``), the
+activations it saves for backward (:class:`SavedActivations`) and, on CUDA, its peak memory; with
 ``--peft lora`` the same rows for LoRA fine-tuning (``"peft": "lora"``), kept beside the full fine-tuning rows, and
 the break-even keep of both (:func:`break_even_table`)."""
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from collections import defaultdict
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..example_cache import EXAMPLE_ID_KEY
-from ..glue.arguments import DataTrainingArguments
-from ..glue.bundled import resolve_model_name
 from ..strategies import strategy_class
 from ..trainer import SelectiveBackpropTrainer
 from .arguments import BenchmarkArguments
@@ -29,13 +23,14 @@ from .common import (
     RANDOM_SUBSET,
     BenchmarkContext,
     Data,
-    fixed_batches,
+    collated_batches,
     load_model,
     make_trainer,
     parse_variant,
     per_batch,
     strategy_grid,
     sync,
+    timed_training_step,
 )
 
 SCORING_FORWARD = "scoring_forward"
@@ -152,59 +147,6 @@ def step_trainer(
     return trainer
 
 
-def peak_memory_command(bench: BenchmarkArguments, strategy: str, keep: float) -> list[str]:
-    """The command line of the child process that measures one strategy's peak memory (``_peak_memory``)."""
-    command = [
-        sys.executable,
-        "-m",
-        "hf_sbp.benchmark",
-        "_peak_memory",
-        "--model_name_or_path",
-        bench.model_name_or_path,
-        "--device",
-        bench.device,
-        "--seq_len",
-        str(bench.seq_len),
-        "--batch_size",
-        str(bench.batch_size),
-        "--keeps",
-        str(keep),
-        "--memory_strategy",
-        strategy,
-    ]
-    if bench.peft != "none":
-        command += ["--peft", bench.peft, "--lora_r", str(bench.lora_r)]
-    if bench.strategy_modules:
-        command += ["--sbp_strategy_modules", ",".join(bench.strategy_modules)]
-    if bench.train_file:
-        command += ["--train_file", bench.train_file, "--validation_file", bench.validation_file or bench.train_file]
-    return command
-
-
-FIXED_MMAP_THRESHOLD = 64 * 1024
-"""The child's ``MALLOC_MMAP_THRESHOLD_`` on the CPU, in bytes. glibc raises its mmap threshold each time it frees a
-mapped block, so after the warm-up step most of a step's tensors come from the heap, where freed memory stays
-resident: the peak above the memory held before the steps then misses whatever the warm-up left behind, by an amount
-that depends on the step's history (LoRA's rows read far below the activations they save). A fixed threshold turns
-the adjustment off: every block this large or larger is mapped when allocated and returned when freed, so the
-resident memory follows the live tensors."""
-
-
-def peak_memory_mb(bench: BenchmarkArguments, strategy: str, keep: float) -> float:
-    """Peak memory of a few training steps of one strategy, in a fresh process (RSS on CPU), in MB."""
-    # The child imports the same hf_sbp as this process, installed or not.
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(FIXED_MMAP_THRESHOLD)
-    out = subprocess.run(
-        peak_memory_command(bench, strategy, keep), capture_output=True, text=True, env=env, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"the peak-memory process for {strategy}@{keep} failed:\n{out.stderr[-4000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
-
-
 class SavedActivations:
     """While active, counts the bytes of the tensors autograd saves for backward (each storage once; the model's
     parameters and buffers, and views of them, excluded): the activations a training step holds when its forward
@@ -251,86 +193,23 @@ def saved_activations_mb(trainer: SelectiveBackpropTrainer, model: torch.nn.Modu
     return saved.bytes / 2**20
 
 
-def resident_bytes() -> int:
-    """This process's resident memory (RSS), in bytes."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class RssSampler:
-    """Samples this process's resident memory every millisecond in a thread; ``peak`` is the highest seen."""
-
-    def __init__(self) -> None:
-        self.peak = resident_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, resident_bytes())
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
-
-
-def memory_setup(
-    bench: BenchmarkArguments, strategy: str, keep: float, scratch_dir: str
-) -> tuple[SelectiveBackpropTrainer, PreTrainedModel, list[dict[str, torch.Tensor]]]:
-    """The trainer, model and two batches whose steps the peak-memory process measures."""
-    spec = (
-        DataTrainingArguments(train_file=bench.train_file, validation_file=bench.validation_file)
-        if bench.train_file
-        else DataTrainingArguments(dataset_name="tweets")
-    )
-    model_path = resolve_model_name(bench.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = Data(spec, tokenizer, bench.seq_len, limit=4 * bench.batch_size)
-    batches = fixed_batches(data.splits["train"], tokenizer, bench.batch_size, bench.seq_len, 2, bench.device)
-    model = load_model(model_path, data.num_labels, 0, bench.device)
-    if bench.peft == LORA:
-        model = lora_model(model, bench.lora_r)
-    batches = indexed(batches)
-    return step_trainer(model, strategy, keep, bench, scratch_dir, batches), model, batches
-
-
-def measure_peak_memory(bench: BenchmarkArguments, scratch_dir: str) -> None:
-    """Child process: one warm-up step (which creates the optimizer's state), then print the peak memory of
-    three more steps above the memory held before them, in MB: the activations and gradients that a step of
-    this strategy needs."""
-    trainer, model, batches = memory_setup(bench, bench.memory_strategy, bench.keep_values[0], scratch_dir)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step(batch) -> None:
-        trainer.training_step(model, batch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step(batches[0])
-    if bench.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for i in range(3):
-            step(batches[i % 2])
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        base = resident_bytes()
-        with RssSampler() as sampler:
-            for i in range(3):
-                step(batches[i % 2])
-        peak = sampler.peak
-    print((peak - base) / 2**20)
+def cuda_peak_memory_mb(trainer: SelectiveBackpropTrainer, model: torch.nn.Module, batch: dict) -> float:
+    """CUDA only: the allocator's peak during one training step of ``trainer`` above what was allocated before it
+    (model, optimizer state, data), in MB: the activations and gradients the step needs. The gradients it makes are
+    dropped. (On the CPU the resident memory depends on what the allocator keeps; :func:`saved_activations_mb` is
+    the measure there.)"""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    trainer.training_step(model, batch)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    model.zero_grad(set_to_none=True)
+    return (peak - base) / 2**20
 
 
 def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
-    """Median step time per strategy and keep, all interleaved in one process, with the peak memory of each
+    """Median step time per strategy and keep, all interleaved in one process, with the memory of each
     (rows of ``throughput.json``). With ``--peft lora`` the model is LoRA-wrapped (:func:`lora_model`) and every row
     has ``"peft": "lora"``; the ideal ratio is then ``(1 + 2 keep) / 2`` (a backward costs about one forward when
     the base weights are frozen) instead of ``(1 + 3 keep) / 3``."""
@@ -339,7 +218,7 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
     lora = bench.peft == LORA
     if lora:
         model = lora_model(model, bench.lora_r)
-    batches = fixed_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, bench.seq_len, 4, bench.device)
+    batches = collated_batches(data.splits["train"], ctx.tokenizer, bench.batch_size, 4, bench.device, bench.seq_len)
     batches = indexed(batches)
     grid = strategy_grid(per_batch(bench.probe_strategy_names), bench.keep_values)
     trainers = {key: step_trainer(model, *key, bench, ctx.scratch_dir, batches) for key in grid}
@@ -348,19 +227,10 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     times: dict[tuple[str, float], list[float]] = defaultdict(list)
 
-    def timed_step(trainer, batch) -> float:
-        sync(bench.device)
-        start = time.perf_counter()
-        trainer.training_step(model, batch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(bench.device)
-        return time.perf_counter() - start
-
     for repeat in range(bench.repeats + 1):  # the first round warms up and is dropped
         batch = batches[repeat % len(batches)]
         for key in grid:
-            elapsed = timed_step(trainers[key], batch)
+            elapsed, _ = timed_training_step(trainers[key], model, batch, optimizer, bench.device)
             if repeat:
                 times[key].append(elapsed)
         sync(bench.device)
@@ -383,12 +253,12 @@ def run_throughput(ctx: BenchmarkContext, data: Data) -> list[dict[str, Any]]:
             "device": bench.device,
             "step_s": statistics.median(values),
             "full_step_s": full,
-            "peak_mem_mb": None,
         }
         if lora:
             row.update(peft=LORA, lora_r=bench.lora_r)
         if strategy != SCORING_FORWARD:
-            row["peak_mem_mb"] = peak_memory_mb(bench, strategy, keep)
+            if bench.device == "cuda":
+                row["peak_mem_mb"] = cuda_peak_memory_mb(trainers[(strategy, keep)], model, batches[0])
             row["saved_activations_mb"] = saved_activations_mb(trainers[(strategy, keep)], model, batches[0])
         rows.append(row)
     scoring_s = statistics.median(times[(SCORING_FORWARD, 1.0)])

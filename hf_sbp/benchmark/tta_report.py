@@ -13,7 +13,7 @@ from .common import load_rows
 from .palette import strategy_colors
 from .time_to_accuracy import JSON_NAME, SUMMARY_NAME
 from .tta_grid import current_rows, write_summary
-from .tta_stats import MIN_SEEDS_FOR_VERDICT, TOO_FEW_SEEDS, median_curves, paired_seeds
+from .tta_stats import CONFIDENCE, MIN_SEEDS_FOR_VERDICT, TOO_FEW_SEEDS, median_curves, paired_seeds
 
 SUMMARY_FILE = "summary.md"
 
@@ -124,10 +124,10 @@ def _protocol(summary: dict[str, Any]) -> str:
         "a learning-rate schedule of its own elapsed time t / T and stops at T; dataset-level pruning trains the full "
         "batch's epochs, pruned. Every run is evaluated at the same fractions of T, off the clock.",
         "Each ratio is per seed against the same seed's baseline of the same sitting; the tables give the median "
-        "over seeds and its 95% bootstrap interval, and a verdict only where the interval excludes 1 (0 for an "
-        f"accuracy difference) and there are at least {MIN_SEEDS_FOR_VERDICT} seeds. A run that never reached the "
-        "target counts as the budget (censored). The cost clock counts forward-equivalents (a scoring forward over "
-        "n rows n, a training step on k rows 3k).",
+        f"over seeds and its {CONFIDENCE:.0%} bootstrap interval, and a verdict only where the interval excludes 1 "
+        f"(0 for an accuracy difference) and there are at least {MIN_SEEDS_FOR_VERDICT} seeds. A run that never "
+        "reached the target counts as the budget (censored). The cost clock counts forward-equivalents (a scoring "
+        "forward over n rows n, a training step on k rows 3k).",
         f"The grid so far: {summary['runs']} runs, {summary['grid_wall_s'] / 3600:.1f} h of wall clock (loading and "
         "evaluation included).",
     ]
@@ -273,11 +273,12 @@ def readme_block(summary: dict[str, Any], image: str) -> str:
         [
             README_START,
             bottom_line(rows),
-            "Time to 99% of the full batch's accuracy on the full batch's wall-clock budget, as a ratio to the random "
-            "subset's / the full batch's time (median over seeds, seeds in brackets; below 1 is sooner), with the "
-            "verdict of the 95% bootstrap interval (`faster`, `slower`, `no difference`, or `too few seeds` under "
-            f"5). {summary['runs']} runs, {summary['grid_wall_s'] / 3600:.1f} h; intervals, accuracy differences and "
-            "the cost clock in [docs/benchmarks/summary.md](docs/benchmarks/summary.md).",
+            f"Time to {summary['target_fraction']:.0%} of the full batch's accuracy on the full batch's wall-clock "
+            "budget, as a ratio to the random subset's / the full batch's time (median over seeds, seeds in brackets; "
+            f"below 1 is sooner), with the verdict of the {CONFIDENCE:.0%} bootstrap interval (`faster`, `slower`, "
+            f"`no difference`, or `{TOO_FEW_SEEDS}` under {MIN_SEEDS_FOR_VERDICT}). {summary['runs']} runs, "
+            f"{summary['grid_wall_s'] / 3600:.1f} h; intervals, accuracy differences and the cost clock in "
+            "[docs/benchmarks/summary.md](docs/benchmarks/summary.md).",
             markdown_table(header, body),
             f"![accuracy against training time]({image})",
             README_END,
