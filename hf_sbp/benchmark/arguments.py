@@ -9,13 +9,7 @@ import torch
 
 from ..config import import_strategy_modules
 from ..glue.arguments import DataTrainingArguments
-from .common import (
-    COMMANDS,
-    DEFAULT_OUTPUT_DIR,
-    PEFT_MODES,
-    parse_strategies,
-    split_list,
-)
+from .common import COMMANDS, DEFAULT_OUTPUT_DIR, PEFT_MODES, parse_strategies, split_list
 
 SIZES = {
     "repeats": (5, 15),

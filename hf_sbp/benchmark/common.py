@@ -315,16 +315,15 @@ def collated_batches(
     count: int,
     device: str,
     seq_len: int | None = None,
-    seed: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
-    """``count`` batches of ``batch_size`` real rows of ``dataset`` (shuffled with ``seed``; reused when it has fewer),
+    """``count`` batches of ``batch_size`` real rows of ``dataset`` (shuffled with seed 0; reused when it has fewer),
     on ``device``: padded to exactly ``seq_len`` tokens, or with ``seq_len=None`` to each batch's longest row, as the
     trainer's dataloader pads them (dynamic padding)."""
     if seq_len is None:
         collate = DataCollatorWithPadding(tokenizer)
     else:
         collate = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=seq_len)
-    rows = first_rows(dataset.shuffle(seed=seed), batch_size * count)
+    rows = first_rows(dataset.shuffle(seed=0), batch_size * count)
     batches = []
     for start in range(0, batch_size * count, batch_size):
         chunk = [rows[i % len(rows)] for i in range(start, start + batch_size)]
