@@ -325,6 +325,57 @@ def test_times_compare_only_within_a_sitting():
     assert summary["gradmatch"]["time_ratio_vs_random"]["median"] == pytest.approx(0.5)  # A's
 
 
+def pooled_log_sd(groups):
+    """The pooled within-group standard deviation of the logs, written out: sum of squares over degrees of freedom."""
+    logs = [np.log(group) for group in groups if len(group) > 1]
+    return math.sqrt(sum(((g - g.mean()) ** 2).sum() for g in logs) / sum(len(g) - 1 for g in logs))
+
+
+def test_the_resolution_pools_the_scatter_of_each_strategy_about_its_own_mean():
+    groups = [[0.5, 0.8, 1.0, 1.3], [2.0, 2.2], [0.9], [1.1, float("nan"), 1.4]]  # [0.9]: one seed, no scatter
+    found = tta_stats.resolution(groups)
+    assert found["log_sd"] == pytest.approx(pooled_log_sd([groups[0], groups[1], [1.1, 1.4]]))
+    assert (found["strategies"], found["seeds"], found["verdict_seeds"]) == (3, 8, 5)
+    assert tta_stats.resolution([[0.9], []]) is None
+    # A strategy twice as fast as another adds nothing: each is centred on its own mean.
+    assert tta_stats.resolution([[0.5, 0.55], [1.0, 1.1]])["log_sd"] == pytest.approx(pooled_log_sd([[1.0, 1.1]]))
+
+
+def test_the_detectable_ratio_is_called_faster_by_the_bootstrap_verdict_as_often_as_promised():
+    sd = 0.2
+    detectable = tta_stats.resolution([[math.exp(sd), math.exp(-sd)]])  # one pair: log_sd = sqrt(2) sd
+    assert detectable["log_sd"] == pytest.approx(math.sqrt(2) * sd)
+    sd, ratio = detectable["log_sd"], detectable["detectable_ratio"]
+    rng = np.random.default_rng(1)
+    calls = [
+        tta_stats.ratio_verdict(tta_stats.percentile_interval(np.exp(rng.normal(math.log(ratio), sd, 5)), 1000))
+        for _ in range(2000)
+    ]
+    assert calls.count("faster") / len(calls) == pytest.approx(tta_stats.RESOLUTION_POWER, abs=0.03)
+
+
+def test_the_seeds_for_the_reference_ratio_give_the_promised_power():
+    # The scatter for which 19.5 seeds are needed (20 rounded up), then 20 seeds simulated at the reference ratio.
+    z = 1.959964 + 0.841621
+    sd = math.log(1 / tta_stats.REFERENCE_RATIO) * math.sqrt(19.5) / (z * math.sqrt(math.pi / 2))
+    assert tta_stats.resolution([[math.exp(sd / math.sqrt(2)), math.exp(-sd / math.sqrt(2))]])[
+        "seeds_for_reference_ratio"
+    ] == 20  # fmt: skip
+    rng = np.random.default_rng(2)
+    draws = np.exp(rng.normal(math.log(tta_stats.REFERENCE_RATIO), sd, (600, 20)))
+    calls = [tta_stats.ratio_verdict(tta_stats.percentile_interval(seeds, 2000)) for seeds in draws]
+    assert calls.count("faster") / len(calls) == pytest.approx(tta_stats.RESOLUTION_POWER, abs=0.08)
+
+
+def test_the_summary_gives_each_cell_the_resolution_of_its_verdicts():
+    cell = tta_grid.summarize(hand_made_rows())["cells"][0]["resolution"]
+    # Against random: the full batch (75 / 50 s every seed) and gradmatch (25 / 50 s, the censored seed 100 / 50 s).
+    assert cell["vs_random"]["log_sd"] == pytest.approx(pooled_log_sd([[1.5] * 5, [0.5] * 4 + [2.0]]))
+    # Against the full batch: random (50 / 75 s) and gradmatch (25 / 75 s, censored 100 / 75 s).
+    assert cell["vs_full"]["log_sd"] == pytest.approx(pooled_log_sd([[2 / 3] * 5, [1 / 3] * 4 + [4 / 3]]))
+    assert cell["vs_random"]["strategies"] == cell["vs_full"]["strategies"] == 2
+
+
 # ---- the generated summary ------------------------------------------------------------------------------
 
 
@@ -344,6 +395,13 @@ def test_the_summary_report_prints_the_numbers_of_the_summary_json(tmp_path):
     assert "20 runs, 0.1 h of wall clock" in text
     assert "100 training examples x 3 epochs in batches of 32" in text and "median budget T 100.0 s" in text
     assert (tmp_path / "tta_d_noise0.png").stat().st_size > 1000 and "![accuracy" in text
+    resolution = summary["cells"][0]["resolution"]
+    for key, name in (("vs_random", "the random subset"), ("vs_full", "the full batch")):
+        found = resolution[key]
+        pooled = f"({found['strategies']} strategies, {found['seeds']} seeds)"
+        assert f"{found['log_sd']:.2f} against {name} {pooled}" in text
+        assert f"{found['detectable_ratio']:.2f} against {name}" in text
+        assert f"{found['seeds_for_reference_ratio']} seeds against {name}" in text
 
 
 def test_the_readme_block_is_rewritten_from_the_summary_and_nothing_else(tmp_path):
@@ -359,6 +417,9 @@ def test_the_readme_block_is_rewritten_from_the_summary_and_nothing_else(tmp_pat
     assert "| gradmatch@0.5 | 0.50 no difference / 0.33 no difference (5) |" in text
     assert "| random@0.5 | 1.00 no difference / 0.67 faster (5) |" in text
     assert "![accuracy against training time](time_to_accuracy.png)" in text
+    resolution = json.loads((tmp_path / "time_to_accuracy_summary.json").read_text())["cells"][0]["resolution"]
+    ratios = f"{resolution['vs_random']['detectable_ratio']:.2f} / {resolution['vs_full']['detectable_ratio']:.2f}"
+    assert "**What the grid can resolve:** with 5 seeds" in text and f"at or below d, noise 0: {ratios}" in text
     plain = tmp_path / "PLAIN.md"
     plain.write_text("no block")
     assert not tta_report.update_readme(str(plain), str(tmp_path)) and plain.read_text() == "no block"

@@ -37,7 +37,7 @@ from .time_to_accuracy import (
     TimeToAccuracySettings,
     train_run,
 )
-from .tta_stats import drift_ratios, run_pair, summary_row
+from .tta_stats import drift_ratios, paired_seeds, resolution, run_pair, summary_row, time_ratios
 
 # ---- the grid and resuming --------------------------------------------------------------------------
 
@@ -185,8 +185,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The statistics of ``rows`` (see :mod:`.tta_stats`): per (dataset, noise, keep group), a row per strategy in
     registration order (the full batch, the per-batch strategies at the group's keep, the dataset-level ones at
     keep 1.0 compared with the random subset at the largest per-batch keep), the drift of every seed, and the grid's
-    wall time (every run's, loading and evaluation included); per cell its sizes (:data:`CELL_KEYS`) and the
-    median budget and target."""
+    wall time (every run's, loading and evaluation included); per cell its sizes (:data:`CELL_KEYS`), the
+    median budget and target, and the resolution of its verdicts against each baseline (:func:`.tta_stats.resolution`
+    of the strategies' per-seed time ratios)."""
     rows = current_rows(rows)
     out, cells = [], []
     for dataset, noise in sorted({(r["dataset"], float(r["label_noise"])) for r in rows}):
@@ -209,10 +210,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for keep in keeps:
             entries += [(s, keep, keep) for s in strategy_order(r["strategy"] for r in batch if r["keep"] == keep)]
         entries += [(s, 1.0, keeps[0]) for s in whole]
+        scatter: dict[str, list[list[float]]] = {"random": [], "full": []}
         for strategy, keep, baseline_keep in entries:
             entry = summary_row(group, dataset, noise, strategy, keep, baseline_keep)
             if entry is not None:
                 out.append(entry)
+            # Each strategy's ratios to a baseline, but the baseline's own (all 1): the scatter of the resolution.
+            triples = paired_seeds(group, dataset, noise, strategy, keep, baseline_keep)
+            if (strategy, keep) != (RANDOM_SUBSET, baseline_keep):
+                scatter["random"].append(time_ratios(triples, "random"))
+            if strategy != FULL_BATCH:
+                scatter["full"].append(time_ratios(triples, "full"))
+        if fulls:
+            cells[-1]["resolution"] = {f"vs_{baseline}": resolution(groups) for baseline, groups in scatter.items()}
     drift = drift_ratios(rows)
     values = [d["drift"] for d in drift]
     return {

@@ -13,7 +13,15 @@ from .common import load_rows
 from .palette import strategy_colors
 from .time_to_accuracy import JSON_NAME, SUMMARY_NAME
 from .tta_grid import current_rows, write_summary
-from .tta_stats import CONFIDENCE, MIN_SEEDS_FOR_VERDICT, TOO_FEW_SEEDS, median_curves, paired_seeds
+from .tta_stats import (
+    CONFIDENCE,
+    MIN_SEEDS_FOR_VERDICT,
+    REFERENCE_RATIO,
+    RESOLUTION_POWER,
+    TOO_FEW_SEEDS,
+    median_curves,
+    paired_seeds,
+)
 
 SUMMARY_FILE = "summary.md"
 
@@ -150,6 +158,26 @@ def _cell_sizes(cell: dict[str, Any] | None) -> str:
     )
 
 
+def _resolution(cell: dict[str, Any] | None) -> str:
+    """What the cell's verdicts can resolve (:func:`.tta_stats.resolution`), against each baseline."""
+    found = [(key, value) for key, value in ((cell or {}).get("resolution") or {}).items() if value]
+    if not found:
+        return ""
+    names = {"vs_random": "the random subset", "vs_full": "the full batch"}
+    scatter = " and ".join(
+        f"{value['log_sd']:.2f} against {names[key]} ({value['strategies']} strategies, {value['seeds']} seeds)"
+        for key, value in found
+    )
+    detectable = " and ".join(f"{value['detectable_ratio']:.2f} against {names[key]}" for key, value in found)
+    needed = " and ".join(f"{value['seeds_for_reference_ratio']} seeds against {names[key]}" for key, value in found)
+    return (
+        "\n\nResolution: the per-seed log time ratios scatter about each strategy's mean with a standard deviation of "
+        f"{scatter}. With {found[0][1]['verdict_seeds']} seeds a `faster` verdict is likely ({RESOLUTION_POWER:.0%}) "
+        f"only for a true ratio at or below {detectable}; calling a ratio of {REFERENCE_RATIO:g} would take about "
+        f"{needed}."
+    )
+
+
 def _extras(rows: list[dict[str, Any]]) -> str:
     """The irreducible-loss share of the budget (RHO-LOSS, included in its times) and, under label noise, the share
     of mislabelled rows among those each strategy backpropagated beside the training subset's."""
@@ -202,6 +230,7 @@ def render_summary(output_dir: str) -> str | None:
         cell = next((c for c in summary.get("cells", []) if (c["dataset"], c["label_noise"]) == (dataset, noise)), None)
         sections.append(
             f"## {dataset}, label noise {noise:g}\n\n{_cell_sizes(cell)}{cell_table(members)}{note}{extras}"
+            + _resolution(cell)
             + (f"\n\n![accuracy against training time]({image})" if runs else "")
         )
     path = os.path.join(output_dir, SUMMARY_FILE)
@@ -255,6 +284,26 @@ def bottom_line(rows: list[dict[str, Any]]) -> str:
     return text + (f" Slower than both: {losers}." if losers else "")
 
 
+def resolution_line(summary: dict[str, Any]) -> str:
+    """What the grid can resolve, cell by cell (:func:`.tta_stats.resolution`), in one sentence; empty without it."""
+    found = []
+    for cell in summary.get("cells", []):
+        both = (cell.get("resolution") or {}).values()
+        if all(both) and both:
+            found.append((f"{cell['dataset']}, noise {cell['label_noise']:g}", *both))
+    if not found:
+        return ""
+    ratios = "; ".join(f"{name}: {r['detectable_ratio']:.2f} / {f['detectable_ratio']:.2f}" for name, r, f in found)
+    seeds = [value["seeds_for_reference_ratio"] for _, *pair in found for value in pair]
+    span = f"{min(seeds)}" if min(seeds) == max(seeds) else f"{min(seeds)} to {max(seeds)}"
+    return (
+        f"**What the grid can resolve:** with {found[0][1]['verdict_seeds']} seeds a `faster` verdict is likely "
+        f"({RESOLUTION_POWER:.0%}) only for a true time ratio to the random subset / the full batch at or below "
+        f"{ratios} (the scatter of the seeds); a difference of {1 - REFERENCE_RATIO:.0%} would take about {span} "
+        "seeds per cell."
+    )
+
+
 def readme_block(summary: dict[str, Any], image: str) -> str:
     """The README's results: per strategy (rows) and cell (columns), the median time-to-target ratio against the random
     subset and against the full batch with their verdicts, and the combined plot at ``image``."""
@@ -280,6 +329,7 @@ def readme_block(summary: dict[str, Any], image: str) -> str:
             f"{summary['grid_wall_s'] / 3600:.1f} h; intervals, accuracy differences and the cost clock in "
             "[docs/benchmarks/summary.md](docs/benchmarks/summary.md).",
             markdown_table(header, body),
+            *filter(None, [resolution_line(summary)]),
             f"![accuracy against training time]({image})",
             README_END,
         ]

@@ -1,5 +1,6 @@
 """The statistics of the time-to-accuracy benchmark, as plain functions on its rows: times to target, per-seed
-pairing with the same sitting's baselines, bootstrap intervals over seeds and verdicts.
+pairing with the same sitting's baselines, bootstrap intervals over seeds, verdicts, and how large a difference the
+verdicts can resolve.
 
 A row is one training run (see :data:`hf_sbp.benchmark.time_to_accuracy.ROW_KEYS`); its ``curve`` is a list of
 evaluations ``[mark, train_s, cost, accuracy]``: ``mark`` the fraction of the budget the evaluation was due at,
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,10 @@ MIN_SEEDS_FOR_VERDICT = 5
 smallest to the largest seed's value (for n <= 5), so it excludes a tie exactly when every seed falls on one side:
 with no real difference that happens with probability 2^(1 - n), 6% for 5 seeds but 25% for 3."""
 TOO_FEW_SEEDS = "too few seeds"
+RESOLUTION_POWER = 0.8
+"""The probability with which :func:`resolution` asks the verdicts to call a true difference."""
+REFERENCE_RATIO = 0.9
+"""The difference the benchmark is asked to resolve: a time ratio of 0.9 (the target 10% sooner)."""
 _CLOCK_COLUMN = {"wall": 1, "cost": 2}
 _EPS = 1e-9
 
@@ -152,6 +158,57 @@ def paired_seeds(
     return out
 
 
+def time_ratios(
+    triples: Sequence[tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]], baseline: str, clock: str = "wall"
+) -> list[float]:
+    """Per seed of ``triples`` (:func:`paired_seeds`), the run's time to the seed's target over the ``baseline``'s
+    (``"random"`` or ``"full"``) on ``clock``, censored times counting as the budget; a seed without that baseline is
+    left out."""
+    ratios = []
+    for run, random, full in triples:
+        other = random if baseline == "random" else full
+        if other is None:
+            continue
+        mine, _ = censored_time(run, full["target"], clock)
+        theirs, _ = censored_time(other, full["target"], clock)
+        ratios.append(mine / theirs if theirs > 0 else math.nan)
+    return ratios
+
+
+def resolution(groups: Iterable[Sequence[float]], seeds: int = MIN_SEEDS_FOR_VERDICT) -> dict[str, Any] | None:
+    """How large a difference the verdicts can resolve, from the scatter of per-seed time ratios; ``None`` without a
+    group of two seeds or more.
+
+    ``groups`` holds each strategy's ratios to one baseline over its seeds (not the baseline's own, which are all 1).
+    Returns ``log_sd``, the pooled within-strategy standard deviation ``s`` of the log ratios (each strategy about
+    its own mean, so true differences between strategies do not count as scatter; censored seeds count as the
+    budget, which narrows it, so the figures below are if anything optimistic), with ``strategies`` and ``seeds``
+    pooled; ``detectable_ratio``, the true ratio at or below which all of ``seeds`` seeds fall below 1 with
+    probability :data:`RESOLUTION_POWER`, ``exp(-s z)`` with ``z = Phi^-1(power^(1 / seeds))``: what a `faster`
+    verdict needs with at most 5 seeds, whose interval spans the smallest to the largest seed (`slower` mirrors it
+    at ``1 / detectable_ratio``); and ``seeds_for_reference_ratio``, about how many seeds a verdict needs to call
+    :data:`REFERENCE_RATIO` with that probability, from the normal approximation of the median (standard error
+    ``sqrt(pi / 2) s / sqrt(n)``): ``n = ((z_(1 - alpha / 2) + z_power) sqrt(pi / 2) s / ln(1 / ratio))^2``."""
+    logs = [np.log(np.asarray([v for v in group if not math.isnan(v)], dtype=float)) for group in groups]
+    logs = [values for values in logs if values.size >= 2]
+    if not logs:
+        return None
+    dof = sum(values.size - 1 for values in logs)
+    sd = math.sqrt(sum(float(((values - values.mean()) ** 2).sum()) for values in logs) / dof)
+    normal = NormalDist()
+    z_power = normal.inv_cdf(RESOLUTION_POWER)
+    z_level = normal.inv_cdf(1 - (1 - CONFIDENCE) / 2)
+    needed = ((z_level + z_power) * math.sqrt(math.pi / 2) * sd / math.log(1 / REFERENCE_RATIO)) ** 2
+    return {
+        "log_sd": sd,
+        "strategies": len(logs),
+        "seeds": dof + len(logs),
+        "detectable_ratio": math.exp(-sd * normal.inv_cdf(RESOLUTION_POWER ** (1 / seeds))),
+        "verdict_seeds": seeds,
+        "seeds_for_reference_ratio": max(seeds, math.ceil(needed)),
+    }
+
+
 def summary_row(
     rows: list[dict[str, Any]], dataset: str, noise: float, strategy: str, keep: float, baseline_keep: float
 ) -> dict[str, Any] | None:
@@ -177,16 +234,8 @@ def summary_row(
             censored += cut
         out[f"time_to_target_share{suffix}"] = percentile_interval(times)
         out[f"censored{suffix}"] = censored
-        for name, pick in (("random", 1), ("full", 2)):
-            ratios = []
-            for triple in triples:
-                run, baseline = triple[0], triple[pick]
-                if baseline is None:
-                    continue
-                target = triple[2]["target"]
-                mine, _ = censored_time(run, target, clock)
-                theirs, _ = censored_time(baseline, target, clock)
-                ratios.append(mine / theirs if theirs > 0 else math.nan)
+        for name in ("random", "full"):
+            ratios = time_ratios(triples, name, clock)
             interval = percentile_interval(ratios)
             out[f"time_ratio_vs_{name}{suffix}"] = interval
             out[f"verdict_vs_{name}{suffix}"] = _verdict(ratio_verdict, interval, len(ratios))
