@@ -425,6 +425,20 @@ def test_the_readme_block_is_rewritten_from_the_summary_and_nothing_else(tmp_pat
     assert not tta_report.update_readme(str(plain), str(tmp_path)) and plain.read_text() == "no block"
 
 
+def test_the_resolution_line_leaves_out_cells_without_verdicts():
+    def cell(dataset, ratio):
+        found = {"detectable_ratio": ratio, "verdict_seeds": 5, "seeds_for_reference_ratio": 80}
+        return {"dataset": dataset, "label_noise": 0.0, "resolution": {"vs_random": found, "vs_full": found}}
+
+    def row(dataset, verdict):
+        return {"dataset": dataset, "label_noise": 0.0, "verdict_vs_full": verdict}
+
+    summary = {"cells": [cell("d", 0.6), cell("e", 0.4)], "rows": [row("d", "faster"), row("e", "too few seeds")]}
+    line = tta_report.resolution_line(summary)
+    assert "at or below d, noise 0: 0.60 / 0.60 (the scatter" in line and "e, noise" not in line
+    assert tta_report.resolution_line({**summary, "rows": [row("e", "too few seeds")]}) == ""
+
+
 def test_the_bottom_line_names_only_strategies_faster_than_both_baselines():
     def row(strategy, against_random, against_full, dataset="d"):
         return {"strategy": strategy, "schedule": "time", "keep": 0.5, "dataset": dataset, "label_noise": 0.0,

@@ -285,12 +285,16 @@ def bottom_line(rows: list[dict[str, Any]]) -> str:
 
 
 def resolution_line(summary: dict[str, Any]) -> str:
-    """What the grid can resolve, cell by cell (:func:`.tta_stats.resolution`), in one sentence; empty without it."""
+    """What the grid can resolve, cell by cell (:func:`.tta_stats.resolution`), in one sentence; empty without it.
+    Only cells with verdicts count (as in :func:`bottom_line`): a scatter from a seed or two says little."""
+    decided = {
+        _cell_name(row) for row in summary.get("rows", []) if row.get("verdict_vs_full") not in (None, TOO_FEW_SEEDS)
+    }
     found = []
     for cell in summary.get("cells", []):
         both = (cell.get("resolution") or {}).values()
-        if all(both) and both:
-            found.append((f"{cell['dataset']}, noise {cell['label_noise']:g}", *both))
+        if all(both) and both and _cell_name(cell) in decided:
+            found.append((_cell_name(cell), *both))
     if not found:
         return ""
     ratios = "; ".join(f"{name}: {r['detectable_ratio']:.2f} / {f['detectable_ratio']:.2f}" for name, r, f in found)
