@@ -255,6 +255,11 @@ def _cell_name(row: dict[str, Any]) -> str:
     return f"{row['dataset']}, noise {row['label_noise']:g}"
 
 
+def decided_cells(rows: list[dict[str, Any]]) -> list[str]:
+    """The cells (``"dataset, noise x"``, in the rows' order) where some strategy has a verdict: enough seeds."""
+    return list(dict.fromkeys(_cell_name(r) for r in rows if r.get("verdict_vs_full") not in (None, TOO_FEW_SEEDS)))
+
+
 def bottom_line(rows: list[dict[str, Any]]) -> str:
     """What the verdicts tell a user to do: the strategies `faster` than both the random subset and the full batch in
     a cell, else the advice to train the full batch or the random subset; and those `slower` than both."""
@@ -263,8 +268,7 @@ def bottom_line(rows: list[dict[str, Any]]) -> str:
         found = [row for row in rows if row.get("verdict_vs_random") == verdict == row.get("verdict_vs_full")]
         return ", ".join(f"`{_label(row)}` ({_cell_name(row)})" for row in found)
 
-    with_verdicts = [row for row in rows if row.get("verdict_vs_full") not in (None, TOO_FEW_SEEDS)]
-    decided = list(dict.fromkeys(_cell_name(row) for row in with_verdicts))
+    decided = decided_cells(rows)
     if not decided:
         return (
             "**Bottom line:** no cell has enough seeds for a verdict yet; until one has, train the full batch "
@@ -287,9 +291,7 @@ def bottom_line(rows: list[dict[str, Any]]) -> str:
 def resolution_line(summary: dict[str, Any]) -> str:
     """What the grid can resolve, cell by cell (:func:`.tta_stats.resolution`), in one sentence; empty without it.
     Only cells with verdicts count (as in :func:`bottom_line`): a scatter from a seed or two says little."""
-    decided = {
-        _cell_name(row) for row in summary.get("rows", []) if row.get("verdict_vs_full") not in (None, TOO_FEW_SEEDS)
-    }
+    decided = decided_cells(summary.get("rows", []))
     found = []
     for cell in summary.get("cells", []):
         both = (cell.get("resolution") or {}).values()
