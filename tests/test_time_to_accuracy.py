@@ -455,7 +455,11 @@ def test_the_bottom_line_names_only_strategies_faster_than_both_baselines():
     ]
     line = tta_report.bottom_line(mixed)
     assert "no strategy is `faster` than both" in line and "(d, noise 0; e, noise 0)" in line
-    assert line.endswith("Slower than both: `rho-loss@0.5` (e, noise 0).")
+    assert line.endswith(
+        "The random subset alone is `faster` than the full batch: `random@0.5` (d, noise 0). "
+        "Slower than both: `rho-loss@0.5` (e, noise 0)."
+    )
+    assert "random subset alone" not in tta_report.bottom_line([row("random", None, "no difference"), *mixed[1:]])
     line = tta_report.bottom_line([*mixed, row("stale-loss", "faster", "faster", dataset="e")])
     assert "both the random subset and the full batch: `stale-loss@0.5` (e, noise 0)." in line
     assert "`loss" not in line and "`gradmatch" not in line and "`importance" not in line

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from .._utils import markdown_table
-from .common import load_rows
+from .common import RANDOM_SUBSET, load_rows
 from .palette import strategy_colors
 from .time_to_accuracy import JSON_NAME, SUMMARY_NAME
 from .tta_grid import current_rows, write_summary
@@ -262,11 +262,14 @@ def decided_cells(rows: list[dict[str, Any]]) -> list[str]:
 
 def bottom_line(rows: list[dict[str, Any]]) -> str:
     """What the verdicts tell a user to do: the strategies `faster` than both the random subset and the full batch in
-    a cell, else the advice to train the full batch or the random subset; and those `slower` than both."""
+    a cell, else the advice to train the full batch or the random subset; the cells where the random subset alone is
+    `faster` than the full batch (there it is the cheaper choice); and the strategies `slower` than both."""
+
+    def named(found: list[dict[str, Any]]) -> str:
+        return ", ".join(f"`{_label(row)}` ({_cell_name(row)})" for row in found)
 
     def against_both(verdict: str) -> str:
-        found = [row for row in rows if row.get("verdict_vs_random") == verdict == row.get("verdict_vs_full")]
-        return ", ".join(f"`{_label(row)}` ({_cell_name(row)})" for row in found)
+        return named([row for row in rows if row.get("verdict_vs_random") == verdict == row.get("verdict_vs_full")])
 
     decided = decided_cells(rows)
     if not decided:
@@ -285,6 +288,9 @@ def bottom_line(rows: list[dict[str, Any]]) -> str:
             f"**Bottom line:** where the grid has verdicts ({'; '.join(decided)}), no strategy is `faster` than both "
             "the random subset and the full batch: train the full batch (`none`), or `random` for cheaper steps."
         )
+    random_wins = named([r for r in rows if r["strategy"] == RANDOM_SUBSET and r.get("verdict_vs_full") == "faster"])
+    if random_wins:
+        text += f" The random subset alone is `faster` than the full batch: {random_wins}."
     return text + (f" Slower than both: {losers}." if losers else "")
 
 
