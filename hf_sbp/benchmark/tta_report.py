@@ -15,9 +15,11 @@ from .time_to_accuracy import JSON_NAME, SUMMARY_NAME
 from .tta_grid import current_rows, write_summary
 from .tta_stats import (
     CONFIDENCE,
+    FASTER,
     MIN_SEEDS_FOR_VERDICT,
     REFERENCE_RATIO,
     RESOLUTION_POWER,
+    SLOWER,
     TOO_FEW_SEEDS,
     median_curves,
     paired_seeds,
@@ -277,7 +279,7 @@ def bottom_line(rows: list[dict[str, Any]]) -> str:
             "**Bottom line:** no cell has enough seeds for a verdict yet; until one has, train the full batch "
             "(`none`), or `random` for cheaper steps."
         )
-    winners, losers = against_both("faster"), against_both("slower")
+    winners, losers = against_both(FASTER), against_both(SLOWER)
     if winners:
         text = (
             f"**Bottom line:** `faster` than both the random subset and the full batch: {winners}. On a task like "
@@ -288,7 +290,7 @@ def bottom_line(rows: list[dict[str, Any]]) -> str:
             f"**Bottom line:** where the grid has verdicts ({'; '.join(decided)}), no strategy is `faster` than both "
             "the random subset and the full batch: train the full batch (`none`), or `random` for cheaper steps."
         )
-    random_wins = named([r for r in rows if r["strategy"] == RANDOM_SUBSET and r.get("verdict_vs_full") == "faster"])
+    random_wins = named([r for r in rows if r["strategy"] == RANDOM_SUBSET and r.get("verdict_vs_full") == FASTER])
     if random_wins:
         text += f" The random subset alone is `faster` than the full batch: {random_wins}."
     return text + (f" Slower than both: {losers}." if losers else "")

@@ -33,6 +33,8 @@ MIN_SEEDS_FOR_VERDICT = 5
 smallest to the largest seed's value (for n <= 5), so it excludes a tie exactly when every seed falls on one side:
 with no real difference that happens with probability 2^(1 - n), 6% for 5 seeds but 25% for 3."""
 TOO_FEW_SEEDS = "too few seeds"
+FASTER, SLOWER = "faster", "slower"
+"""The time-ratio verdicts whose interval excludes a tie (:func:`ratio_verdict`); the report acts on them."""
 RESOLUTION_POWER = 0.8
 """The probability with which :func:`resolution` asks the verdicts to call a true difference."""
 REFERENCE_RATIO = 0.9
@@ -100,9 +102,9 @@ def percentile_interval(
 def ratio_verdict(interval: dict[str, float]) -> str:
     """``faster`` if the interval of a time ratio lies below 1, ``slower`` if above, else ``no difference``."""
     if interval["ci_high"] < 1 - _EPS:
-        return "faster"
+        return FASTER
     if interval["ci_low"] > 1 + _EPS:
-        return "slower"
+        return SLOWER
     return "no difference"
 
 
