@@ -17,6 +17,7 @@ from .tta_stats import (
     CONFIDENCE,
     FASTER,
     MIN_SEEDS_FOR_VERDICT,
+    NO_DIFFERENCE,
     REFERENCE_RATIO,
     RESOLUTION_POWER,
     SLOWER,
@@ -338,8 +339,8 @@ def readme_block(summary: dict[str, Any], image: str) -> str:
             bottom_line(rows),
             f"Time to {summary['target_fraction']:.0%} of the full batch's accuracy on the full batch's wall-clock "
             "budget, as a ratio to the random subset's / the full batch's time (median over seeds, seeds in brackets; "
-            f"below 1 is sooner), with the verdict of the {CONFIDENCE:.0%} bootstrap interval (`faster`, `slower`, "
-            f"`no difference`, or `{TOO_FEW_SEEDS}` under {MIN_SEEDS_FOR_VERDICT}). {summary['runs']} runs, "
+            f"below 1 is sooner), with the verdict of the {CONFIDENCE:.0%} bootstrap interval (`{FASTER}`, `{SLOWER}`, "
+            f"`{NO_DIFFERENCE}`, or `{TOO_FEW_SEEDS}` under {MIN_SEEDS_FOR_VERDICT}). {summary['runs']} runs, "
             f"{summary['grid_wall_s'] / 3600:.1f} h; intervals, accuracy differences and the cost clock in "
             "[docs/benchmarks/summary.md](docs/benchmarks/summary.md).",
             markdown_table(header, body),

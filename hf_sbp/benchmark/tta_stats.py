@@ -33,8 +33,9 @@ MIN_SEEDS_FOR_VERDICT = 5
 smallest to the largest seed's value (for n <= 5), so it excludes a tie exactly when every seed falls on one side:
 with no real difference that happens with probability 2^(1 - n), 6% for 5 seeds but 25% for 3."""
 TOO_FEW_SEEDS = "too few seeds"
-FASTER, SLOWER = "faster", "slower"
-"""The time-ratio verdicts whose interval excludes a tie (:func:`ratio_verdict`); the report acts on them."""
+FASTER, SLOWER, NO_DIFFERENCE = "faster", "slower", "no difference"
+"""The time-ratio verdicts (:func:`ratio_verdict`): the first two when the interval excludes a tie (the report acts on
+them); ``no difference`` is also the accuracy verdict (:func:`difference_verdict`) when the interval holds 0."""
 RESOLUTION_POWER = 0.8
 """The probability with which :func:`resolution` asks the verdicts to call a true difference."""
 REFERENCE_RATIO = 0.9
@@ -105,7 +106,7 @@ def ratio_verdict(interval: dict[str, float]) -> str:
         return FASTER
     if interval["ci_low"] > 1 + _EPS:
         return SLOWER
-    return "no difference"
+    return NO_DIFFERENCE
 
 
 def difference_verdict(interval: dict[str, float]) -> str:
@@ -115,7 +116,7 @@ def difference_verdict(interval: dict[str, float]) -> str:
         return "higher"
     if interval["ci_high"] < -_EPS:
         return "lower"
-    return "no difference"
+    return NO_DIFFERENCE
 
 
 def _verdict(rule, interval: dict[str, float], seeds: int) -> str | None:
